@@ -1,0 +1,270 @@
+"""``wan-daemon``: the command line. The only layer that reads the environment and installs signal handlers.
+
+Exit codes:
+  0  success
+  1  unhealthy / stale or missing health file / operation failed
+  2  usage error
+  3  invalid job file(s) (validate, submit) or, for ``run --until-idle``, some job failed
+  4  configuration error
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2, 3, 4
+DEFAULT_CONFIG_NAMES = ("configs/local.yaml",)
+
+
+def _settings(args: argparse.Namespace):
+    from .config import load_settings
+
+    overrides: dict[str, Any] = {}
+    paths: dict[str, Any] = {}
+    for name in ("inbox", "outbox", "state"):
+        value = getattr(args, name, None)
+        if value:
+            paths[name] = value
+    if paths:
+        overrides["paths"] = paths
+    if getattr(args, "log_level", None):
+        overrides["logging"] = {"level": args.log_level}
+    config = args.config or os.environ.get("WAN_DAEMON_CONFIG")
+    return load_settings(Path(config) if config else None, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import logs
+    from .gpu import nvml_gpu_count
+    from .service import Daemon
+
+    settings = _settings(args)
+    logs.setup(settings.logging.level)
+    daemon = Daemon(settings, cuda_available=nvml_gpu_count() > 0)
+    signals_seen = []
+
+    def on_signal(signum, _frame):
+        signals_seen.append(signum)
+        if len(signals_seen) == 1:
+            daemon.request_stop()  # drain: stop intake, requeue the running job, exit
+        else:
+            daemon.executor.kill()  # second signal: leave now; the spool still holds every job
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    daemon.run(until_idle=args.until_idle)
+    if args.until_idle:
+        for r in daemon.results:
+            if r["status"] == "done":
+                print(f"done    {r['id']}: {r['video']}  (sidecar {r['sidecar']})")
+            else:
+                print(f"failed  {r['id']}: {r.get('failure') or settings.paths.outbox / 'failed'}")
+        if not daemon.results:
+            print(f"nothing to do: no job files in {settings.paths.inbox}")
+        return EXIT_INVALID if any(r["status"] == "failed" for r in daemon.results) else EXIT_OK
+    return EXIT_OK
+
+
+def _validate_file(path: Path, settings) -> list[str]:
+    """Problems with one job file, as the daemon would report them (empty: valid)."""
+    from .errors import JobError
+    from .models import REGISTRY, locate
+    from .spec import parse_job_file, resolve_params
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return [f"cannot read: {exc.strerror}"]
+    entries, file_error = parse_job_file(data, path.name, max_bytes=settings.limits.max_job_file_bytes)
+    if file_error:
+        return [file_error.message]
+    problems = []
+    for e in entries:
+        if e.error:
+            problems.append(f"job {e.id}: {e.error.message}")
+            continue
+        assert e.spec is not None
+        model = e.spec.model or "tiny-ti2v-5b"
+        try:
+            info = REGISTRY[model] if model in REGISTRY else locate(
+                model, models_dir=settings.paths.models, model_roots=settings.paths.model_roots).info
+            lim = settings.limits
+            resolve_params(e.spec, info, max_side=lim.max_side, max_frames=lim.max_frames, max_steps=lim.max_steps)
+        except JobError as err:
+            problems.append(f"job {e.id}: {err.message}")
+    return problems
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    bad = 0
+    for f in args.files:
+        problems = _validate_file(Path(f), settings)
+        if problems:
+            bad += 1
+            print(f"INVALID {f}")
+            for p in problems:
+                print(f"  - {p}")
+        else:
+            print(f"ok      {f}")
+    return EXIT_INVALID if bad else EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from .fsutil import atomic_copy
+
+    settings = _settings(args)
+    inbox = settings.paths.inbox
+    inbox.mkdir(parents=True, exist_ok=True)
+    status = EXIT_OK
+    for f in args.files:
+        src = Path(f)
+        problems = [] if args.no_validate else _validate_file(src, settings)
+        if problems:
+            print(f"not submitted (invalid): {f}", file=sys.stderr)
+            for p in problems:
+                print(f"  - {p}", file=sys.stderr)
+            status = EXIT_INVALID
+            continue
+        dest = inbox / src.name
+        try:
+            atomic_copy(src, dest, max_bytes=settings.limits.max_job_file_bytes)
+        except FileExistsError:
+            print(f"not submitted: {dest} already exists in the inbox", file=sys.stderr)
+            status = EXIT_FAIL
+            continue
+        print(f"submitted {dest}")
+    return status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .health import format_status, read_health
+
+    settings = _settings(args)
+    h = read_health(settings.health_path)
+    if h is None:
+        print(f"no health file at {settings.health_path}: is the daemon running?", file=sys.stderr)
+        return EXIT_FAIL
+    print(json.dumps(h, indent=2) if args.json else format_status(h))
+    return EXIT_OK
+
+
+def cmd_check_health(args: argparse.Namespace) -> int:
+    from .health import health_age, read_health
+
+    settings = _settings(args)
+    h = read_health(settings.health_path)
+    if h is None:
+        print(f"unhealthy: no health file at {settings.health_path}")
+        return EXIT_FAIL
+    age = health_age(h, time.time())
+    if age > args.max_age:
+        print(f"unhealthy: health file is {age:.1f}s old (max {args.max_age}s); state was {h.get('state')}")
+        return EXIT_FAIL
+    if h.get("state") == "stopped":
+        print("unhealthy: the daemon has stopped")
+        return EXIT_FAIL
+    print(f"healthy: {h.get('state')}, updated {age:.1f}s ago, {h.get('queue_depth', 0)} queued")
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    if args.models_cmd == "build-tiny":
+        from .tiny import build_all
+
+        for path in build_all(settings.paths.models):
+            print(f"built {path}  (random weights: test model, the videos are noise)")
+        return EXIT_OK
+    if args.models_cmd == "list":
+        from .models import REGISTRY, hub_snapshot, tiny_model_dir
+        from .tiny import is_built
+
+        for info in REGISTRY.values():
+            if info.tiny:
+                folder = tiny_model_dir(settings.paths.models, info.name)
+                where = str(folder) if is_built(folder) else "not built (built on first use)"
+            else:
+                snap = hub_snapshot(info.repo_id)
+                where = f"{snap[0]}" if snap else f"not downloaded ({info.repo_id})"
+            print(f"{info.name:18} {info.width}x{info.height} {info.frames}f@{info.fps}  {where}")
+        return EXIT_OK
+    return EXIT_USAGE
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from .spec import json_schema
+
+    text = json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wan-daemon", description=__doc__.split("\n")[0].strip("`"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="YAML config file (default: $WAN_DAEMON_CONFIG, else built-in defaults)")
+    common.add_argument("--inbox", help="inbox folder (overrides the config)")
+    common.add_argument("--outbox", help="outbox folder (overrides the config)")
+    common.add_argument("--state", help="state folder (default <inbox>/.wan-daemon)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", parents=[common], help="run the daemon")
+    r.add_argument("--until-idle", action="store_true", help="exit once the inbox and the queue are empty")
+    r.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    r.set_defaults(func=cmd_run)
+
+    v = sub.add_parser("validate", parents=[common], help="check job files; exit 0 when all are valid")
+    v.add_argument("files", nargs="+")
+    v.set_defaults(func=cmd_validate)
+
+    s = sub.add_parser("submit", parents=[common], help="validate and copy job files atomically into the inbox")
+    s.add_argument("files", nargs="+")
+    s.add_argument("--no-validate", action="store_true")
+    s.set_defaults(func=cmd_submit)
+
+    st = sub.add_parser("status", parents=[common], help="show what the daemon is doing (from its health file)")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    ch = sub.add_parser("check-health", parents=[common], help="exit 0 when the health file is fresh, else 1")
+    ch.add_argument("--max-age", type=float, default=30.0, help="seconds (default 30)")
+    ch.set_defaults(func=cmd_check_health)
+
+    m = sub.add_parser("models", help="model management")
+    msub = m.add_subparsers(dest="models_cmd", required=True)
+    msub.add_parser("build-tiny", parents=[common], help="build the tiny random-weight test models")
+    msub.add_parser("list", parents=[common], help="list registry models and where their weights are")
+    m.set_defaults(func=cmd_models)
+
+    sc = sub.add_parser("schema", help="print the job-file JSON Schema (jobs/schema.json)")
+    sc.add_argument("--output", "-o")
+    sc.set_defaults(func=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

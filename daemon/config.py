@@ -1,0 +1,156 @@
+"""One frozen settings object, made of sub-configs, loaded from YAML; the CLI applies flag overrides.
+
+With no config file at all the daemon runs on ``./inbox`` and ``./outbox``. Nothing below the CLI
+reads environment variables: components receive their sub-config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Frozen):
+    inbox: Path = Field(Path("inbox"), description="Folder watched for job files (*.yaml, *.yml).")
+    outbox: Path = Field(Path("outbox"), description="Videos, sidecars, and failed/ records appear here.")
+    state: Path | None = Field(
+        None,
+        description="Spool and health file. Default: <inbox>/.wan-daemon (it must be on the inbox's filesystem so "
+        "that claiming a job is an atomic rename).",
+    )
+    models: Path = Field(Path("~/.cache/wan-daemon/models"), description="Where the tiny test models are built.")
+    input_roots: list[Path] = Field(
+        default_factory=list, description="Folders that job `image:` paths may point into. Default: [inbox]."
+    )
+    model_roots: list[Path] = Field(default_factory=list, description="Folders searched for local model folders.")
+
+    def resolved(self) -> "PathsConfig":
+        def r(p: Path) -> Path:
+            return Path(p).expanduser().resolve()
+
+        inbox = r(self.inbox)
+        return PathsConfig(
+            inbox=inbox,
+            outbox=r(self.outbox),
+            state=r(self.state) if self.state else inbox / ".wan-daemon",
+            models=r(self.models),
+            input_roots=[r(p) for p in self.input_roots] or [inbox],
+            model_roots=[r(p) for p in self.model_roots] or [Path.cwd()],
+        )
+
+
+class WatchConfig(_Frozen):
+    mode: Literal["inotify", "polling"] = Field(
+        "inotify", description="polling is required on NFS/SMB shares written by other hosts."
+    )
+    poll_interval_seconds: float = Field(1.0, gt=0)
+    rescan_interval_seconds: float = Field(10.0, gt=0, description="Full rescan: the source of truth.")
+    settle_seconds: float = Field(
+        0.5, ge=0, description="A file written in place is taken once size and mtime are unchanged for this long."
+    )
+
+
+class LimitsConfig(_Frozen):
+    max_job_file_bytes: int = Field(1 << 20, gt=0)
+    max_input_bytes: int = Field(64 << 20, gt=0)
+    max_side: int = Field(2048, gt=0, description="Largest width or height a job may ask for.")
+    max_frames: int = Field(481, gt=0)
+    max_steps: int = Field(500, gt=0)
+
+
+class ModelsConfig(_Frozen):
+    default: str = Field(
+        "auto",
+        description="Model for jobs that name none. auto: wan2.2-ti2v-5b when its weights are in the Hugging Face "
+        "cache and a GPU is present, else the tiny random-weight test model (logged as such).",
+    )
+
+
+class WorkerConfig(_Frozen):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    allow_cpu_for_real_models: bool = Field(
+        False, description="Real Wan2.2 models on a CPU take hours per video; refused unless this is true."
+    )
+    max_attempts: int = Field(3, ge=1, description="Attempts (counted on disk) before a job is failed for good.")
+    retry_base_seconds: float = Field(2.0, ge=0)
+    retry_cap_seconds: float = Field(300.0, ge=0)
+    stall_timeout_seconds: float = Field(
+        1800.0, gt=0, description="A worker silent for this long (no step, no load progress) is killed."
+    )
+    start_timeout_seconds: float = Field(300.0, gt=0)
+    max_cached_pipelines: int = Field(1, ge=1, description="Pipelines kept warm in the worker (LRU).")
+
+
+class HealthConfig(_Frozen):
+    path: Path | None = Field(None, description="Default: <state>/health.json")
+    interval_seconds: float = Field(5.0, gt=0)
+
+
+class LoggingConfig(_Frozen):
+    level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(_Frozen):
+    paths: PathsConfig = PathsConfig()
+    watch: WatchConfig = WatchConfig()
+    limits: LimitsConfig = LimitsConfig()
+    models: ModelsConfig = ModelsConfig()
+    worker: WorkerConfig = WorkerConfig()
+    health: HealthConfig = HealthConfig()
+    logging: LoggingConfig = LoggingConfig()
+
+    def resolved(self) -> "Settings":
+        """Absolute paths everywhere (relative ones are taken from the current directory)."""
+        paths = self.paths.resolved()
+        health = self.health
+        if health.path is None:
+            health = health.model_copy(update={"path": paths.state / "health.json"})
+        else:
+            health = health.model_copy(update={"path": Path(health.path).expanduser().resolve()})
+        return self.model_copy(update={"paths": paths, "health": health})
+
+    @property
+    def health_path(self) -> Path:
+        assert self.health.path is not None, "call resolved() first"
+        return self.health.path
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load settings from a YAML file (optional) and apply nested overrides, then resolve paths."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping at the top level")
+        data = loaded
+    if overrides:
+        data = _deep_merge(data, overrides)
+    try:
+        return Settings.model_validate(data).resolved()
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n" + "\n".join(lines)) from None

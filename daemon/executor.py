@@ -1,0 +1,162 @@
+"""The daemon's side of the worker process: start it, hand it jobs, collect its events, and kill and
+respawn it when it dies or goes silent. It forwards; it decides nothing about jobs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from loguru import logger
+
+from .config import Settings
+from .errors import Category, JobError
+from .worker import worker_main
+
+
+@dataclass
+class WorkerStatus:
+    state: str = "stopped"  # stopped | starting | ready | busy | backoff
+    pid: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    job_id: str | None = None
+    restarts: int = 0
+
+
+class Executor:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.ctx = mp.get_context("spawn")
+        self.status = WorkerStatus()
+        self._proc = None
+        self._jobs = None
+        self._events = None
+        self._last_heard = 0.0
+        self._respawn_at = 0.0
+        self._failures_in_a_row = 0
+
+    def _worker_config(self) -> dict[str, Any]:
+        w = self.settings.worker
+        return {
+            "device": w.device,
+            "allow_cpu_for_real_models": w.allow_cpu_for_real_models,
+            "max_cached_pipelines": w.max_cached_pipelines,
+            "models_dir": str(self.settings.paths.models),
+            "log_level": self.settings.logging.level,
+        }
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._jobs = self.ctx.Queue()
+        self._events = self.ctx.Queue()
+        self._proc = self.ctx.Process(target=worker_main, args=(self._worker_config(), self._jobs, self._events),
+                                      name="wan-worker")
+        self._proc.start()
+        self.status.state, self.status.pid, self.status.job_id = "starting", self._proc.pid, None
+        self._last_heard = self.clock()
+        logger.info("worker.spawned pid={}", self._proc.pid)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._proc is None:
+            return
+        if self._proc.is_alive():
+            try:
+                self._jobs.put(None)
+            except (OSError, ValueError):
+                pass
+            self._proc.join(timeout)
+            if self._proc.is_alive():
+                self._proc.kill()
+                self._proc.join(5)
+        self._close()
+        self.status.state = "stopped"
+
+    def kill(self) -> None:
+        if self._proc is not None and self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(5)
+
+    def _close(self) -> None:
+        for q in (self._jobs, self._events):
+            if q is not None:
+                q.cancel_join_thread()
+                q.close()
+        self._proc = self._jobs = self._events = None
+
+    @property
+    def ready(self) -> bool:
+        return self.status.state == "ready"
+
+    @property
+    def worker_pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    # ---- work ----------------------------------------------------------------------------------
+
+    def submit(self, payload: dict[str, Any]) -> None:
+        assert self.ready, "submit only to a ready worker"
+        self._jobs.put(payload)
+        self.status.state, self.status.job_id = "busy", payload["id"]
+        self._last_heard = self.clock()
+
+    def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
+        """Events from the worker, plus synthetic ``failed`` events when it died or stalled."""
+        now = self.clock()
+        if self._proc is None:
+            if self.status.state in ("stopped", "backoff") and now >= self._respawn_at:
+                self.start()
+            return []
+        out: list[dict[str, Any]] = []
+        try:
+            out.append(self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait())
+            while True:
+                out.append(self._events.get_nowait())
+        except (queue.Empty, OSError, EOFError, ValueError):
+            pass
+        for ev in out:
+            self._on_event(ev)
+        if out:
+            self._last_heard = self.clock()
+        out.extend(self._check_liveness())
+        return out
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        kind = ev["type"]
+        if kind == "ready":
+            self.status.state, self.status.info = "ready", {k: v for k, v in ev.items() if k != "type"}
+            self._failures_in_a_row = 0
+        elif kind in ("done", "failed"):
+            self.status.state, self.status.job_id = "ready", None
+        elif kind == "fatal":
+            logger.error("worker.fatal error={}", ev["error"]["message"])
+
+    def _check_liveness(self) -> list[dict[str, Any]]:
+        now = self.clock()
+        w = self.settings.worker
+        reason: JobError | None = None
+        if not self._proc.is_alive():
+            code = self._proc.exitcode
+            reason = JobError(Category.WORKER_CRASHED, f"the worker process exited with code {code} while running the job",
+                              details={"exitcode": code})
+        elif self.status.state == "busy" and now - self._last_heard > w.stall_timeout_seconds:
+            reason = JobError(Category.TIMEOUT, f"the worker sent no progress for {now - self._last_heard:.0f}s "
+                              f"(worker.stall_timeout_seconds={w.stall_timeout_seconds:g}); it was killed")
+        elif self.status.state == "starting" and now - self._last_heard > w.start_timeout_seconds:
+            reason = JobError(Category.TIMEOUT, "the worker did not start in time")
+        if reason is None:
+            return []
+        job_id = self.status.job_id
+        logger.error("worker.lost pid={} reason={} job={}", self.status.pid, reason.message, job_id)
+        self.kill()
+        self._close()
+        self._failures_in_a_row += 1
+        delay = min(60.0, 0.5 * 2 ** (self._failures_in_a_row - 1))
+        self._respawn_at = now + delay
+        self.status = WorkerStatus(state="backoff", restarts=self.status.restarts + 1)
+        if job_id is None:
+            return []
+        return [{"type": "failed", "id": job_id, "error": reason.to_dict(), "synthetic": True}]

@@ -1,0 +1,189 @@
+"""Durable, atomic file operations: the only way anything in the daemon writes a file others read.
+
+Recipe (maildir / PostgreSQL "fsyncgate"): write a temp file in the *same folder*, fsync it, rename it
+over the final name, fsync the folder. Readers see the old file or the new one, never half of one.
+Temp names start with a dot so that watchers and globs skip them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any, Iterator
+
+TEMP_PREFIX = ".wan-tmp-"
+
+
+def temp_path_for(final: Path, suffix: str | None = None) -> Path:
+    """A unique hidden temp name beside ``final`` (same folder, so rename stays atomic)."""
+    final = Path(final)
+    return final.with_name(f"{TEMP_PREFIX}{final.stem}-{secrets.token_hex(4)}{suffix if suffix is not None else final.suffix}")
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    path = Path(path)
+    tmp = temp_path_for(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    with open(path, "rb") as fh:
+        return json.loads(fh.read())
+
+
+def publish(tmp: Path, final: Path) -> bool:
+    """Move a finished, fsynced temp file to its final name without ever replacing an existing file.
+
+    Uses ``link()``, which fails with EEXIST when ``final`` exists: publishing is idempotent and a
+    second owner can never overwrite the first. Returns False when ``final`` already existed.
+    """
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        os.unlink(tmp)
+        return False
+    except OSError as exc:
+        # Some filesystems (SMB, FAT) lack hard links: fall back to an exclusive-create check + rename.
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if os.path.lexists(final):
+            os.unlink(tmp)
+            return False
+        os.rename(tmp, final)
+        fsync_dir(Path(final).parent)
+        return True
+    os.unlink(tmp)
+    fsync_dir(Path(final).parent)
+    return True
+
+
+def atomic_copy(src: Path, dst: Path, *, max_bytes: int | None = None) -> None:
+    """Copy ``src`` to ``dst`` atomically (temp + fsync + rename); refuses to replace an existing file."""
+    dst = Path(dst)
+    tmp = temp_path_for(dst)
+    try:
+        with open(src, "rb") as fin, open(tmp, "xb") as fout:
+            copied = 0
+            while chunk := fin.read(1 << 20):
+                copied += len(chunk)
+                if max_bytes is not None and copied > max_bytes:
+                    raise ValueError(f"{src} is larger than {max_bytes} bytes")
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        if not publish(tmp, dst):
+            raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Delete temp files left by a crash (they were never published, so nobody can depend on them)."""
+    removed = []
+    if folder.is_dir():
+        for p in folder.glob(TEMP_PREFIX + "*"):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+                removed.append(p)
+    return removed
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def open_confined(path: Path, root_candidates: list[Path], *, max_bytes: int) -> Iterator[Any]:
+    """Open ``path`` for reading only if it lies inside one of ``root_candidates``.
+
+    Refuses absolute paths outside the roots, ``..`` escapes and symlinks anywhere on the way. The
+    file is opened with O_NOFOLLOW and checked with fstat on the opened descriptor, so a symlink
+    swapped in after the check is refused too. Raises ValueError with a reason a user can act on.
+    """
+    raw = Path(path)
+    if ".." in raw.parts:
+        raise ValueError(f"path {str(path)!r} contains '..'")
+    for root in root_candidates:
+        root = Path(root).resolve()
+        candidate = raw if raw.is_absolute() else root / raw
+        try:
+            rel = candidate.relative_to(root)
+        except ValueError:
+            continue
+        # Walk the components ourselves so that no symlink anywhere below the root is followed.
+        current = root
+        for part in rel.parts[:-1]:
+            current = current / part
+            if current.is_symlink():
+                raise ValueError(f"path {str(path)!r} goes through a symlink ({current.name}), which is not allowed")
+        if not candidate.exists() and not candidate.is_symlink():
+            continue
+        try:
+            fd = os.open(candidate, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ValueError(f"path {str(path)!r} is a symlink, which is not allowed") from None
+            raise ValueError(f"cannot open {str(path)!r}: {exc.strerror}") from None
+        import stat as _stat
+
+        st = os.fstat(fd)
+        if not _stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise ValueError(f"path {str(path)!r} is not a regular file")
+        if st.st_size > max_bytes:
+            os.close(fd)
+            raise ValueError(f"file {str(path)!r} is {st.st_size} bytes, more than the limit of {max_bytes}")
+        fh = os.fdopen(fd, "rb")
+        try:
+            yield fh
+        finally:
+            fh.close()
+        return
+    roots = ", ".join(str(r) for r in root_candidates)
+    raise ValueError(f"file {str(path)!r} not found under the allowed input roots ({roots})")

@@ -1,0 +1,75 @@
+"""The health file: a small JSON document, rewritten atomically every few seconds and on each change.
+
+Monitoring reads it (``wan-daemon status``, ``check-health --max-age``); nothing in the daemon reads it
+back, so a stale file means a stuck or dead daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .fsutil import atomic_write_json
+
+
+class HealthWriter:
+    def __init__(self, path: Path, *, interval: float, clock=time.time) -> None:
+        self.path = Path(path)
+        self.interval = interval
+        self.clock = clock
+        self._last_written = float("-inf")
+        self._last_payload: dict[str, Any] | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def maybe_write(self, payload: dict[str, Any], *, force: bool = False) -> bool:
+        now = self.clock()
+        changed = payload != self._last_payload
+        if not (force or changed or now - self._last_written >= self.interval):
+            return False
+        self._last_payload = payload
+        self._last_written = now
+        atomic_write_json(self.path, {**payload, "pid": os.getpid(), "host": socket.gethostname(),
+                                      "updated_at": now, "updated_at_iso": iso(now)})
+        return True
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ts)) + f"{time.strftime('%z', time.localtime(ts))}"
+
+
+def read_health(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def health_age(health: dict[str, Any], now: float | None = None) -> float:
+    return (now if now is not None else time.time()) - float(health.get("updated_at", 0))
+
+
+def format_status(h: dict[str, Any], now: float | None = None) -> str:
+    """A person-readable view of a health document."""
+    lines = [
+        f"wan-daemon {h.get('version', '?')}  pid {h.get('pid')} on {h.get('host')}  state: {h.get('state')}",
+        f"  updated {health_age(h, now):.1f}s ago; up since {h.get('started_at_iso')}",
+        f"  inbox {h.get('inbox')}  ->  outbox {h.get('outbox')}",
+        f"  queue: {h.get('queue_depth', 0)} queued, {h.get('inbox_pending', 0)} settling in inbox; "
+        f"done {h.get('done', 0)}, failed {h.get('failed', 0)}",
+    ]
+    dev = h.get("device") or {}
+    if dev:
+        lines.append(f"  worker: {dev.get('state')} on {dev.get('device')} ({dev.get('device_name')}), "
+                     f"restarts {dev.get('restarts', 0)}")
+    run = h.get("running")
+    if run:
+        prog = f"step {run.get('step')}/{run.get('total')}" if run.get("total") else ""
+        lines.append(f"  running: {run.get('id')} ({run.get('model')}) phase {run.get('phase')} {prog} "
+                     f"attempt {run.get('attempt')}")
+    return "\n".join(lines)

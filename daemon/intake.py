@@ -1,0 +1,172 @@
+"""Turn a claimed job file into persisted, queued job records, or into precise failure records.
+
+Idempotent: running it again on the same claimed file (after a crash mid-intake) creates only the
+records that are missing and rewrites the same failure records.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from loguru import logger
+from PIL import Image
+
+from .config import Settings
+from .errors import Category, JobError
+from .fsutil import open_confined
+from .jobs import JobRecord, JobState
+from .models import LocatedModel, locate
+from .outbox import Outbox
+from .spec import SpecEntry, parse_job_file, resolve_params, safe_stem
+from .spool import Spool
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+@dataclass
+class IntakeResult:
+    queued: list[JobRecord] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+
+class Intake:
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        outbox: Outbox,
+        *,
+        default_model: Callable[[], str],
+        is_active_id: Callable[[str], bool],
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.outbox = outbox
+        self.default_model = default_model
+        self.is_active_id = is_active_id
+        self.clock = clock
+
+    def process(self, claimed: Path) -> IntakeResult:
+        result = IntakeResult()
+        source = claimed.name
+        original_name = source.split("-", 1)[1] if "-" in source else source
+        try:
+            data = self._read(claimed)
+        except JobError as err:
+            self._reject_file(claimed, original_name, err, result)
+            return result
+        entries, file_error = parse_job_file(data, original_name, max_bytes=self.settings.limits.max_job_file_bytes)
+        if file_error is not None:
+            self._reject_file(claimed, original_name, file_error, result)
+            return result
+        for entry in entries:
+            existing = self.spool.load(entry.id)
+            if existing is not None and existing.source == source:
+                if existing.state is JobState.QUEUED or existing.state is JobState.RUNNING:
+                    result.queued.append(existing)
+                continue  # already taken in by an earlier, interrupted intake
+            try:
+                record = self._accept(entry, source, original_name, existing_elsewhere=existing is not None)
+            except JobError as err:
+                self._reject_entry(entry, original_name, err, source, result)
+                continue
+            result.queued.append(record)
+        if not result.queued and not any(r.source == source for r in self.spool.iter_records()):
+            self.spool.remove_source(source)  # every job was rejected and recorded: nothing left to do
+        return result
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _read(self, claimed: Path) -> bytes:
+        limit = self.settings.limits.max_job_file_bytes
+        try:
+            with open_confined(Path(claimed.name), [claimed.parent], max_bytes=limit) as fh:
+                return fh.read(limit + 1)
+        except ValueError as exc:
+            raise JobError(Category.INVALID_SPEC, f"job file refused: {exc}") from None
+
+    def _accept(self, entry: SpecEntry, source: str, original_name: str, *, existing_elsewhere: bool) -> JobRecord:
+        if entry.error is not None:
+            raise entry.error
+        spec = entry.spec
+        assert spec is not None
+        if existing_elsewhere or self.is_active_id(spec.id):
+            raise JobError(Category.DUPLICATE_JOB, f"a job with id {spec.id!r} is already queued or running")
+        model_name = spec.model or self.default_model()
+        located: LocatedModel = locate(model_name, models_dir=self.settings.paths.models,
+                                       model_roots=self.settings.paths.model_roots)
+        if spec.model is None and located.info.tiny:
+            logger.warning("job.default_model id={} model={}: the job names no model and no real weights are "
+                           "present; the tiny random-weight test model makes a noise video", spec.id, model_name)
+        limits = self.settings.limits
+        params = resolve_params(spec, located.info, max_side=limits.max_side, max_frames=limits.max_frames,
+                                max_steps=limits.max_steps)
+        if self.outbox.is_published(params.basename):
+            raise JobError(
+                Category.DUPLICATE_JOB,
+                f"{params.basename}.mp4 and its sidecar are already in the outbox; the job is not run twice",
+            )
+        now = self.clock()
+        record = JobRecord(
+            id=spec.id, token=secrets.token_hex(8), source=source, source_name=original_name,
+            seq=self.spool.next_seq(), priority=spec.priority,
+            spec=entry.raw if isinstance(entry.raw, dict) else {}, params=params.model_dump(mode="json"),
+            model=located.to_dict(), received_at=now, queued_at=now,
+        )
+        folder = self.spool.job_dir(spec.id)
+        folder.mkdir(exist_ok=True)
+        if spec.image:
+            record.input_image = str(self._copy_input(spec.image, folder))
+        return self.spool.transition(record, JobState.QUEUED, note=f"from {original_name}")
+
+    def _copy_input(self, image: str, folder: Path) -> Path:
+        suffix = Path(image).suffix.lower()
+        if suffix not in IMAGE_SUFFIXES:
+            raise JobError(Category.INVALID_INPUT, f"image {image!r}: unsupported type {suffix or '(none)'!r} "
+                           f"(allowed: {', '.join(sorted(IMAGE_SUFFIXES))})")
+        roots = list(self.settings.paths.input_roots)
+        try:
+            with open_confined(Path(image), roots, max_bytes=self.settings.limits.max_input_bytes) as fh:
+                data = fh.read()
+        except ValueError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise JobError(Category.INVALID_INPUT, f"image: {exc}") from None
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                img.verify()
+        except Exception as exc:  # PIL raises many types for broken files
+            shutil.rmtree(folder, ignore_errors=True)
+            raise JobError(Category.INVALID_INPUT, f"image {image!r} is not a readable image: {exc}") from None
+        dest = folder / f"input{suffix}"
+        with open(dest, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return dest
+
+    def _reject_entry(self, entry: SpecEntry, original_name: str, err: JobError, source: str,
+                      result: IntakeResult) -> None:
+        name = entry.id
+        if err.category is Category.DUPLICATE_JOB:
+            # Never overwrite the record of the job that owns this id.
+            name = f"{entry.id}.duplicate-{safe_stem(source)}"
+        self.outbox.write_failure(name, err, job_id=entry.id, source_name=original_name,
+                                  spec=entry.raw if isinstance(entry.raw, dict) else {"raw": repr(entry.raw)[:2000]},
+                                  attempts=0)
+        logger.bind(job=entry.id).warning("job.rejected id={} file={} category={} error={}", entry.id,
+                                          original_name, err.category.value, err.message)
+        result.rejected.append(entry.id)
+
+    def _reject_file(self, claimed: Path, original_name: str, err: JobError, result: IntakeResult) -> None:
+        stem = safe_stem(original_name)
+        self.outbox.write_failure(stem, err, job_id=None, source_name=original_name, spec=None, attempts=0)
+        logger.warning("job.rejected file={} category={} error={}", original_name, err.category.value, err.message)
+        self.spool.remove_source(claimed.name)
+        result.rejected.append(stem)

@@ -1,0 +1,85 @@
+"""A job's lifecycle: the one state machine, and the record persisted for every job.
+
+```
+ (intake) ──► QUEUED ──► RUNNING ──► DONE
+                 ▲  │        │
+                 │  │        ├──► QUEUED   retry (backoff in not_before), crash recovery
+                 │  ▼        ▼
+                 └─ FAILED ◄─┘            failure record durable in outbox/failed/
+```
+
+- ``QUEUED``: accepted and persisted in the spool; waits for a worker (and for ``not_before`` after a
+  retryable failure).
+- ``RUNNING``: handed to a worker; ``attempts`` was incremented on disk *before* the hand-over, so a
+  job that kills its worker every time still runs out of attempts.
+- ``DONE``: the video and then its sidecar are durable in the outbox. Terminal.
+- ``FAILED``: the failure record is durable in ``outbox/failed/``. Terminal.
+
+The only way to change a state is :meth:`daemon.spool.Spool.transition`, which checks this table,
+persists the record atomically, then logs a fixed event name (``job.<state>``).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobState(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.DONE, JobState.FAILED)
+
+
+# state -> states it may move to. None is "not yet persisted" (intake).
+TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
+    None: frozenset({JobState.QUEUED}),
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
+    JobState.RUNNING: frozenset({JobState.QUEUED, JobState.DONE, JobState.FAILED}),
+    JobState.DONE: frozenset(),
+    JobState.FAILED: frozenset(),
+}
+
+
+class InvalidTransition(Exception):
+    pass
+
+
+def check_transition(current: JobState | None, new: JobState) -> None:
+    if new not in TRANSITIONS[current]:
+        raise InvalidTransition(f"job cannot go from {current.value if current else 'new'} to {new.value}")
+
+
+class JobRecord(BaseModel):
+    """Everything the daemon knows about one job; ``spool/jobs/<id>/job.json``."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    id: str
+    token: str = Field(description="Unique per intake; written into the sidecar so a restart can tell its own output.")
+    state: JobState | None = None
+    source: str = Field(description="Claimed file name in spool/files/.")
+    source_name: str = Field(description="The file's name when it was dropped into the inbox.")
+    seq: int = Field(description="Intake order: FIFO within a priority.")
+    priority: int = 0
+    spec: dict[str, Any] = Field(description="The job exactly as given (batch defaults merged).")
+    params: dict[str, Any] = Field(description="Every resolved generation parameter (daemon.spec.ResolvedParams).")
+    model: dict[str, Any] = Field(description="The located model (daemon.models.LocatedModel.to_dict()).")
+    input_image: str | None = Field(None, description="Copy of the input image inside the job's spool folder.")
+    attempts: int = 0
+    received_at: float
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    not_before: float = 0.0
+    last_error: dict[str, Any] | None = None
+    errors: list[dict[str, Any]] = Field(default_factory=list)
+    events: list[dict[str, Any]] = Field(default_factory=list, description="(state, at, note) history.")
+    outputs: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,227 @@
+"""Generation backends: the interface the worker drives, and the real diffusers Wan2.2 implementation.
+
+A backend runs inside the worker process and owns the device. It takes a job payload (every parameter
+already resolved), reports progress through a callback, writes the encoded MP4 to the temp path it is
+given (fsynced), and returns the facts the sidecar records. Exceptions leave it through
+:func:`daemon.errors.classify_exception`.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from loguru import logger
+
+from .errors import Category, JobError
+from .fsutil import fsync_file, sha256_file
+
+Report = Callable[[dict[str, Any]], None]
+
+
+class GenerationBackend(Protocol):
+    def describe(self) -> dict[str, Any]:
+        """Device and library versions, sent to the daemon once the worker is up."""
+
+    def run(self, job: dict[str, Any], report: Report) -> dict[str, Any]:
+        """Generate the job's video into ``job['video_tmp']``; return the facts for the sidecar."""
+
+
+@dataclass
+class _Loaded:
+    pipes: dict[str, Any]  # "t2v" / "i2v" -> pipeline sharing the same components
+    load_seconds: float
+
+
+def probe_video(path: Path) -> dict[str, Any]:
+    """Read an MP4 back: frame count, fps and size as a player sees them, plus bytes and sha256."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    reader.close()
+    frames, _secs = imageio_ffmpeg.count_frames_and_secs(str(path))
+    width, height = meta["size"]
+    return {
+        "path": str(path),
+        "bytes": os.path.getsize(path),
+        "sha256": sha256_file(path),
+        "frames": int(frames),
+        "fps": float(meta["fps"]),
+        "width": int(width),
+        "height": int(height),
+        "codec": meta.get("codec"),
+    }
+
+
+def encode_mp4(frames: Any, path: Path, *, fps: int, quality: float) -> None:
+    """Encode float frames in [0, 1] (F, H, W, 3) to H.264 MP4 with diffusers' exporter; fsync it."""
+    from diffusers.utils import export_to_video
+
+    export_to_video(list(frames), str(path), fps=fps, quality=quality)
+    fsync_file(path)
+
+
+class DiffusersWanBackend:
+    """Wan2.2 through diffusers ``WanPipeline`` / ``WanImageToVideoPipeline``, pipelines kept warm (LRU)."""
+
+    def __init__(self, *, device: str = "auto", allow_cpu_for_real_models: bool = False,
+                 max_cached_pipelines: int = 1, models_dir: Path) -> None:
+        import torch
+        # Imported now, not at the first job: diffusers' lazy pipeline imports cost about a second.
+        from diffusers import WanImageToVideoPipeline, WanPipeline
+
+        self.pipeline_classes = {"t2v": WanPipeline, "i2v": WanImageToVideoPipeline}
+        self.torch = torch
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise JobError(Category.INSUFFICIENT_VRAM, "worker.device is cuda but torch sees no CUDA device",
+                           ["Install a CUDA build of torch (see README) or set worker.device: auto"])
+        self.device = device
+        self.allow_cpu_for_real_models = allow_cpu_for_real_models
+        self.max_cached = max_cached_pipelines
+        self.models_dir = Path(models_dir)
+        self._cache: "OrderedDict[str, _Loaded]" = OrderedDict()
+
+    def describe(self) -> dict[str, Any]:
+        import diffusers
+        import transformers
+
+        torch = self.torch
+        info: dict[str, Any] = {
+            "device": self.device,
+            "device_name": torch.cuda.get_device_name(0) if self.device == "cuda" else platform.processor() or "cpu",
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+        }
+        if self.device == "cuda":
+            free, total = torch.cuda.mem_get_info()
+            info["vram_total_mb"] = total // (1 << 20)
+            info["vram_free_mb"] = free // (1 << 20)
+        return info
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    def _dtype(self):
+        torch = self.torch
+        if self.device == "cuda":
+            # bf16 transformers and text encoder; the VAE stays fp32 (bf16 decode visibly degrades).
+            return {"default": torch.bfloat16, "vae": torch.float32}
+        return torch.float32
+
+    def _pipeline(self, model: dict[str, Any], kind: str, report: Report) -> tuple[Any, str, float, str]:
+        path = model.get("path")
+        if model.get("tiny_random_weights") and not path:
+            from .tiny import build_tiny
+
+            report({"type": "phase", "phase": "building_tiny_model"})
+            path = str(build_tiny(model["name"], self.models_dir))
+        if not path or not Path(path, "model_index.json").is_file():
+            raise JobError(Category.MODEL_NOT_FOUND, f"model folder {path} is missing or incomplete")
+        key = str(Path(path).resolve())
+        cls = self.pipeline_classes[kind]
+        loaded = self._cache.get(key)
+        if loaded is not None:
+            self._cache.move_to_end(key)
+            if kind not in loaded.pipes:
+                # Same weights, other task (TI2V-5B): share the loaded components, load nothing.
+                base = next(iter(loaded.pipes.values()))
+                loaded.pipes[kind] = cls.from_pipe(base)
+            return loaded.pipes[kind], "cached", 0.0, key
+        while len(self._cache) >= self.max_cached:
+            old_key, _old = self._cache.popitem(last=False)
+            logger.info("worker.pipeline_evicted path={}", old_key)
+            del _old
+            if self.device == "cuda":
+                self.torch.cuda.empty_cache()
+        report({"type": "phase", "phase": "loading_model"})
+        t0 = time.perf_counter()
+        pipe = cls.from_pretrained(path, dtype=self._dtype())
+        pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)
+        load_seconds = time.perf_counter() - t0
+        self._cache[key] = _Loaded({kind: pipe}, load_seconds)
+        logger.info("worker.pipeline_loaded path={} seconds={:.2f}", key, load_seconds)
+        return pipe, "loaded", load_seconds, key
+
+    # ---- running -------------------------------------------------------------------------------
+
+    def run(self, job: dict[str, Any], report: Report) -> dict[str, Any]:
+        torch = self.torch
+        model, params = job["model"], job["params"]
+        if self.device == "cpu" and not model.get("tiny_random_weights") and not self.allow_cpu_for_real_models:
+            raise JobError(
+                Category.INSUFFICIENT_VRAM,
+                f"no CUDA GPU: a real Wan2.2 model ({model['name']}) on a CPU would take hours and tens of GB of "
+                "RAM per video, so it is refused",
+                ["Run the daemon on a machine with a CUDA GPU and a CUDA build of torch.",
+                 "Set worker.allow_cpu_for_real_models: true to force it anyway."],
+            )
+        timings: dict[str, float] = {}
+        pipe, cache_state, load_seconds, model_path = self._pipeline(model, params["pipeline"], report)
+        timings["model_load"] = load_seconds
+        scheduler_cls = type(pipe.scheduler)
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, flow_shift=params["flow_shift"])
+
+        kwargs: dict[str, Any] = dict(
+            prompt=params["prompt"], negative_prompt=params["negative_prompt"], height=params["height"],
+            width=params["width"], num_frames=params["frames"], num_inference_steps=params["steps"],
+            guidance_scale=params["guidance_scale"],
+            generator=torch.Generator(device="cpu").manual_seed(params["seed"]),
+        )
+        if params.get("guidance_scale_2") is not None:
+            kwargs["guidance_scale_2"] = params["guidance_scale_2"]
+        if params["pipeline"] == "i2v":
+            from PIL import Image
+
+            with Image.open(job["input_image"]) as img:
+                kwargs["image"] = img.convert("RGB")
+
+        total = params["steps"]
+        last_step_at = [0.0]
+
+        def on_step_end(_pipe, step, _timestep, callback_kwargs):
+            last_step_at[0] = time.perf_counter()
+            report({"type": "progress", "phase": "denoising", "step": step + 1, "total": total})
+            return callback_kwargs
+
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        report({"type": "progress", "phase": "denoising", "step": 0, "total": total})
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = pipe(**kwargs, callback_on_step_end=on_step_end)
+        t1 = time.perf_counter()
+        # diffusers decodes right after the last step's callback: split the call there.
+        timings["denoise"] = (last_step_at[0] or t1) - t0
+        timings["vae_decode"] = t1 - (last_step_at[0] or t1)
+        frames = out.frames[0]
+
+        report({"type": "phase", "phase": "encoding"})
+        t2 = time.perf_counter()
+        video_tmp = Path(job["video_tmp"])
+        encode_mp4(frames, video_tmp, fps=params["fps"], quality=params["quality"])
+        timings["encode"] = time.perf_counter() - t2
+        video = probe_video(video_tmp)
+        video.pop("path")
+
+        peak_vram = torch.cuda.max_memory_allocated() // (1 << 20) if self.device == "cuda" else None
+        return {
+            "video_tmp": str(video_tmp),
+            "video": video,
+            "timings": {k: round(v, 4) for k, v in timings.items()},
+            "model_cache": cache_state,
+            "model_path": model_path,
+            "device": self.device,
+            "peak_vram_usage_mb": peak_vram,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "optimizations_applied": [],
+            "frames_generated": int(frames.shape[0]),
+        }

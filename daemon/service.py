@@ -1,0 +1,345 @@
+"""The daemon: wires watch -> intake -> spool -> scheduler -> executor -> outbox, health and policy.
+
+One thread makes every decision. ``tick()`` does one round (claim ready files, take in events from the
+worker, dispatch the next job, write health); ``run()`` repeats it until ``request_stop()`` or, with
+``until_idle``, until nothing is left to do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from loguru import logger
+
+from . import __version__
+from .config import Settings
+from .errors import Category, JobError
+from .executor import Executor
+from .health import HealthWriter, iso
+from .intake import Intake
+from .jobs import JobRecord, JobState
+from .models import default_model
+from .outbox import Outbox
+from .policy import decide
+from .scheduler import pick_next
+from .spool import Spool
+from .watch import InboxWatcher
+
+TINY_NOTE = "tiny random-weight test model: this video is noise, made only to exercise the real pipeline"
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
+                 cuda_available: bool = False, rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.rng = rng or random.Random()
+        paths = settings.paths
+        paths.inbox.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(paths.state, clock=clock)
+        self.outbox = Outbox(paths.outbox)
+        self.watcher = InboxWatcher(paths.inbox, settings.watch, clock=clock)
+        self.executor = Executor(settings, clock=clock)
+        self.health = HealthWriter(settings.health_path, interval=settings.health.interval_seconds, clock=clock)
+        self._cuda_available = cuda_available
+        self._default_model: str | None = None
+        self.intake = Intake(settings, self.spool, self.outbox, default_model=self.default_model,
+                             is_active_id=lambda job_id: job_id in self.records, clock=clock)
+        # Every job with a folder in the spool (active, or terminal but its file not yet released).
+        self.records: dict[str, JobRecord] = {}
+        self.running: dict[str, Any] | None = None
+        self.done = 0
+        self.failed = 0
+        self.results: list[dict[str, Any]] = []  # what this run produced, for the CLI's summary
+        self.state = "starting"
+        self.started_at = clock()
+        self._stop = threading.Event()
+        self._started = False
+
+    # ---- set-up and tear-down ------------------------------------------------------------------
+
+    def default_model(self) -> str:
+        if self._default_model is None:
+            self._default_model = default_model(self.settings.models.default, cuda_available=self._cuda_available)
+            logger.info("models.default name={}", self._default_model)
+        return self._default_model
+
+    def start(self) -> None:
+        logger.info("daemon.starting version={} inbox={} outbox={} state={}", __version__, self.settings.paths.inbox,
+                    self.settings.paths.outbox, self.settings.paths.state)
+        self._write_health(force=True)
+        self.recover()
+        self.watcher.start()
+        self.watcher.scan()
+        self.executor.start()
+        self.state = "idle"
+        self._started = True
+        self._write_health(force=True)
+
+    def recover(self) -> None:
+        """Rebuild the daemon's view from the spool alone (after a crash, kill -9 or a clean stop)."""
+        self.outbox.clean_temps()
+        for rec in list(self.spool.iter_records()):
+            self.records[rec.id] = rec
+            if rec.state is JobState.RUNNING:
+                basename = rec.params["basename"]
+                if self.outbox.published_token(basename) == rec.token:
+                    self._set(rec, JobState.DONE, note="found published after a restart",
+                              finished_at=self.clock(), outputs=self._outputs(basename))
+                else:
+                    self._fail_or_retry(rec, JobError(Category.WORKER_CRASHED,
+                                                      "the daemon stopped while this job was running"))
+        for claimed in self.spool.claimed_files():
+            self._take_in(claimed)
+        for source in {r.source for r in self.records.values()}:
+            self._release_if_finished(source)
+        queued = sum(1 for r in self.records.values() if r.state is JobState.QUEUED)
+        logger.info("daemon.recovered queued={} records={}", queued, len(self.records))
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def shutdown(self) -> None:
+        """Stop intake and the worker; a job still running goes back to the queue (nothing is lost)."""
+        self.state = "draining"
+        self._write_health(force=True)
+        self.watcher.stop()
+        if self.running is not None:
+            rec = self.records.get(self.running["id"])
+            self.executor.kill()
+            if rec is not None and rec.state is JobState.RUNNING:
+                # Interrupted by us, not by the job: the attempt is given back.
+                self._set(rec, JobState.QUEUED, note="interrupted by shutdown", attempts=max(0, rec.attempts - 1))
+            self._discard_temp()
+            self.running = None
+        self.executor.stop()
+        self.state = "stopped"
+        self._write_health(force=True)
+        logger.info("daemon.stopped done={} failed={}", self.done, self.failed)
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def run(self, *, until_idle: bool = False) -> None:
+        if not self._started:
+            self.start()
+        try:
+            while not self._stop.is_set():
+                self.tick()
+                if until_idle and self.is_idle():
+                    logger.info("daemon.idle: nothing left to do (--until-idle)")
+                    break
+        finally:
+            self.shutdown()
+
+    def is_idle(self) -> bool:
+        return (self.running is None and self.watcher.pending == 0
+                and not any(r.state is JobState.QUEUED for r in self.records.values()))
+
+    def tick(self) -> None:
+        for path in self.watcher.ready_files():
+            self.watcher.forget(path)
+            claimed = self.spool.claim(path)
+            if claimed is not None:
+                logger.info("job.claimed file={}", path.name)
+                self._take_in(claimed)
+        wait = 0.05 if self.running is not None or self.watcher.pending else 0.2
+        for event in self.executor.poll(timeout=wait if self.running is not None else 0):
+            self._on_event(event)
+        self._dispatch()
+        if self.running is None:
+            self.watcher.wait_for_hint(wait)
+        self._write_health()
+
+    # ---- steps ---------------------------------------------------------------------------------
+
+    def _take_in(self, claimed: Path) -> None:
+        result = self.intake.process(claimed)
+        for rec in result.queued:
+            self.records[rec.id] = rec
+        self.failed += len(result.rejected)
+        self.results.extend({"id": r, "status": "failed"} for r in result.rejected)
+        self._release_if_finished(claimed.name)
+
+    def _dispatch(self) -> None:
+        if self.running is not None or not self.executor.ready:
+            return
+        rec = pick_next(self.records.values(), self.clock())
+        if rec is None:
+            self.state = "idle"
+            return
+        now = self.clock()
+        rec = self._set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now)
+        basename = rec.params["basename"]
+        payload = {
+            "id": rec.id, "token": rec.token, "attempt": rec.attempts, "model": rec.model,
+            "params": rec.params, "input_image": rec.input_image,
+            "video_tmp": str(self.outbox.temp_video_path(basename)),
+        }
+        self.running = {"id": rec.id, "model": rec.model["name"], "phase": "queued_in_worker", "step": 0,
+                        "total": rec.params["steps"], "attempt": rec.attempts, "started_at": now,
+                        "video_tmp": payload["video_tmp"]}
+        self.state = "busy"
+        self.executor.submit(payload)
+        logger.bind(job=rec.id).info("job.dispatched id={} model={} attempt={}", rec.id, rec.model["name"],
+                                     rec.attempts)
+
+    def _on_event(self, ev: dict[str, Any]) -> None:
+        kind = ev["type"]
+        job_id = ev.get("id")
+        if self.running is None or job_id != self.running["id"]:
+            if kind not in ("ready", "fatal"):
+                logger.debug("worker.event_ignored type={} id={}", kind, job_id)
+            return
+        if kind in ("phase", "progress", "started"):
+            self.running.update({k: v for k, v in ev.items() if k in ("phase", "step", "total")})
+            if kind == "phase":
+                logger.bind(job=job_id).info("job.phase id={} phase={}", job_id, ev["phase"])
+            return
+        rec = self.records[job_id]
+        if kind == "done":
+            self._publish(rec, ev["result"])
+        elif kind == "failed":
+            self._discard_temp()
+            self._fail_or_retry(rec, JobError.from_dict(ev["error"]))
+        self.running = None
+
+    def _publish(self, rec: JobRecord, result: dict[str, Any]) -> None:
+        basename = rec.params["basename"]
+        now = self.clock()
+        sidecar = self._sidecar(rec, result, now)
+        try:
+            published = self.outbox.publish_result(basename, Path(result["video_tmp"]), sidecar)
+        except OSError as exc:
+            from .errors import classify_exception
+
+            self._discard_temp()
+            self._fail_or_retry(rec, classify_exception(exc))
+            return
+        if not published and self.outbox.published_token(basename) != rec.token:
+            self._fail_or_retry(rec, JobError(Category.DUPLICATE_JOB,
+                                              f"{basename}.json appeared in the outbox while the job ran"))
+            return
+        self.outbox.remove_stale_failure(rec.id)
+        self._set(rec, JobState.DONE, note=f"published {basename}.mp4", finished_at=now,
+                  outputs=self._outputs(basename))
+        self.done += 1
+        self.results.append({"id": rec.id, "status": "done", **self._outputs(basename)})
+        logger.bind(job=rec.id).success("job.published id={} video={} seconds={:.2f}", rec.id,
+                                        self.outbox.video_path(basename), now - (rec.started_at or now))
+        self._release_if_finished(rec.source)
+
+    def _fail_or_retry(self, rec: JobRecord, err: JobError) -> None:
+        w = self.settings.worker
+        decision = decide(err, rec.attempts, max_attempts=w.max_attempts, base_seconds=w.retry_base_seconds,
+                          cap_seconds=w.retry_cap_seconds, rng=self.rng)
+        errors = [*rec.errors, {**err.to_dict(), "attempt": rec.attempts, "at": self.clock()}]
+        if decision.retry:
+            self._set(rec, JobState.QUEUED, note=decision.reason, not_before=self.clock() + decision.delay_seconds,
+                      last_error=err.to_dict(), errors=errors)
+            return
+        path = self.outbox.write_failure(
+            rec.id, err, job_id=rec.id, source_name=rec.source_name, spec=rec.spec, attempts=rec.attempts,
+            extra={"decision": decision.reason, "errors": errors, "model": rec.model, "parameters": rec.params},
+        )
+        self._set(rec, JobState.FAILED, note=f"{err.category.value}: {decision.reason}", finished_at=self.clock(),
+                  last_error=err.to_dict(), errors=errors, outputs={"failure": str(path)})
+        self.failed += 1
+        self.results.append({"id": rec.id, "status": "failed", "failure": str(path)})
+        logger.bind(job=rec.id).error("job.failed id={} category={} error={}", rec.id, err.category.value,
+                                      err.message)
+        self._release_if_finished(rec.source)
+
+    def _set(self, rec: JobRecord, state: JobState, note: str = "", **changes: Any) -> JobRecord:
+        updated = self.spool.transition(rec, state, note, **changes)
+        self.records[updated.id] = updated
+        self._write_health(force=True)
+        return updated
+
+    def _release_if_finished(self, source: str) -> None:
+        """Remove a claimed file once all its jobs are terminal, then their spool folders."""
+        recs = [r for r in self.records.values() if r.source == source]
+        if not recs or not all(r.state is not None and r.state.terminal for r in recs):
+            return
+        self.spool.remove_source(source)
+        for r in recs:
+            self.spool.remove_job_dir(r.id)
+            del self.records[r.id]
+
+    def _discard_temp(self) -> None:
+        if self.running and self.running.get("video_tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.running["video_tmp"])
+
+    # ---- reporting -----------------------------------------------------------------------------
+
+    def _outputs(self, basename: str) -> dict[str, str]:
+        return {"video": str(self.outbox.video_path(basename)), "sidecar": str(self.outbox.sidecar_path(basename))}
+
+    def _sidecar(self, rec: JobRecord, result: dict[str, Any], now: float) -> dict[str, Any]:
+        info = self.executor.status.info
+        started = rec.started_at or now
+        timings = {"queue_wait": round(started - (rec.queued_at or started), 4), **result["timings"],
+                   "total": round(now - started, 4)}
+        sidecar = {
+            "id": rec.id,
+            "job_token": rec.token,
+            "status": "done",
+            "file": rec.source_name,
+            "spec": rec.spec,
+            "parameters": rec.params,
+            "model_used": {**rec.model, "path": result["model_path"], "cache": result["model_cache"],
+                           "load_seconds": result["timings"].get("model_load")},
+            "device": {"type": result["device"], "name": info.get("device_name")},
+            "timings": timings,
+            "generation_time_seconds": round(now - started, 4),
+            "peak_vram_usage_mb": result["peak_vram_usage_mb"],
+            "peak_rss_mb": result["peak_rss_mb"],
+            "optimizations_applied": result["optimizations_applied"],
+            "attempts": rec.attempts,
+            "video": {"file": f"{rec.params['basename']}.mp4", **result["video"]},
+            "versions": {"wan_daemon": __version__, **info.get("versions", {})},
+            "host": socket.gethostname(),
+            "worker_pid": info.get("pid"),
+            "timestamps": {"received_at": iso(rec.received_at), "queued_at": iso(rec.queued_at),
+                           "started_at": iso(started), "finished_at": iso(now)},
+        }
+        if rec.model.get("tiny_random_weights"):
+            sidecar["note"] = TINY_NOTE
+        return sidecar
+
+    def health_payload(self) -> dict[str, Any]:
+        queued = [r for r in self.records.values() if r.state is JobState.QUEUED]
+        by_priority: dict[str, int] = {}
+        for r in queued:
+            by_priority[str(r.priority)] = by_priority.get(str(r.priority), 0) + 1
+        st = self.executor.status
+        return {
+            "version": __version__,
+            "state": self.state,
+            "started_at": self.started_at,
+            "started_at_iso": iso(self.started_at),
+            "inbox": str(self.settings.paths.inbox),
+            "outbox": str(self.settings.paths.outbox),
+            "queue_depth": len(queued),
+            "queue_by_priority": by_priority,
+            "inbox_pending": self.watcher.pending,
+            "running": {k: v for k, v in self.running.items() if k != "video_tmp"} if self.running else None,
+            "done": self.done,
+            "failed": self.failed,
+            "device": {"state": st.state, "pid": st.pid, "restarts": st.restarts,
+                       "device": st.info.get("device"), "device_name": st.info.get("device_name"),
+                       "vram_total_mb": st.info.get("vram_total_mb")},
+        }
+
+    def _write_health(self, force: bool = False) -> None:
+        try:
+            self.health.maybe_write(self.health_payload(), force=force)
+        except OSError as exc:  # a full disk must not stop the daemon; the next write tries again
+            logger.warning("health.write_failed error={}", exc)

@@ -1,0 +1,421 @@
+"""The job file format: a hardened YAML reader, the pydantic ``JobSpec``, and per-model resolution.
+
+Parsing never raises past this module's boundary: :func:`parse_job_file` returns, for each job in a
+file, either a spec or a precise error (field, bad value, what is allowed).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import Category, JobError
+from .models import WAN_NEGATIVE_PROMPT, ModelInfo
+
+ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
+_ID_RE = re.compile(ID_PATTERN)
+_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+
+MAX_DEPTH = 16
+MAX_NODES = 10_000
+MAX_STRING = 20_000
+MAX_JOBS_PER_FILE = 1_000
+
+SCHEMA_URL_COMMENT = "# yaml-language-server: $schema=../schema.json"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class OutputSpec(_Strict):
+    """Where and how the video is written."""
+
+    basename: str | None = Field(
+        None, pattern=ID_PATTERN, description="File name without extension for <basename>.mp4/.json. Default: the id."
+    )
+    quality: float = Field(8.0, ge=0, le=10, description="H.264 quality, 0 (smallest) to 10 (best).")
+
+
+def _check_id(value: str | None, field: str) -> str | None:
+    if value is not None and (value.startswith(".") or not _ID_RE.match(value)):
+        raise ValueError(
+            f"{field} {value!r} must be 1-128 characters of A-Z a-z 0-9 . _ - and must not start with '.'"
+        )
+    return value
+
+
+class JobSpec(_Strict):
+    """One generation job, as written in a job file. Unset fields take the model's defaults."""
+
+    id: str | None = Field(None, description="Job id; default: the file stem (batch: <stem>-<n>).")
+    task: Literal["t2v", "i2v", "ti2v"] | None = Field(
+        None, description="t2v: text only; i2v: needs `image`; ti2v (TI2V-5B): text, plus an image if given. "
+        "Default: i2v when an image is given, else the model's own task."
+    )
+    model: str | None = Field(
+        None, description="Registry name (wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-*), a local "
+        "diffusers folder, or a Hugging Face repo id in the local cache. Default: models.default from the config."
+    )
+    prompt: str = Field(..., min_length=1, max_length=MAX_STRING)
+    negative_prompt: str | None = Field(None, max_length=MAX_STRING, description="Default: the standard Wan one.")
+    image: str | None = Field(None, max_length=4096, description="Input image, relative to an input root.")
+    size: str | None = Field(None, description="WIDTHxHEIGHT, e.g. 1280x704. Alternative to width/height.")
+    width: int | None = Field(None, ge=16)
+    height: int | None = Field(None, ge=16)
+    frames: int | None = Field(None, ge=1, description="Number of frames; must be 4n+1 (e.g. 81, 121).")
+    fps: int | None = Field(None, ge=1, le=120)
+    steps: int | None = Field(None, ge=1, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=50, description="CFG scale (high-noise expert on A14B).")
+    guidance_scale_2: float | None = Field(None, ge=0, le=50, description="CFG scale of the low-noise expert (A14B).")
+    flow_shift: float | None = Field(None, gt=0, le=100, description="Scheduler flow shift.")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="Drawn at random and recorded when absent.")
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, v: str | None) -> str | None:
+        return _check_id(v, "id")
+
+    @field_validator("frames")
+    @classmethod
+    def _frames_4n_plus_1(cls, v: int | None) -> int | None:
+        if v is not None and v % 4 != 1:
+            lower = v - (v % 4) + 1 if v % 4 else v - 3
+            raise ValueError(f"must be 4n+1 (nearest allowed: {max(1, lower)} or {lower + 4})")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be blank")
+        return v
+
+    @model_validator(mode="after")
+    def _size_xor_width_height(self) -> "JobSpec":
+        if self.size is not None:
+            if self.width is not None or self.height is not None:
+                raise ValueError("give either size or width/height, not both")
+            if not _SIZE_RE.match(self.size):
+                raise ValueError(f"size {self.size!r} must look like WIDTHxHEIGHT, e.g. 1280x704")
+        elif (self.width is None) != (self.height is None):
+            raise ValueError("width and height go together")
+        if self.task == "i2v" and not self.image:
+            raise ValueError("task i2v needs an `image`")
+        if self.task == "t2v" and self.image:
+            raise ValueError("task t2v takes no `image` (use i2v or ti2v)")
+        return self
+
+    def requested_size(self) -> tuple[int, int] | None:
+        if self.size is not None:
+            m = _SIZE_RE.match(self.size)
+            assert m
+            return int(m.group(1)), int(m.group(2))
+        if self.width is not None and self.height is not None:
+            return self.width, self.height
+        return None
+
+
+class JobFile(_Strict):
+    """A batch: shared `defaults` and a list of `jobs`. (Used for the JSON Schema; parsing merges by hand.)"""
+
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    jobs: list[dict[str, Any]] = Field(..., min_length=1, max_length=MAX_JOBS_PER_FILE)
+
+
+def json_schema() -> dict[str, Any]:
+    single = JobSpec.model_json_schema()
+    defs = single.pop("$defs", {})
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "wan-daemon job file",
+        "description": "One job (a JobSpec), or a batch: `defaults` (any JobSpec fields) + `jobs` (list of JobSpec).",
+        "$defs": {**defs, "JobSpec": single},
+        "anyOf": [
+            {"$ref": "#/$defs/JobSpec"},
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["jobs"],
+                "properties": {
+                    "defaults": {"type": "object", "description": "Fields shared by every job of the batch."},
+                    "jobs": {"type": "array", "minItems": 1, "maxItems": MAX_JOBS_PER_FILE,
+                             "items": {"type": "object"}},
+                },
+            },
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Hardened YAML
+# --------------------------------------------------------------------------------------------------
+
+
+class _HardenedLoader(yaml.SafeLoader):
+    """safe_load semantics, minus the dangerous parts: no aliases or anchors (YAML bombs), no duplicate
+    keys, bounded nesting and node count. Unknown tags (``!!python/...``) fail as in SafeLoader."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"aliases (*{event.anchor}) are not allowed in job files (line {event.start_mark.line + 1})")
+        event = self.peek_event()
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise yaml.YAMLError(f"anchors (&{anchor}) are not allowed in job files (line {event.start_mark.line + 1})")
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise yaml.YAMLError(f"too many YAML nodes (more than {MAX_NODES})")
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.YAMLError(f"YAML nested deeper than {MAX_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                raise yaml.constructor.ConstructorError(
+                    None, None, "mapping keys must be plain values", key_node.start_mark
+                ) from None
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > MAX_DEPTH:
+        return level
+    if isinstance(value, dict):
+        return max([_depth(v, level + 1) for v in value.values()] or [level + 1])
+    if isinstance(value, list):
+        return max([_depth(v, level + 1) for v in value] or [level + 1])
+    return level
+
+
+def load_yaml_bytes(data: bytes, *, max_bytes: int) -> Any:
+    """Decode and parse job-file bytes. Raises JobError(invalid_spec) with a precise reason."""
+    if len(data) > max_bytes:
+        raise JobError(Category.INVALID_SPEC, f"job file is {len(data)} bytes; the limit is {max_bytes} "
+                       "(limits.max_job_file_bytes)")
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise JobError(Category.INVALID_SPEC, f"job file contains a NUL byte at offset {nul}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise JobError(Category.INVALID_SPEC, f"job file is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
+    try:
+        loader = _HardenedLoader(text)
+        try:
+            value = loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        raise JobError(Category.INVALID_SPEC, f"malformed YAML: {exc}".replace("\n", " ")) from None
+    except RecursionError:
+        raise JobError(Category.INVALID_SPEC, f"YAML nested deeper than {MAX_DEPTH} levels") from None
+    if _depth(value) > MAX_DEPTH:
+        raise JobError(Category.INVALID_SPEC, f"YAML nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Files -> specs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpecEntry:
+    """One job of a file: its id, and either a spec or the error that rejects it."""
+
+    id: str
+    spec: JobSpec | None
+    error: JobError | None
+    raw: Any
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(job)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(JobSpec.model_fields)
+            parts.append(f"{loc}: unknown field (allowed: {allowed})")
+        elif err["type"] == "missing":
+            parts.append(f"{loc}: required field is missing")
+        else:
+            inp = err.get("input")
+            shown = repr(inp) if not isinstance(inp, dict) else "{...}"
+            if len(shown) > 80:
+                shown = shown[:77] + "..."
+            parts.append(f"{loc}: {msg} (got {shown})")
+    return "; ".join(parts)
+
+
+def safe_stem(name: str) -> str:
+    """A file stem reduced to id characters, for naming records of files that carry no usable id."""
+    stem = name.rsplit("/", 1)[-1]
+    for ext in (".yaml", ".yml"):
+        if stem.lower().endswith(ext):
+            stem = stem[: -len(ext)]
+    cleaned = re.sub(r"[^A-Za-z0-9._-]", "_", stem).lstrip(".")[:128]
+    return cleaned or "job"
+
+
+def _validate_one(raw: Any, default_id: str) -> SpecEntry:
+    if not isinstance(raw, dict):
+        return SpecEntry(default_id, None, JobError(Category.INVALID_SPEC,
+                         f"a job must be a mapping of fields, got {type(raw).__name__}"), raw)
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        given = raw.get("id")
+        jid = given if isinstance(given, str) and _ID_RE.match(given) and not given.startswith(".") else default_id
+        return SpecEntry(jid, None, JobError(Category.INVALID_SPEC, format_validation_error(exc)), raw)
+    if spec.id is None:
+        spec = spec.model_copy(update={"id": default_id})
+    return SpecEntry(spec.id, spec, None, raw)
+
+
+def parse_job_file(data: bytes, filename: str, *, max_bytes: int) -> tuple[list[SpecEntry], JobError | None]:
+    """Parse a job file. Returns (entries, file_error); file_error is set when nothing could be read."""
+    stem = safe_stem(filename)
+    try:
+        doc = load_yaml_bytes(data, max_bytes=max_bytes)
+    except JobError as exc:
+        return [], exc
+    if not isinstance(doc, dict):
+        return [], JobError(Category.INVALID_SPEC, f"a job file must be a mapping, got {type(doc).__name__}")
+    if "jobs" not in doc:
+        if "defaults" in doc:
+            return [], JobError(Category.INVALID_SPEC, "a batch file with `defaults` needs a `jobs:` list")
+        return [_validate_one(doc, stem)], None
+    extra = set(doc) - {"defaults", "jobs"}
+    if extra:
+        return [], JobError(Category.INVALID_SPEC,
+                            f"a batch file holds only `defaults` and `jobs`; unknown top-level keys: {sorted(extra)}")
+    defaults, jobs = doc.get("defaults") or {}, doc["jobs"]
+    if not isinstance(defaults, dict):
+        return [], JobError(Category.INVALID_SPEC, "`defaults` must be a mapping of job fields")
+    if "id" in defaults:
+        return [], JobError(Category.INVALID_SPEC, "`defaults` cannot set `id` (every job needs its own)")
+    if not isinstance(jobs, list) or not jobs:
+        return [], JobError(Category.INVALID_SPEC, "`jobs` must be a non-empty list")
+    if len(jobs) > MAX_JOBS_PER_FILE:
+        return [], JobError(Category.INVALID_SPEC, f"a batch holds at most {MAX_JOBS_PER_FILE} jobs, got {len(jobs)}")
+    entries = []
+    for n, job in enumerate(jobs, start=1):
+        merged = job
+        if isinstance(job, dict):
+            merged = {**defaults, **job}
+            if isinstance(defaults.get("output"), dict) and isinstance(job.get("output"), dict):
+                merged["output"] = {**defaults["output"], **job["output"]}
+        entries.append(_validate_one(merged, f"{stem}-{n}"))
+    seen: dict[str, int] = {}
+    for i, e in enumerate(entries):
+        if e.id in seen and e.error is None:
+            entries[i] = SpecEntry(e.id, None, JobError(Category.INVALID_SPEC,
+                                   f"id {e.id!r} is used twice in this file (jobs {seen[e.id] + 1} and {i + 1})"), e.raw)
+        seen.setdefault(e.id, i)
+    return entries, None
+
+
+# --------------------------------------------------------------------------------------------------
+# Spec + model -> every parameter resolved
+# --------------------------------------------------------------------------------------------------
+
+
+class ResolvedParams(_Strict):
+    """Every generation parameter, fixed at intake and persisted, so that a retry does exactly the same."""
+
+    task: Literal["t2v", "i2v", "ti2v"]
+    pipeline: Literal["t2v", "i2v"]  # which diffusers pipeline runs it
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    frames: int
+    fps: int
+    steps: int
+    guidance_scale: float
+    guidance_scale_2: float | None
+    flow_shift: float
+    seed: int
+    seed_was_drawn: bool
+    quality: float
+    basename: str
+
+
+def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames: int, max_steps: int) -> ResolvedParams:
+    """Fill in the model's defaults and check what depends on the model. Raises JobError(invalid_spec)."""
+    problems: list[str] = []
+    task = spec.task or ("i2v" if spec.image else info.tasks[0])
+    if task not in info.tasks:
+        problems.append(f"task: model {info.name!r} cannot do {task!r} (it does: {', '.join(info.tasks)})")
+    pipeline = "i2v" if (task == "i2v" or (task == "ti2v" and spec.image)) else "t2v"
+    if pipeline == "i2v" and not spec.image:
+        problems.append("image: task i2v needs an input image")
+    width, height = spec.requested_size() or (info.width, info.height)
+    for name, value in (("width", width), ("height", height)):
+        if value % info.multiple:
+            lo = max(info.multiple, value - value % info.multiple)
+            problems.append(f"{name}: {value} is not a multiple of {info.multiple} for {info.name} "
+                            f"(nearest: {lo} or {lo + info.multiple})")
+        if value > max_side or value < info.multiple:
+            problems.append(f"{name}: {value} is outside {info.multiple}..{max_side} (limits.max_side)")
+    frames = spec.frames or info.frames
+    if frames > max_frames:
+        problems.append(f"frames: {frames} is more than limits.max_frames ({max_frames})")
+    steps = spec.steps or info.steps
+    if steps > max_steps:
+        problems.append(f"steps: {steps} is more than limits.max_steps ({max_steps})")
+    if spec.guidance_scale_2 is not None and not info.two_experts:
+        problems.append(f"guidance_scale_2: model {info.name!r} has one transformer; guidance_scale_2 applies only "
+                        "to the two-expert A14B models")
+    if problems:
+        raise JobError(Category.INVALID_SPEC, "; ".join(problems))
+    seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+    return ResolvedParams(
+        task=task,
+        pipeline=pipeline,
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else WAN_NEGATIVE_PROMPT,
+        width=width,
+        height=height,
+        frames=frames,
+        fps=spec.fps or info.fps,
+        steps=steps,
+        guidance_scale=spec.guidance_scale if spec.guidance_scale is not None else info.guidance_scale,
+        guidance_scale_2=(spec.guidance_scale_2 if spec.guidance_scale_2 is not None else info.guidance_scale_2)
+        if info.two_experts else None,
+        flow_shift=spec.flow_shift if spec.flow_shift is not None else info.flow_shift,
+        seed=seed,
+        seed_was_drawn=spec.seed is None,
+        quality=spec.output.quality,
+        basename=spec.output.basename or (spec.id or "job"),
+    )
+

@@ -1,0 +1,100 @@
+"""The worker process: owns the device, keeps pipelines warm, runs one job at a time.
+
+Started with the ``spawn`` method (CUDA cannot survive ``fork``), long-lived, and disposable: the
+daemon kills and respawns it when it dies or stalls, and retries its job. It talks to the daemon
+only through two queues: jobs in, events out (``ready``, ``started``, ``phase``, ``progress``,
+``done``, ``failed``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from .errors import classify_exception
+
+
+def _exit_with_parent() -> None:
+    """A worker must not outlive its daemon (kill -9 of the daemon leaves no orphan holding the GPU)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+class _Events:
+    """The worker's outgoing queue, carrying plain JSON values only: anything else (a TorchVersion, a
+    numpy scalar) would make the daemon import torch just to unpickle an event."""
+
+    def __init__(self, queue) -> None:
+        self.queue = queue
+
+    def put(self, event: dict[str, Any]) -> None:
+        self.queue.put(json.loads(json.dumps(event, default=str)))
+
+
+def worker_main(config: dict[str, Any], jobs, events_queue) -> None:
+    # Ctrl-C in a terminal reaches the whole process group; the daemon decides when the worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    events = _Events(events_queue)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _exit_with_parent()
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=config.get("log_level", "INFO"),
+               format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | worker[{process}] | {message}")
+    import diffusers
+    import transformers
+
+    import huggingface_hub.utils
+
+    # Progress bars are for terminals; the worker reports progress as events and log lines instead.
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    from .pipelines import DiffusersWanBackend
+
+    try:
+        backend = DiffusersWanBackend(
+            device=config["device"],
+            allow_cpu_for_real_models=config["allow_cpu_for_real_models"],
+            max_cached_pipelines=config["max_cached_pipelines"],
+            models_dir=Path(config["models_dir"]),
+        )
+        events.put({"type": "ready", "pid": os.getpid(), **backend.describe()})
+    except BaseException as exc:  # a worker that cannot start says why before it goes
+        events.put({"type": "fatal", "error": classify_exception(exc).to_dict(), "traceback": traceback.format_exc()})
+        return
+    logger.info("worker.ready pid={} device={}", os.getpid(), backend.device)
+    while True:
+        job = jobs.get()
+        if job is None:
+            break
+        job_id = job["id"]
+        events.put({"type": "started", "id": job_id})
+        try:
+            result = backend.run(job, lambda ev: events.put({**ev, "id": job_id}))
+        except BaseException as exc:
+            err = classify_exception(exc)
+            logger.error("worker.job_failed id={} category={} error={}", job_id, err.category.value, err.message)
+            events.put({"type": "failed", "id": job_id, "error": err.to_dict(), "traceback": traceback.format_exc()})
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            continue
+        events.put({"type": "done", "id": job_id, "result": result})
+    logger.info("worker.exit pid={}", os.getpid())

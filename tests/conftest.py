@@ -1,0 +1,135 @@
+"""Shared fixtures. Everything runs on the real stack: tiny random-weight Wan pipelines built here, saved in
+diffusers format, loaded by the worker through ``from_pretrained``, denoised, decoded and encoded to MP4."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from daemon.config import load_settings  # noqa: E402
+from daemon.service import Daemon  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """The three tiny models, built once per test session (the worker would build them on first use too)."""
+    from daemon.tiny import build_all
+
+    folder = tmp_path_factory.mktemp("models")
+    build_all(folder)
+    return folder
+
+
+def fast_settings(root: Path, models_dir: Path, **overrides: Any):
+    base: dict[str, Any] = {
+        "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(models_dir),
+                  "model_roots": [str(root)]},
+        "watch": {"settle_seconds": 0.3, "rescan_interval_seconds": 1.0, "poll_interval_seconds": 0.2},
+        "worker": {"retry_base_seconds": 0.0, "max_cached_pipelines": 2},
+        "health": {"interval_seconds": 0.5},
+        "models": {"default": "tiny-ti2v-5b"},
+        "logging": {"level": "DEBUG"},
+    }
+    for key, value in overrides.items():
+        base[key] = {**base.get(key, {}), **value}
+    return load_settings(None, base)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+class DaemonHarness:
+    """A real Daemon (real watcher, real spawned worker) running on a thread, plus helpers to drive it."""
+
+    def __init__(self, root: Path, settings) -> None:
+        self.root = root
+        self.settings = settings
+        self.inbox = settings.paths.inbox
+        self.outbox = settings.paths.outbox
+        self.daemon: Daemon | None = None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    def start(self) -> "DaemonHarness":
+        self.daemon = Daemon(self.settings)
+        self.daemon.start()
+
+        def loop() -> None:
+            try:
+                self.daemon.run()
+            except BaseException as exc:  # surfaced by stop()
+                self.error = exc
+
+        self.thread = threading.Thread(target=loop, name="daemon-under-test", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self.daemon is not None and self.thread is not None:
+            self.daemon.request_stop()
+            self.thread.join(60)
+            assert not self.thread.is_alive(), "daemon did not stop"
+        self.thread = None
+        if self.error:
+            raise self.error
+
+    # ---- driving -------------------------------------------------------------------------------
+
+    def drop(self, name: str, text: str) -> Path:
+        """Drop a job file the way careful tools do: write a dotfile, then rename it into place."""
+        tmp = self.inbox / f".{name}.tmp"
+        tmp.write_text(text)
+        final = self.inbox / name
+        os.rename(tmp, final)
+        return final
+
+    def sidecar(self, basename: str, timeout: float = 90) -> dict:
+        path = self.outbox / f"{basename}.json"
+        wait_for(path.exists, timeout, what=f"sidecar {path}")
+        return json.loads(path.read_text())
+
+    def failure(self, name: str, timeout: float = 60) -> dict:
+        path = self.outbox / "failed" / f"{name}.json"
+        wait_for(path.exists, timeout, what=f"failure record {path}")
+        return json.loads(path.read_text())
+
+    def idle(self, timeout: float = 90) -> None:
+        wait_for(lambda: self.daemon.is_idle() and self.daemon.executor.ready, timeout, what="daemon idle")
+
+
+@pytest.fixture
+def harness_factory(tmp_path, models_dir):
+    made: list[DaemonHarness] = []
+
+    def make(root: Path | None = None, **overrides: Any) -> DaemonHarness:
+        root = root or tmp_path
+        h = DaemonHarness(root, fast_settings(root, models_dir, **overrides))
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.stop()
+    # No test may leak a worker process.
+    wait_for(lambda: not multiprocessing.active_children(), 15, what="worker processes to exit")
+
+
+@pytest.fixture
+def harness(harness_factory) -> DaemonHarness:
+    return harness_factory().start()
