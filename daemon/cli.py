@@ -67,6 +67,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(f"done    {r['id']}: {r['video']}  (sidecar {r['sidecar']})")
             else:
                 print(f"failed  {r['id']}: {r.get('failure') or settings.paths.outbox / 'failed'}")
+        if daemon.worker_unavailable:
+            print(f"stopped: the worker cannot start: {daemon.worker_unavailable}", file=sys.stderr)
+            return EXIT_FAIL
         if not daemon.results:
             print(f"nothing to do: no job files in {settings.paths.inbox}")
         return EXIT_INVALID if any(r["status"] == "failed" for r in daemon.results) else EXIT_OK

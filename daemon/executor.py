@@ -23,6 +23,7 @@ class WorkerStatus:
     info: dict[str, Any] = field(default_factory=dict)
     job_id: str | None = None
     restarts: int = 0
+    last_fatal: str | None = None  # why the worker could not start, if it could not
 
 
 class Executor:
@@ -63,6 +64,9 @@ class Executor:
     def stop(self, timeout: float = 10.0) -> None:
         if self._proc is None:
             return
+        if self._proc.is_alive() and self.status.state != "ready":
+            self._proc.kill()  # still importing or busy: nothing in it is worth waiting for
+            self._proc.join(5)
         if self._proc.is_alive():
             try:
                 self._jobs.put(None)
@@ -86,6 +90,11 @@ class Executor:
                 q.cancel_join_thread()
                 q.close()
         self._proc = self._jobs = self._events = None
+
+    @property
+    def failing_to_start(self) -> bool:
+        """The worker died before becoming ready several times in a row (e.g. no CUDA when device: cuda)."""
+        return self._failures_in_a_row >= 3 and self.status.job_id is None and self.status.state != "ready"
 
     @property
     def ready(self) -> bool:
@@ -132,6 +141,7 @@ class Executor:
         elif kind in ("done", "failed"):
             self.status.state, self.status.job_id = "ready", None
         elif kind == "fatal":
+            self.status.last_fatal = ev["error"]["message"]
             logger.error("worker.fatal error={}", ev["error"]["message"])
 
     def _check_liveness(self) -> list[dict[str, Any]]:
@@ -156,7 +166,8 @@ class Executor:
         self._failures_in_a_row += 1
         delay = min(60.0, 0.5 * 2 ** (self._failures_in_a_row - 1))
         self._respawn_at = now + delay
-        self.status = WorkerStatus(state="backoff", restarts=self.status.restarts + 1)
+        self.status = WorkerStatus(state="backoff", restarts=self.status.restarts + 1,
+                                   last_fatal=self.status.last_fatal)
         if job_id is None:
             return []
         return [{"type": "failed", "id": job_id, "error": reason.to_dict(), "synthetic": True}]

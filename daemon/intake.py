@@ -154,8 +154,8 @@ class Intake:
     def _reject_entry(self, entry: SpecEntry, original_name: str, err: JobError, source: str,
                       result: IntakeResult) -> None:
         name = entry.id
-        if err.category is Category.DUPLICATE_JOB:
-            # Never overwrite the record of the job that owns this id.
+        if err.category is Category.DUPLICATE_JOB or self.is_active_id(entry.id):
+            # Never overwrite (or let a later success delete) the record of the job that owns this id.
             name = f"{entry.id}.duplicate-{safe_stem(source)}"
         self.outbox.write_failure(name, err, job_id=entry.id, source_name=original_name,
                                   spec=entry.raw if isinstance(entry.raw, dict) else {"raw": repr(entry.raw)[:2000]},

@@ -62,6 +62,7 @@ class Daemon:
         self.started_at = clock()
         self._stop = threading.Event()
         self._started = False
+        self.worker_unavailable: str | None = None
 
     # ---- set-up and tear-down ------------------------------------------------------------------
 
@@ -134,6 +135,11 @@ class Daemon:
                 self.tick()
                 if until_idle and self.is_idle():
                     logger.info("daemon.idle: nothing left to do (--until-idle)")
+                    break
+                if until_idle and self.executor.failing_to_start:
+                    self.worker_unavailable = self.executor.status.last_fatal or "the worker keeps dying at start-up"
+                    logger.error("daemon.giving_up: {} (--until-idle; queued jobs stay in the spool)",
+                                 self.worker_unavailable)
                     break
         finally:
             self.shutdown()
@@ -333,7 +339,7 @@ class Daemon:
             "running": {k: v for k, v in self.running.items() if k != "video_tmp"} if self.running else None,
             "done": self.done,
             "failed": self.failed,
-            "device": {"state": st.state, "pid": st.pid, "restarts": st.restarts,
+            "device": {"state": st.state, "pid": st.pid, "restarts": st.restarts, "last_fatal": st.last_fatal,
                        "device": st.info.get("device"), "device_name": st.info.get("device_name"),
                        "vram_total_mb": st.info.get("vram_total_mb")},
         }

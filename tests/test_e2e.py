@@ -124,32 +124,36 @@ def test_slow_in_place_write_is_not_taken_early(harness):
     assert not (harness.outbox / "failed" / "slow.json").exists()
 
 
-@pytest.mark.parametrize(
-    "name,text,category,needles",
-    [
-        ("broken", "prompt: [unclosed\n", "invalid_spec", ["malformed YAML"]),
-        ("unknown", "prompt: hi\ncolour: blue\n", "invalid_spec", ["colour", "unknown field"]),
-        ("frames", "prompt: hi\nframes: 80\n", "invalid_spec", ["frames", "4n+1", "80"]),
-        ("size", "prompt: hi\nsize: 100x64\n", "invalid_spec", ["width", "100", "multiple of 32"]),
-        ("huge", "prompt: hi\nsize: 8192x64\n", "invalid_spec", ["width", "8192", "max_side"]),
-        ("task", "model: tiny-t2v-a14b\ntask: i2v\nimage: x.png\nprompt: hi\n", "invalid_spec", ["task", "i2v"]),
-        ("noimage", "model: tiny-i2v-a14b\nprompt: hi\nimage: missing.png\n", "invalid_input", ["missing.png"]),
-        ("escape", "model: tiny-i2v-a14b\nprompt: hi\nimage: ../../etc/passwd.png\n", "invalid_input", [".."]),
-        ("nomodel", "model: no-such-model\nprompt: hi\n", "model_not_found", ["no-such-model"]),
-        ("bomb", "a: &a [x, x]\nb: &b [*a, *a]\nprompt: hi\n", "invalid_spec", ["anchors"]),
-        ("python", "prompt: !!python/object/apply:os.system [echo pwned]\n", "invalid_spec", ["python"]),
-    ],
-)
-def test_invalid_job_gets_a_precise_failure_record_and_the_daemon_goes_on(harness, name, text, category, needles):
-    harness.drop(f"{name}.yaml", text)
-    record = harness.failure(name)
-    assert record["error_category"] == category
-    for needle in needles:
-        assert needle in record["message"], record["message"]
-    assert record["recovery_suggestions"]
-    assert not (harness.inbox / f"{name}.yaml").exists()
+INVALID_JOBS = [
+    ("broken", "prompt: [unclosed\n", "invalid_spec", ["malformed YAML"]),
+    ("unknown", "prompt: hi\ncolour: blue\n", "invalid_spec", ["colour", "unknown field"]),
+    ("frames", "prompt: hi\nframes: 80\n", "invalid_spec", ["frames", "4n+1", "80"]),
+    ("size", "prompt: hi\nsize: 100x64\n", "invalid_spec", ["width", "100", "multiple of 32"]),
+    ("huge", "prompt: hi\nsize: 8192x64\n", "invalid_spec", ["width", "8192", "max_side"]),
+    ("task", "model: tiny-t2v-a14b\ntask: i2v\nimage: x.png\nprompt: hi\n", "invalid_spec", ["task", "i2v"]),
+    ("noimage", "model: tiny-i2v-a14b\nprompt: hi\nimage: missing.png\n", "invalid_input", ["missing.png"]),
+    ("escape", "model: tiny-i2v-a14b\nprompt: hi\nimage: ../../etc/passwd.png\n", "invalid_input", [".."]),
+    ("notimage", "model: tiny-i2v-a14b\nprompt: hi\nimage: fake.png\n", "invalid_input", ["not a readable image"]),
+    ("nomodel", "model: no-such-model\nprompt: hi\n", "model_not_found", ["no-such-model"]),
+    ("bomb", "a: &a [x, x]\nb: &b [*a, *a]\nprompt: hi\n", "invalid_spec", ["anchors"]),
+    ("python", "prompt: !!python/object/apply:os.system [echo pwned]\n", "invalid_spec", ["python"]),
+]
+
+
+def test_invalid_jobs_get_precise_failure_records_and_the_daemon_goes_on(harness):
+    (harness.inbox / "fake.png").write_text("not a png")
+    for name, text, _, _ in INVALID_JOBS:
+        harness.drop(f"{name}.yaml", text)
+    for name, _, category, needles in INVALID_JOBS:
+        record = harness.failure(name)
+        assert record["error_category"] == category, (name, record)
+        for needle in needles:
+            assert needle in record["message"], (name, record["message"])
+        assert record["recovery_suggestions"] and record["file"] == f"{name}.yaml"
+        assert not (harness.inbox / f"{name}.yaml").exists()
     harness.drop("after.yaml", "prompt: still alive\nsteps: 2\n")
     assert harness.sidecar("after")["status"] == "done"
+    assert harness.daemon.failed == len(INVALID_JOBS)
 
 
 def test_hostile_bytes_are_rejected_and_the_daemon_goes_on(harness):

@@ -1,0 +1,123 @@
+"""The job state machine, its persistence, the retry policy and the scheduler's order (pure, table-driven)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from daemon.errors import Category, JobError, classify_exception
+from daemon.jobs import TRANSITIONS, InvalidTransition, JobRecord, JobState
+from daemon.policy import decide
+from daemon.scheduler import next_wakeup, pick_next
+from daemon.spool import Spool
+
+
+def record(job_id="j", **kw) -> JobRecord:
+    base = dict(id=job_id, token="t", source="000000000001-f.yaml", source_name="f.yaml", seq=1, spec={}, params={},
+                model={}, received_at=0.0)
+    base.update(kw)
+    return JobRecord(**base)
+
+
+ALL = [None, *JobState]
+
+
+@pytest.mark.parametrize("current", ALL)
+@pytest.mark.parametrize("new", list(JobState))
+def test_only_the_transitions_in_the_table_are_allowed(tmp_path, current, new):
+    spool = Spool(tmp_path, clock=lambda: 5.0)
+    rec = record(state=current)
+    if new in TRANSITIONS[current]:
+        out = spool.transition(rec, new, note="n")
+        assert out.state is new
+        assert spool.load("j").state is new  # persisted before it is returned
+        assert out.events[-1] == {"state": new.value, "at": 5.0, "note": "n"}
+    else:
+        with pytest.raises(InvalidTransition):
+            spool.transition(rec, new)
+        assert spool.load("j") is None
+
+
+def test_terminal_states_have_no_way_out():
+    assert not TRANSITIONS[JobState.DONE] and not TRANSITIONS[JobState.FAILED]
+
+
+def test_claim_moves_the_file_and_keeps_intake_order(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    spool = Spool(tmp_path / "state")
+    names = []
+    for n in ("b.yaml", "a.yaml"):
+        (inbox / n).write_text("prompt: x\n")
+        names.append(spool.claim(inbox / n).name)
+    assert names == sorted(names) and names[0].endswith("-b.yaml")
+    assert list(inbox.iterdir()) == []
+    assert [p.name for p in spool.claimed_files()] == names
+    assert spool.claim(inbox / "gone.yaml") is None
+    # A new Spool on the same folder continues the sequence: no name is ever reused.
+    again = Spool(tmp_path / "state")
+    assert again.next_seq() > int(names[-1].split("-")[0])
+
+
+@pytest.mark.parametrize(
+    "category,attempts,retry",
+    [
+        (Category.WORKER_CRASHED, 1, True),
+        (Category.WORKER_CRASHED, 2, True),
+        (Category.WORKER_CRASHED, 3, False),  # max_attempts=3 spent: quarantined, not looping forever
+        (Category.TIMEOUT, 1, True),
+        (Category.DISK_FULL, 1, True),
+        (Category.IO_ERROR, 2, True),
+        (Category.INVALID_SPEC, 1, False),
+        (Category.OUT_OF_MEMORY, 1, False),
+        (Category.INSUFFICIENT_VRAM, 1, False),
+        (Category.MODEL_NOT_FOUND, 1, False),
+        (Category.INTERNAL, 1, False),
+    ],
+)
+def test_retry_decisions(category, attempts, retry):
+    d = decide(JobError(category, "x"), attempts, max_attempts=3, base_seconds=2, cap_seconds=30,
+               rng=random.Random(1))
+    assert d.retry is retry and d.reason
+
+
+@pytest.mark.parametrize("attempts,cap", [(1, 2), (2, 4), (3, 8), (6, 30), (20, 30)])
+def test_backoff_is_full_jitter_under_an_exponential_cap(attempts, cap):
+    delays = [decide(JobError(Category.IO_ERROR, "x"), attempts, max_attempts=99, base_seconds=2, cap_seconds=30,
+                     rng=random.Random(seed)).delay_seconds for seed in range(200)]
+    assert all(0 <= d <= cap for d in delays)
+    assert max(delays) > cap * 0.9 and min(delays) < cap * 0.1
+
+
+def test_scheduler_orders_by_priority_then_fifo_and_respects_backoff():
+    recs = [
+        record("low-old", priority=0, seq=1, state=JobState.QUEUED),
+        record("high-new", priority=5, seq=9, state=JobState.QUEUED),
+        record("high-old", priority=5, seq=3, state=JobState.QUEUED),
+        record("top-backoff", priority=9, seq=2, state=JobState.QUEUED, not_before=100.0),
+        record("running", priority=99, seq=0, state=JobState.RUNNING),
+    ]
+    assert pick_next(recs, now=50.0).id == "high-old"
+    assert pick_next(recs, now=100.0).id == "top-backoff"
+    assert next_wakeup(recs, now=50.0) == 100.0
+    assert pick_next([r for r in recs if r.priority == 0], now=0).id == "low-old"
+    assert pick_next([], now=0) is None
+
+
+@pytest.mark.parametrize(
+    "exc,category",
+    [
+        (MemoryError(), Category.OUT_OF_MEMORY),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), Category.OUT_OF_MEMORY),
+        (OSError(28, "No space left on device"), Category.DISK_FULL),
+        (PermissionError(13, "denied"), Category.IO_ERROR),
+        (ValueError("boom"), Category.INTERNAL),
+        (JobError(Category.INVALID_INPUT, "x"), Category.INVALID_INPUT),
+    ],
+)
+def test_exceptions_are_classified_in_one_place(exc, category):
+    err = classify_exception(exc)
+    assert err.category is category
+    assert err.all_suggestions()
+    assert JobError.from_dict(err.to_dict()).category is category

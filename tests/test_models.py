@@ -1,0 +1,96 @@
+"""Model registry and location, the tiny model builder, and the real-model-on-CPU refusal (end to end)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import pytest
+
+from daemon.errors import Category, JobError
+from daemon.models import I2V_A14B, REGISTRY, T2V_A14B, TI2V_5B, inspect_folder, locate
+from daemon.tiny import build_tiny
+
+
+@pytest.mark.parametrize("name,arch", [("tiny-t2v-a14b", T2V_A14B), ("tiny-i2v-a14b", I2V_A14B),
+                                       ("tiny-ti2v-5b", TI2V_5B)])
+def test_tiny_models_have_the_real_architectures(models_dir, name, arch):
+    folder = models_dir / name
+    assert inspect_folder(folder) == arch
+    from diffusers import WanPipeline, WanImageToVideoPipeline
+
+    cls = WanImageToVideoPipeline if arch == I2V_A14B else WanPipeline
+    pipe = cls.from_pretrained(folder)
+    if arch == TI2V_5B:
+        assert pipe.transformer_2 is None and pipe.config.expand_timesteps
+        assert pipe.vae.config.z_dim == 48
+    else:
+        assert pipe.transformer_2 is not None
+        assert pipe.config.boundary_ratio == (0.9 if arch == I2V_A14B else 0.875)
+    if arch == I2V_A14B:
+        assert pipe.transformer.config.in_channels == 36 and pipe.image_encoder is None
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*.safetensors")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_tiny_build_is_deterministic(tmp_path, models_dir):
+    again = build_tiny("tiny-t2v-a14b", tmp_path)
+    assert _digest(again) == _digest(models_dir / "tiny-t2v-a14b")
+    assert build_tiny("tiny-t2v-a14b", tmp_path) == again  # built once, then reused
+
+
+def test_locate_registry_local_folder_and_unknown(models_dir, tmp_path):
+    tiny = locate("tiny-ti2v-5b", models_dir=models_dir, model_roots=[tmp_path])
+    assert tiny.source == "tiny" and tiny.path == models_dir / "tiny-ti2v-5b"
+    local_dir = tmp_path / "my-wan"
+    shutil.copytree(models_dir / "tiny-i2v-a14b", local_dir)
+    local = locate("my-wan", models_dir=models_dir, model_roots=[tmp_path])
+    assert local.source == "local" and local.info.architecture == I2V_A14B and not local.info.tiny
+    assert local.info.multiple == 16 and local.info.width == 1280  # the architecture's real defaults
+    with pytest.raises(JobError) as info:
+        locate("nope", models_dir=models_dir, model_roots=[tmp_path])
+    assert info.value.category is Category.MODEL_NOT_FOUND and "unknown model 'nope'" in info.value.message
+
+
+def test_real_model_missing_from_the_cache_says_how_to_get_it(models_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(JobError) as info:
+        locate("wan2.2-ti2v-5b", models_dir=models_dir, model_roots=[])
+    assert info.value.category is Category.MODEL_NOT_FOUND
+    assert "hf download Wan-AI/Wan2.2-TI2V-5B-Diffusers" in " ".join(info.value.suggestions)
+    assert REGISTRY["wan2.2-ti2v-5b"].repo_id == "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+
+
+def test_a_non_wan_folder_is_refused(tmp_path):
+    (tmp_path / "m" / "transformer").mkdir(parents=True)
+    (tmp_path / "m" / "vae").mkdir()
+    (tmp_path / "m" / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    (tmp_path / "m" / "transformer" / "config.json").write_text("{}")
+    (tmp_path / "m" / "vae" / "config.json").write_text("{}")
+    with pytest.raises(JobError, match="not a Wan pipeline"):
+        inspect_folder(tmp_path / "m")
+
+
+def test_real_model_on_cpu_is_refused_with_a_clear_error(harness_factory, tmp_path, models_dir):
+    """A non-tiny model on a CPU-only worker fails with insufficient_vram, unless explicitly allowed."""
+    shutil.copytree(models_dir / "tiny-t2v-a14b", tmp_path / "local-model")
+    h = harness_factory().start()
+    h.drop("big.yaml", "model: local-model\nprompt: hi\nsize: 64x64\nframes: 5\nsteps: 2\n")
+    record = h.failure("big")
+    assert record["error_category"] == "insufficient_vram"
+    assert "CPU" in record["message"] and "allow_cpu_for_real_models" in " ".join(record["recovery_suggestions"])
+    assert record["attempts"] == 1
+
+
+def test_real_model_on_cpu_runs_when_allowed(harness_factory, tmp_path, models_dir):
+    shutil.copytree(models_dir / "tiny-t2v-a14b", tmp_path / "local-model")
+    h = harness_factory(worker={"allow_cpu_for_real_models": True}).start()
+    h.drop("big.yaml", "model: local-model\nprompt: hi\nsize: 64x64\nframes: 5\nsteps: 2\n")
+    side = h.sidecar("big")
+    assert side["model_used"]["source"] == "local" and side["video"]["frames"] == 5
+    assert "note" not in side

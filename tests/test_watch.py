@@ -1,0 +1,70 @@
+"""The inbox watcher on real OS notifications (inotify) and real polling, in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from daemon.config import WatchConfig
+from daemon.watch import InboxWatcher, is_job_file_name
+
+from conftest import wait_for
+
+
+@pytest.fixture(params=["inotify", "polling"])
+def watcher(request, tmp_path):
+    w = InboxWatcher(tmp_path, WatchConfig(mode=request.param, settle_seconds=0.4, rescan_interval_seconds=60,
+                                           poll_interval_seconds=0.1), clock=time.monotonic)
+    w.start()
+    w.scan()
+    yield w
+    w.stop()
+
+
+@pytest.mark.parametrize(
+    "name,ok",
+    [("a.yaml", True), ("b.YML", True), (".a.yaml", False), ("a.yaml.tmp", False), ("a.yaml.part", False),
+     ("a.json", False), ("notes.txt", False)],
+)
+def test_only_visible_yaml_files_are_job_files(name, ok):
+    assert is_job_file_name(name) is ok
+
+
+def test_renamed_in_file_is_ready_at_once(watcher, tmp_path):
+    tmp = tmp_path / ".x.yaml.tmp"
+    tmp.write_text("prompt: a\n")
+    os.rename(tmp, tmp_path / "x.yaml")
+    ready = wait_for(watcher.ready_files, 5, interval=0.02, what="renamed file")
+    assert ready == [tmp_path / "x.yaml"]
+
+
+def test_file_written_in_place_waits_until_it_settles(watcher, tmp_path):
+    path = tmp_path / "slow.yaml"
+    with open(path, "w") as fh:
+        start = time.monotonic()
+        while time.monotonic() - start < 1.2:
+            fh.write("# still writing\n")
+            fh.flush()
+            assert watcher.ready_files() == [], "taken while still being written"
+            time.sleep(0.1)
+    done_at = time.monotonic()
+    wait_for(watcher.ready_files, 5, interval=0.02, what="settled file")
+    assert time.monotonic() - done_at >= 0.3
+
+
+def test_ignored_names_never_become_ready(watcher, tmp_path):
+    for name in (".hidden.yaml", "x.yaml.tmp", "x.yaml.part", "x.txt"):
+        (tmp_path / name).write_text("prompt: a\n")
+    time.sleep(0.8)
+    watcher.scan()
+    assert watcher.ready_files() == []
+    assert watcher.pending == 0
+
+
+def test_rescan_finds_files_that_produced_no_event(tmp_path):
+    (tmp_path / "before.yaml").write_text("prompt: a\n")
+    w = InboxWatcher(tmp_path, WatchConfig(settle_seconds=0.1, rescan_interval_seconds=0.2), clock=time.monotonic)
+    # Not started: no events at all. The periodic rescan alone must find the file.
+    wait_for(w.ready_files, 5, interval=0.05, what="file found by rescan")
