@@ -63,6 +63,8 @@ class Daemon:
         self._stop = threading.Event()
         self._started = False
         self.worker_unavailable: str | None = None
+        self._intake_retry: set[Path] = set()
+        self._last_intake_retry = clock()
 
     # ---- set-up and tear-down ------------------------------------------------------------------
 
@@ -145,7 +147,7 @@ class Daemon:
             self.shutdown()
 
     def is_idle(self) -> bool:
-        return (self.running is None and self.watcher.pending == 0
+        return (self.running is None and self.watcher.pending == 0 and not self._intake_retry
                 and not any(r.state is JobState.QUEUED for r in self.records.values()))
 
     def tick(self) -> None:
@@ -154,6 +156,10 @@ class Daemon:
             claimed = self.spool.claim(path)
             if claimed is not None:
                 logger.info("job.claimed file={}", path.name)
+                self._take_in(claimed)
+        if self._intake_retry and self.clock() - self._last_intake_retry >= self.settings.watch.rescan_interval_seconds:
+            self._last_intake_retry = self.clock()
+            for claimed in sorted(self._intake_retry):
                 self._take_in(claimed)
         wait = 0.05 if self.running is not None or self.watcher.pending else 0.2
         for event in self.executor.poll(timeout=wait if self.running is not None else 0):
@@ -166,7 +172,13 @@ class Daemon:
     # ---- steps ---------------------------------------------------------------------------------
 
     def _take_in(self, claimed: Path) -> None:
-        result = self.intake.process(claimed)
+        try:
+            result = self.intake.process(claimed)
+        except Exception as exc:  # e.g. a full disk while writing a record: the file stays spooled
+            logger.exception("intake.error file={} error={}; retried at the next rescan", claimed.name, exc)
+            self._intake_retry.add(claimed)
+            return
+        self._intake_retry.discard(claimed)
         for rec in result.queued:
             self.records[rec.id] = rec
         self.failed += len(result.rejected)

@@ -295,7 +295,10 @@ def _validate_one(raw: Any, default_id: str) -> SpecEntry:
     except ValidationError as exc:
         given = raw.get("id")
         jid = given if isinstance(given, str) and _ID_RE.match(given) and not given.startswith(".") else default_id
-        return SpecEntry(jid, None, JobError(Category.INVALID_SPEC, format_validation_error(exc)), raw)
+        problems = [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"].removeprefix("Value error, "),
+                     "type": e["type"]} for e in exc.errors()]
+        return SpecEntry(jid, None, JobError(Category.INVALID_SPEC, format_validation_error(exc),
+                                             details={"validation_errors": problems}), raw)
     if spec.id is None:
         spec = spec.model_copy(update={"id": default_id})
     return SpecEntry(spec.id, spec, None, raw)

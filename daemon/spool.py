@@ -64,6 +64,9 @@ class Spool:
             if dest.exists():
                 return dest
             return None
+        except OSError as exc:  # e.g. EACCES: the file stays in the inbox and the next rescan tries again
+            logger.error("job.claim_failed file={} error={}", path.name, exc)
+            return None
         fsync_dir(self.files)
         with contextlib.suppress(OSError):
             fsync_dir(path.parent)

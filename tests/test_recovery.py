@@ -84,6 +84,20 @@ def test_stale_temp_files_from_a_crash_are_removed_at_start(harness_factory, tmp
     assert not (h.outbox / ".wan-tmp-x-1234.mp4").exists()
 
 
+def wait_denoising(settings, job_id: str) -> dict:
+    """Wait, through the health file alone, until job_id is at least two steps into denoising."""
+
+    def denoising():
+        try:
+            h = json.loads(settings.health_path.read_text())
+        except (OSError, ValueError):
+            return None
+        r = h.get("running") or {}
+        return h if r.get("id") == job_id and r.get("step", 0) >= 2 else None
+
+    return wait_for(denoising, 90, interval=0.1, what=f"{job_id} to be denoising")
+
+
 def _start_daemon_process(config: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -102,15 +116,7 @@ def test_kill_9_of_the_daemon_mid_job_loses_nothing_and_publishes_once(tmp_path,
         (inbox / ".k.tmp").write_text("prompt: survive kill -9\nsteps: 120\nseed: 5\n")
         os.rename(inbox / ".k.tmp", inbox / "k.yaml")
 
-        def denoising():
-            try:
-                h = json.loads(settings.health_path.read_text())
-            except (OSError, ValueError):
-                return None
-            r = h.get("running") or {}
-            return h if r.get("id") == "k" and r.get("step", 0) >= 2 else None
-
-        health = wait_for(denoising, 90, interval=0.1, what="job to be denoising")
+        health = wait_denoising(settings, "k")
         worker_pid = health["device"]["pid"]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
@@ -142,3 +148,35 @@ def _alive(pid: int) -> bool:
             return fh.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_sigterm_drains_returns_the_running_job_to_the_queue_and_exits(tmp_path, models_dir):
+    settings = fast_settings(tmp_path, models_dir)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json())))
+    settings.paths.inbox.mkdir(parents=True)
+    proc = _start_daemon_process(config)
+    try:
+        (settings.paths.inbox / "t.yaml").write_text("prompt: stop me politely\nsteps: 150\n")
+
+        worker_pid = wait_denoising(settings, "t")["device"]["pid"]
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert time.monotonic() - t0 < 15
+    assert not _alive(worker_pid)
+    assert "interrupted by shutdown" in out
+    health = json.loads(settings.health_path.read_text())
+    assert health["state"] == "stopped"
+    record = json.loads((settings.paths.state / "spool" / "jobs" / "t" / "job.json").read_text())
+    assert record["state"] == "queued" and record["attempts"] == 0
+    assert not list(settings.paths.outbox.glob("*.mp4"))
+    assert not list(settings.paths.outbox.glob(".wan-tmp*"))
+    res = subprocess.run([sys.executable, "-m", "daemon", "run", "--until-idle", "--config", str(config)],
+                         capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert json.loads((settings.paths.outbox / "t.json").read_text())["attempts"] == 1
