@@ -63,6 +63,10 @@ class LimitsConfig(_Frozen):
     max_side: int = Field(2048, gt=0, description="Largest width or height a job may ask for.")
     max_frames: int = Field(481, gt=0)
     max_steps: int = Field(500, gt=0)
+    min_free_mb: int = Field(
+        256, ge=0, description="Below this much free space on the outbox or spool filesystem, intake and new "
+        "jobs pause (nothing is failed); they resume once space returns."
+    )
 
 
 class ModelsConfig(_Frozen):
@@ -88,8 +92,28 @@ class WorkerConfig(_Frozen):
     max_cached_pipelines: int = Field(1, ge=1, description="Pipelines kept warm in the worker (LRU).")
 
 
+class InstanceConfig(_Frozen):
+    """Identity of this daemon among those sharing one inbox (one host or several, NFS/SMB)."""
+
+    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
+                           description="Unique per daemon on a shared inbox. Default: the host name.")
+    heartbeat_seconds: float = Field(5.0, gt=0, description="How often the lease file is touched.")
+    lease_grace_seconds: float = Field(
+        120.0, gt=0, description="A daemon silent for this long is presumed dead and its jobs are taken over. "
+        "Keep it above the NFS attribute-cache time (acregmax, 60 s by default) plus clock skew."
+    )
+    takeover_check_seconds: float = Field(15.0, gt=0)
+
+
+class ShutdownConfig(_Frozen):
+    timeout_seconds: float = Field(
+        30.0, gt=0, description="On SIGTERM the running job is interrupted at its next step and requeued; a "
+        "worker that has not stopped by then is killed."
+    )
+
+
 class HealthConfig(_Frozen):
-    path: Path | None = Field(None, description="Default: <state>/health.json")
+    path: Path | None = Field(None, description="Default: <state>/health/<instance id>.json")
     interval_seconds: float = Field(5.0, gt=0)
 
 
@@ -105,16 +129,28 @@ class Settings(_Frozen):
     worker: WorkerConfig = WorkerConfig()
     health: HealthConfig = HealthConfig()
     logging: LoggingConfig = LoggingConfig()
+    instance: InstanceConfig = InstanceConfig()
+    shutdown: ShutdownConfig = ShutdownConfig()
 
     def resolved(self) -> "Settings":
-        """Absolute paths everywhere (relative ones are taken from the current directory)."""
+        """Absolute paths everywhere (relative ones are taken from the current directory); the instance id."""
+        from .leases import default_owner_id
+
         paths = self.paths.resolved()
+        instance = self.instance
+        if instance.id is None:
+            instance = instance.model_copy(update={"id": default_owner_id()})
         health = self.health
         if health.path is None:
-            health = health.model_copy(update={"path": paths.state / "health.json"})
+            health = health.model_copy(update={"path": paths.state / "health" / f"{instance.id}.json"})
         else:
             health = health.model_copy(update={"path": Path(health.path).expanduser().resolve()})
-        return self.model_copy(update={"paths": paths, "health": health})
+        return self.model_copy(update={"paths": paths, "health": health, "instance": instance})
+
+    @property
+    def owner(self) -> str:
+        assert self.instance.id is not None, "call resolved() first"
+        return self.instance.id
 
     @property
     def health_path(self) -> Path:

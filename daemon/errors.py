@@ -158,6 +158,11 @@ class JobError(Exception):
         )
 
 
+class JobInterrupted(Exception):
+    """Not a failure: the daemon asked the worker to stop the job at its next step (shutdown). The job goes
+    back to the queue with its attempt given back."""
+
+
 def classify_exception(exc: BaseException) -> JobError:
     """Map any exception met while running a job to a :class:`JobError`. The one place that does so."""
     if isinstance(exc, JobError):
@@ -165,8 +170,10 @@ def classify_exception(exc: BaseException) -> JobError:
     name = type(exc).__name__
     if name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()):
         return JobError(Category.OUT_OF_MEMORY, f"the device ran out of memory: {exc}")
-    if isinstance(exc, MemoryError):
-        return JobError(Category.OUT_OF_MEMORY, "the host ran out of memory (MemoryError)")
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+        return JobError(Category.OUT_OF_MEMORY, f"the host ran out of memory: {exc}")
+    if "No space left on device" in str(exc):  # ffmpeg and friends report ENOSPC in text
+        return JobError(Category.DISK_FULL, f"no space left on device: {exc}")
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return JobError(Category.DISK_FULL, f"no space left on device: {exc}")

@@ -35,6 +35,7 @@ class Executor:
         self._proc = None
         self._jobs = None
         self._events = None
+        self._interrupt = None
         self._last_heard = 0.0
         self._respawn_at = 0.0
         self._failures_in_a_row = 0
@@ -54,7 +55,9 @@ class Executor:
     def start(self) -> None:
         self._jobs = self.ctx.Queue()
         self._events = self.ctx.Queue()
-        self._proc = self.ctx.Process(target=worker_main, args=(self._worker_config(), self._jobs, self._events),
+        self._interrupt = self.ctx.Event()
+        self._proc = self.ctx.Process(target=worker_main,
+                                      args=(self._worker_config(), self._jobs, self._events, self._interrupt),
                                       name="wan-worker")
         self._proc.start()
         self.status.state, self.status.pid, self.status.job_id = "starting", self._proc.pid, None
@@ -79,6 +82,11 @@ class Executor:
         self._close()
         self.status.state = "stopped"
 
+    def interrupt(self) -> None:
+        """Ask the worker to stop its job at the next denoising step (it answers ``interrupted``)."""
+        if self._interrupt is not None:
+            self._interrupt.set()
+
     def kill(self) -> None:
         if self._proc is not None and self._proc.is_alive():
             self._proc.kill()
@@ -89,7 +97,7 @@ class Executor:
             if q is not None:
                 q.cancel_join_thread()
                 q.close()
-        self._proc = self._jobs = self._events = None
+        self._proc = self._jobs = self._events = self._interrupt = None
 
     @property
     def failing_to_start(self) -> bool:
@@ -108,6 +116,7 @@ class Executor:
 
     def submit(self, payload: dict[str, Any]) -> None:
         assert self.ready, "submit only to a ready worker"
+        self._interrupt.clear()
         self._jobs.put(payload)
         self.status.state, self.status.job_id = "busy", payload["id"]
         self._last_heard = self.clock()
@@ -138,7 +147,7 @@ class Executor:
         if kind == "ready":
             self.status.state, self.status.info = "ready", {k: v for k, v in ev.items() if k != "type"}
             self._failures_in_a_row = 0
-        elif kind in ("done", "failed"):
+        elif kind in ("done", "failed", "interrupted"):
             self.status.state, self.status.job_id = "ready", None
         elif kind == "fatal":
             self.status.last_fatal = ev["error"]["message"]

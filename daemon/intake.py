@@ -25,6 +25,7 @@ from .models import LocatedModel, locate
 from .outbox import Outbox
 from .spec import SpecEntry, parse_job_file, resolve_params, safe_stem
 from .spool import Spool
+from .spool import original_name as spool_original_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
@@ -56,7 +57,7 @@ class Intake:
     def process(self, claimed: Path) -> IntakeResult:
         result = IntakeResult()
         source = claimed.name
-        original_name = source.split("-", 1)[1] if "-" in source else source
+        original_name = spool_original_name(source)
         try:
             data = self._read(claimed)
         except JobError as err:

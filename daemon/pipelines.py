@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol
 
 from loguru import logger
 
-from .errors import Category, JobError
+from .errors import Category, JobError, JobInterrupted
 from .fsutil import fsync_file, sha256_file
 
 Report = Callable[[dict[str, Any]], None]
@@ -29,8 +29,9 @@ class GenerationBackend(Protocol):
     def describe(self) -> dict[str, Any]:
         """Device and library versions, sent to the daemon once the worker is up."""
 
-    def run(self, job: dict[str, Any], report: Report) -> dict[str, Any]:
-        """Generate the job's video into ``job['video_tmp']``; return the facts for the sidecar."""
+    def run(self, job: dict[str, Any], report: Report, should_stop: Callable[[], bool]) -> dict[str, Any]:
+        """Generate the job's video into ``job['video_tmp']``; return the facts for the sidecar.
+        Raise JobInterrupted at the next step once ``should_stop()`` is true."""
 
 
 @dataclass
@@ -153,7 +154,8 @@ class DiffusersWanBackend:
 
     # ---- running -------------------------------------------------------------------------------
 
-    def run(self, job: dict[str, Any], report: Report) -> dict[str, Any]:
+    def run(self, job: dict[str, Any], report: Report,
+            should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
         torch = self.torch
         model, params = job["model"], job["params"]
         if self.device == "cpu" and not model.get("tiny_random_weights") and not self.allow_cpu_for_real_models:
@@ -188,6 +190,9 @@ class DiffusersWanBackend:
         last_step_at = [0.0]
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
+            if should_stop():
+                # Raising here aborts before the VAE decode and leaves the pipeline reusable.
+                raise JobInterrupted()
             last_step_at[0] = time.perf_counter()
             report({"type": "progress", "phase": "denoising", "step": step + 1, "total": total})
             return callback_kwargs
@@ -204,6 +209,8 @@ class DiffusersWanBackend:
         timings["vae_decode"] = t1 - (last_step_at[0] or t1)
         frames = out.frames[0]
 
+        if should_stop():
+            raise JobInterrupted()
         report({"type": "phase", "phase": "encoding"})
         t2 = time.perf_counter()
         video_tmp = Path(job["video_tmp"])

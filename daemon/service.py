@@ -25,7 +25,9 @@ from .executor import Executor
 from .health import HealthWriter, iso
 from .intake import Intake
 from .jobs import JobRecord, JobState
+from .leases import Lease
 from .models import default_model
+from .disk import DiskGuard
 from .outbox import Outbox
 from .policy import decide
 from .scheduler import pick_next
@@ -43,7 +45,11 @@ class Daemon:
         self.rng = rng or random.Random()
         paths = settings.paths
         paths.inbox.mkdir(parents=True, exist_ok=True)
-        self.spool = Spool(paths.state, clock=clock)
+        inst = settings.instance
+        self.lease = Lease(paths.state, settings.owner, grace_seconds=inst.lease_grace_seconds,
+                           heartbeat_seconds=inst.heartbeat_seconds, clock=clock)
+        self.spool = Spool(self.lease.mine, settings.owner, clock=clock)
+        self.disk = DiskGuard([paths.outbox, paths.state], min_free_mb=settings.limits.min_free_mb, clock=clock)
         self.outbox = Outbox(paths.outbox)
         self.watcher = InboxWatcher(paths.inbox, settings.watch, clock=clock)
         self.executor = Executor(settings, clock=clock)
@@ -65,6 +71,7 @@ class Daemon:
         self.worker_unavailable: str | None = None
         self._intake_retry: set[Path] = set()
         self._last_intake_retry = clock()
+        self._last_takeover_check = float("-inf")
 
     # ---- set-up and tear-down ------------------------------------------------------------------
 
@@ -77,6 +84,8 @@ class Daemon:
     def start(self) -> None:
         logger.info("daemon.starting version={} inbox={} outbox={} state={}", __version__, self.settings.paths.inbox,
                     self.settings.paths.outbox, self.settings.paths.state)
+        self._check_same_filesystem()
+        self.lease.acquire()
         self._write_health(force=True)
         self.recover()
         self.watcher.start()
@@ -86,10 +95,26 @@ class Daemon:
         self._started = True
         self._write_health(force=True)
 
+    def _check_same_filesystem(self) -> None:
+        inbox, state = self.settings.paths.inbox, self.settings.paths.state
+        state.mkdir(parents=True, exist_ok=True)
+        if inbox.stat().st_dev != state.stat().st_dev:
+            from .config import ConfigError
+
+            raise ConfigError(f"paths.state ({state}) must be on the same filesystem as the inbox ({inbox}): "
+                              "claiming a job is an atomic rename between them")
+
     def recover(self) -> None:
         """Rebuild the daemon's view from the spool alone (after a crash, kill -9 or a clean stop)."""
         self.outbox.clean_temps()
+        for folder in self.lease.my_takeovers():  # a merge that a crash interrupted
+            self.spool.adopt(folder)
+        self._recover_spool("the daemon stopped while this job was running")
+
+    def _recover_spool(self, crash_reason: str) -> None:
         for rec in list(self.spool.iter_records()):
+            if rec.id in self.records:
+                continue
             self.records[rec.id] = rec
             if rec.state is JobState.RUNNING:
                 basename = rec.params["basename"]
@@ -97,8 +122,7 @@ class Daemon:
                     self._set(rec, JobState.DONE, note="found published after a restart",
                               finished_at=self.clock(), outputs=self._outputs(basename))
                 else:
-                    self._fail_or_retry(rec, JobError(Category.WORKER_CRASHED,
-                                                      "the daemon stopped while this job was running"))
+                    self._fail_or_retry(rec, JobError(Category.WORKER_CRASHED, crash_reason))
         for claimed in self.spool.claimed_files():
             self._take_in(claimed)
         for source in {r.source for r in self.records.values()}:
@@ -106,26 +130,69 @@ class Daemon:
         queued = sum(1 for r in self.records.values() if r.state is JobState.QUEUED)
         logger.info("daemon.recovered queued={} records={}", queued, len(self.records))
 
+    def _take_over_the_dead(self) -> None:
+        """Adopt the spools of daemons whose lease expired (several daemons sharing one inbox)."""
+        now = self.clock()
+        if now - self._last_takeover_check < self.settings.instance.takeover_check_seconds:
+            return
+        self._last_takeover_check = now
+        for dead in self.lease.expired_owners():
+            folder = self.lease.take_over(dead)
+            if folder is None:
+                continue  # another daemon won it
+            adopted = self.spool.adopt(folder)
+            logger.warning("lease.adopted from={} jobs={}", dead, len(adopted))
+            self._recover_spool(f"daemon {dead!r} stopped heartbeating while this job was running")
+
+    def _lease_lost(self) -> None:
+        """Another daemon took our spool while we were unresponsive: everything we held is theirs now.
+        Drop it without publishing anything, and start again with an empty spool."""
+        logger.error("lease.lost owner={}: another daemon took over our jobs; dropping {} records without "
+                     "publishing", self.settings.owner, len(self.records))
+        if self.running is not None:
+            self.executor.kill()
+            self._discard_temp()
+            self.running = None
+        self.records.clear()
+        self._intake_retry.clear()
+        self.lease.renew_after_loss()
+        self.spool.ensure()
+
     def request_stop(self) -> None:
         self._stop.set()
 
     def shutdown(self) -> None:
-        """Stop intake and the worker; a job still running goes back to the queue (nothing is lost)."""
+        """Stop intake; interrupt a running job at its next step and put it back in the queue; stop the
+        worker. Bounded by shutdown.timeout_seconds, after which the worker is killed. Nothing is lost."""
         self.state = "draining"
         self._write_health(force=True)
         self.watcher.stop()
         if self.running is not None:
-            rec = self.records.get(self.running["id"])
-            self.executor.kill()
-            if rec is not None and rec.state is JobState.RUNNING:
-                # Interrupted by us, not by the job: the attempt is given back.
-                self._set(rec, JobState.QUEUED, note="interrupted by shutdown", attempts=max(0, rec.attempts - 1))
-            self._discard_temp()
-            self.running = None
+            job_id = self.running["id"]
+            logger.info("daemon.draining interrupting={} timeout={}s", job_id, self.settings.shutdown.timeout_seconds)
+            self.executor.interrupt()
+            deadline = self.clock() + self.settings.shutdown.timeout_seconds
+            while self.running is not None and self.clock() < deadline:
+                for event in self.executor.poll(timeout=0.1):
+                    self._on_event(event)
+                self._write_health()
+            if self.running is not None:
+                logger.warning("daemon.drain_timeout job={}: killing the worker", job_id)
+                self.executor.kill()
+                rec = self.records.get(job_id)
+                if rec is not None and rec.state is JobState.RUNNING:
+                    self._requeue_interrupted(rec)
+                self._discard_temp()
+                self.running = None
         self.executor.stop()
         self.state = "stopped"
         self._write_health(force=True)
+        self.lease.release()
         logger.info("daemon.stopped done={} failed={}", self.done, self.failed)
+
+    def _requeue_interrupted(self, rec: JobRecord) -> None:
+        # Interrupted by us, not by the job: the attempt is given back.
+        self._set(rec, JobState.QUEUED, note="interrupted by shutdown", attempts=max(0, rec.attempts - 1))
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -146,12 +213,38 @@ class Daemon:
         finally:
             self.shutdown()
 
+    def _reconcile(self) -> None:
+        """A record left RUNNING with no job in the worker (a write failed mid-way, e.g. on a full disk)
+        goes back through the retry policy, so that no job is ever stuck."""
+        running_id = self.running["id"] if self.running else None
+        for rec in list(self.records.values()):
+            if rec.state is JobState.RUNNING and rec.id != running_id:
+                try:
+                    self._fail_or_retry(rec, JobError(Category.IO_ERROR, "the job's result could not be recorded"))
+                except OSError as exc:
+                    self._on_write_error(exc)
+                    return
+
+    def _on_write_error(self, exc: OSError) -> None:
+        from .errors import classify_exception
+
+        err = classify_exception(exc)
+        logger.error("daemon.write_failed category={} error={}", err.category.value, exc)
+        if err.category is Category.DISK_FULL:
+            self.disk.report_full(str(exc))
+
     def is_idle(self) -> bool:
         return (self.running is None and self.watcher.pending == 0 and not self._intake_retry
                 and not any(r.state is JobState.QUEUED for r in self.records.values()))
 
     def tick(self) -> None:
-        for path in self.watcher.ready_files():
+        if not self.lease.beat():
+            self._lease_lost()
+        self._take_over_the_dead()
+        paused = self.disk.paused()
+        if paused and self.running is None:
+            self.outbox.clean_temps()
+        for path in ([] if paused else self.watcher.ready_files()):
             self.watcher.forget(path)
             claimed = self.spool.claim(path)
             if claimed is not None:
@@ -164,7 +257,9 @@ class Daemon:
         wait = 0.05 if self.running is not None or self.watcher.pending else 0.2
         for event in self.executor.poll(timeout=wait if self.running is not None else 0):
             self._on_event(event)
-        self._dispatch()
+        self._reconcile()
+        if not paused:
+            self._dispatch()
         if self.running is None:
             self.watcher.wait_for_hint(wait)
         self._write_health()
@@ -193,7 +288,11 @@ class Daemon:
             self.state = "idle"
             return
         now = self.clock()
-        rec = self._set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now)
+        try:
+            rec = self._set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now)
+        except OSError as exc:
+            self._on_write_error(exc)
+            return
         basename = rec.params["basename"]
         payload = {
             "id": rec.id, "token": rec.token, "attempt": rec.attempts, "model": rec.model,
@@ -221,16 +320,28 @@ class Daemon:
                 logger.bind(job=job_id).info("job.phase id={} phase={}", job_id, ev["phase"])
             return
         rec = self.records[job_id]
-        if kind == "done":
-            self._publish(rec, ev["result"])
-        elif kind == "failed":
-            self._discard_temp()
-            self._fail_or_retry(rec, JobError.from_dict(ev["error"]))
-        self.running = None
+        try:
+            if kind == "done":
+                self._publish(rec, ev["result"])
+            elif kind == "interrupted":
+                self._discard_temp()
+                self._requeue_interrupted(rec)
+            elif kind == "failed":
+                self._discard_temp()
+                self._fail_or_retry(rec, JobError.from_dict(ev["error"]))
+        except OSError as exc:  # the record could not be written: _reconcile retries it
+            self._on_write_error(exc)
+        finally:
+            self.running = None
 
     def _publish(self, rec: JobRecord, result: dict[str, Any]) -> None:
         basename = rec.params["basename"]
         now = self.clock()
+        if not self.lease.held():
+            # We were presumed dead and another daemon owns this job now: it publishes, we must not.
+            self._discard_temp()
+            self._lease_lost()
+            return
         sidecar = self._sidecar(rec, result, now)
         try:
             published = self.outbox.publish_result(basename, Path(result["video_tmp"]), sidecar)
@@ -238,7 +349,10 @@ class Daemon:
             from .errors import classify_exception
 
             self._discard_temp()
-            self._fail_or_retry(rec, classify_exception(exc))
+            err = classify_exception(exc)
+            if err.category is Category.DISK_FULL:
+                self.disk.report_full(str(exc))
+            self._fail_or_retry(rec, err)
             return
         if not published and self.outbox.published_token(basename) != rec.token:
             self._fail_or_retry(rec, JobError(Category.DUPLICATE_JOB,
@@ -254,6 +368,8 @@ class Daemon:
         self._release_if_finished(rec.source)
 
     def _fail_or_retry(self, rec: JobRecord, err: JobError) -> None:
+        if err.category is Category.DISK_FULL:
+            self.disk.report_full(err.message)
         w = self.settings.worker
         decision = decide(err, rec.attempts, max_attempts=w.max_attempts, base_seconds=w.retry_base_seconds,
                           cap_seconds=w.retry_cap_seconds, rng=self.rng)
@@ -341,6 +457,8 @@ class Daemon:
         return {
             "version": __version__,
             "state": self.state,
+            "instance": self.settings.owner,
+            "paused": self.disk.reason,
             "started_at": self.started_at,
             "started_at_iso": iso(self.started_at),
             "inbox": str(self.settings.paths.inbox),

@@ -1,13 +1,17 @@
-"""Folder-based, crash-safe persistence of claimed job files and job records.
+"""Folder-based, crash-safe persistence of claimed job files and job records, one spool per daemon.
 
 ```
-<state>/spool/files/<seq>-<name>.yaml   claimed job files (renamed out of the inbox: same filesystem)
-<state>/spool/jobs/<id>/job.json        one record per job (daemon.jobs.JobRecord)
-<state>/spool/jobs/<id>/input.<ext>     the job's input image, copied at intake
+<state>/owners/<owner>/files/<seq>.<owner>.<name>   claimed job files (renamed out of the inbox)
+<state>/owners/<owner>/jobs/<id>/job.json           one record per job (daemon.jobs.JobRecord)
+<state>/owners/<owner>/jobs/<id>/input.<ext>        the job's input image, copied at intake
 ```
+
+The state folder is on the inbox's filesystem, so a claim is one atomic ``rename()``; several daemons
+sharing an inbox each claim into their own folder, and exactly one of them wins each file. Claimed
+names carry the owner, so they stay unique when a dead owner's spool is adopted (daemon.leases).
 
 Invariants (each survives ``kill -9`` at any instant):
-- a job file is in the inbox, or in ``spool/files``, never lost in between (claim is one rename);
+- a job file is in the inbox, or in a spool's ``files``, never lost in between (claim is one rename);
 - a claimed file is removed only once every job it holds is terminal, i.e. its video or failure
   record is durable in the outbox; job folders are removed only after their file (the daemon
   decides when: ``Daemon._release_if_finished``);
@@ -28,22 +32,32 @@ from loguru import logger
 from .fsutil import atomic_write_json, fsync_dir, read_json
 from .jobs import JobRecord, JobState, check_transition
 
+def original_name(claimed_name: str) -> str:
+    """The name a claimed file had in the inbox (``<seq>.<owner>.<name>`` -> ``<name>``)."""
+    parts = claimed_name.split(".", 2)
+    return parts[2] if len(parts) == 3 and parts[0].isdigit() else claimed_name
+
+
 class Spool:
-    def __init__(self, state_dir: Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.root = Path(state_dir) / "spool"
+    def __init__(self, root: Path, owner: str, *, clock: Callable[[], float] = time.time) -> None:
+        self.root = Path(root)
+        self.owner = owner
         self.files = self.root / "files"
         self.jobs = self.root / "jobs"
         self.clock = clock
+        self.ensure()
+        self._seq = self._max_seq()
+
+    def ensure(self) -> None:
         for d in (self.files, self.jobs):
             d.mkdir(parents=True, exist_ok=True)
-        self._seq = self._max_seq()
 
     # ---- claimed files -------------------------------------------------------------------------
 
     def _max_seq(self) -> int:
         best = 0
         for p in self.files.iterdir():
-            head = p.name.split("-", 1)[0]
+            head = p.name.split(".", 1)[0]
             if head.isdigit():
                 best = max(best, int(head))
         for rec in self.iter_records():
@@ -56,7 +70,7 @@ class Spool:
 
     def claim(self, path: Path) -> Path | None:
         """Move a job file out of the inbox into the spool, atomically. None if another claimant won."""
-        dest = self.files / f"{self.next_seq():012d}-{path.name}"
+        dest = self.files / f"{self.next_seq():012d}.{self.owner}.{path.name}"
         try:
             os.rename(path, dest)
         except FileNotFoundError:
@@ -114,6 +128,25 @@ class Spool:
         return updated
 
     # ---- clean-up ------------------------------------------------------------------------------
+
+    def adopt(self, folder: Path) -> list[str]:
+        """Merge a taken-over spool into this one: job folders first, then their files (a crash in
+        between is finished by the next call). Returns the ids adopted."""
+        adopted = []
+        for d in sorted((folder / "jobs").glob("*")) if (folder / "jobs").is_dir() else []:
+            target = self.job_dir(d.name)
+            if target.exists():
+                logger.error("spool.adopt_conflict id={} kept in {}", d.name, folder)
+                continue
+            os.rename(d, target)
+            adopted.append(d.name)
+        for f in sorted((folder / "files").glob("*")) if (folder / "files").is_dir() else []:
+            os.rename(f, self.files / f.name)
+        fsync_dir(self.jobs)
+        fsync_dir(self.files)
+        if not any((folder / "jobs").glob("*")):
+            shutil.rmtree(folder, ignore_errors=True)
+        return adopted
 
     def remove_job_dir(self, job_id: str) -> None:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)

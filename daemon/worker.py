@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .errors import classify_exception
+from .errors import JobInterrupted, classify_exception
 
 
 def _exit_with_parent() -> None:
@@ -45,7 +45,7 @@ class _Events:
         self.queue.put(json.loads(json.dumps(event, default=str)))
 
 
-def worker_main(config: dict[str, Any], jobs, events_queue) -> None:
+def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the daemon decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     events = _Events(events_queue)
@@ -88,7 +88,11 @@ def worker_main(config: dict[str, Any], jobs, events_queue) -> None:
         job_id = job["id"]
         events.put({"type": "started", "id": job_id})
         try:
-            result = backend.run(job, lambda ev: events.put({**ev, "id": job_id}))
+            result = backend.run(job, lambda ev: events.put({**ev, "id": job_id}), interrupt.is_set)
+        except JobInterrupted:
+            logger.info("worker.job_interrupted id={}", job_id)
+            events.put({"type": "interrupted", "id": job_id})
+            continue
         except BaseException as exc:
             err = classify_exception(exc)
             logger.error("worker.job_failed id={} category={} error={}", job_id, err.category.value, err.message)

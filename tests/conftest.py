@@ -44,6 +44,10 @@ def fast_settings(root: Path, models_dir: Path, **overrides: Any):
     return load_settings(None, base)
 
 
+def spool_root(settings) -> Path:
+    return settings.paths.state / "owners" / settings.owner
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.05, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

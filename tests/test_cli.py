@@ -55,7 +55,9 @@ def test_status_and_check_health(tmp_path, capsys):
     args = ["--inbox", str(inbox)]
     assert main(["check-health", *args]) == EXIT_FAIL  # missing
     assert main(["status", *args]) == EXIT_FAIL
-    health = inbox / ".wan-daemon" / "health.json"
+    from daemon.config import load_settings
+
+    health = load_settings(None, {"paths": {"inbox": str(inbox)}}).health_path
     writer = HealthWriter(health, interval=1)
     writer.maybe_write({"state": "idle", "queue_depth": 2, "version": "x", "running": None})
     capsys.readouterr()
@@ -122,6 +124,6 @@ def test_run_until_idle_gives_up_when_the_worker_cannot_start_and_keeps_the_job(
                          capture_output=True, text=True, timeout=180)
     assert res.returncode == EXIT_FAIL, res.stdout + res.stderr
     assert "no CUDA device" in res.stderr
-    spooled = list((tmp_path / "in" / ".wan-daemon" / "spool" / "jobs").iterdir())
+    spooled = list((tmp_path / "in" / ".wan-daemon" / "owners").glob("*/jobs/*"))
     assert [p.name for p in spooled] == ["j"]
     assert not list((tmp_path / "out").glob("*.mp4"))

@@ -11,7 +11,7 @@ import imageio_ffmpeg
 import pytest
 from PIL import Image
 
-from conftest import wait_for
+from conftest import spool_root, wait_for
 
 SIDECAR_KEYS = {
     "id", "status", "spec", "parameters", "model_used", "device", "timings", "generation_time_seconds",
@@ -64,7 +64,7 @@ def test_job_file_becomes_video_with_requested_frames_size_fps(harness, model, t
     assert side["versions"]["diffusers"] and side["versions"]["torch"]
     # The job file left the inbox and the spool only after its result was durable.
     assert not (harness.inbox / "job.yaml").exists()
-    wait_for(lambda: not list((harness.settings.paths.state / "spool" / "files").iterdir()), 10)
+    wait_for(lambda: not list((spool_root(harness.settings) / "files").iterdir()), 10)
     assert not any(p.name.startswith(".wan-tmp") for p in harness.outbox.iterdir())
 
 

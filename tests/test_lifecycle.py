@@ -14,7 +14,7 @@ from daemon.spool import Spool
 
 
 def record(job_id="j", **kw) -> JobRecord:
-    base = dict(id=job_id, token="t", source="000000000001-f.yaml", source_name="f.yaml", seq=1, spec={}, params={},
+    base = dict(id=job_id, token="t", source="000000000001.me.f.yaml", source_name="f.yaml", seq=1, spec={}, params={},
                 model={}, received_at=0.0)
     base.update(kw)
     return JobRecord(**base)
@@ -26,7 +26,7 @@ ALL = [None, *JobState]
 @pytest.mark.parametrize("current", ALL)
 @pytest.mark.parametrize("new", list(JobState))
 def test_only_the_transitions_in_the_table_are_allowed(tmp_path, current, new):
-    spool = Spool(tmp_path, clock=lambda: 5.0)
+    spool = Spool(tmp_path, "me", clock=lambda: 5.0)
     rec = record(state=current)
     if new in TRANSITIONS[current]:
         out = spool.transition(rec, new, note="n")
@@ -46,18 +46,18 @@ def test_terminal_states_have_no_way_out():
 def test_claim_moves_the_file_and_keeps_intake_order(tmp_path):
     inbox = tmp_path / "inbox"
     inbox.mkdir()
-    spool = Spool(tmp_path / "state")
+    spool = Spool(tmp_path / "state", "me")
     names = []
     for n in ("b.yaml", "a.yaml"):
         (inbox / n).write_text("prompt: x\n")
         names.append(spool.claim(inbox / n).name)
-    assert names == sorted(names) and names[0].endswith("-b.yaml")
+    assert names == sorted(names) and names[0].endswith(".me.b.yaml")
     assert list(inbox.iterdir()) == []
     assert [p.name for p in spool.claimed_files()] == names
     assert spool.claim(inbox / "gone.yaml") is None
     # A new Spool on the same folder continues the sequence: no name is ever reused.
-    again = Spool(tmp_path / "state")
-    assert again.next_seq() > int(names[-1].split("-")[0])
+    again = Spool(tmp_path / "state", "me")
+    assert again.next_seq() > int(names[-1].split(".")[0])
 
 
 @pytest.mark.parametrize(

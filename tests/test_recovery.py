@@ -15,7 +15,7 @@ import yaml
 from daemon.jobs import JobState
 from daemon.service import Daemon
 
-from conftest import fast_settings, wait_for
+from conftest import fast_settings, spool_root, wait_for
 
 
 def queued_job(root: Path, models_dir: Path, text: str, name: str = "job.yaml"):
@@ -54,12 +54,12 @@ def test_job_published_just_before_a_crash_is_marked_done_not_run_again(harness_
     d.outbox.publish_result("job", video_tmp, {"id": "job", "job_token": rec.token, "status": "done"})
     # ... crash before the DONE transition was persisted.
     h = harness_factory().start()
-    wait_for(lambda: not list((settings.paths.state / "spool" / "files").iterdir()), 30, what="source released")
+    wait_for(lambda: not list((spool_root(settings) / "files").iterdir()), 30, what="source released")
     h.idle()
     assert h.daemon.done == 0, "the job was run a second time"
     assert (settings.paths.outbox / "job.mp4").read_bytes() == b"the video"
     assert json.loads((settings.paths.outbox / "job.json").read_text())["job_token"] == rec.token
-    assert not (settings.paths.state / "spool" / "jobs" / "job").exists()
+    assert not (spool_root(settings) / "jobs" / "job").exists()
 
 
 def test_job_that_kills_its_worker_every_time_fails_after_max_attempts(harness_factory, tmp_path, models_dir):
@@ -123,7 +123,7 @@ def test_kill_9_of_the_daemon_mid_job_loses_nothing_and_publishes_once(tmp_path,
         # The worker notices its daemon is gone and exits instead of holding the device.
         wait_for(lambda: not _alive(worker_pid), 10, what="orphaned worker to exit")
         assert not list(outbox.glob("*.mp4"))
-        assert list((settings.paths.state / "spool" / "files").iterdir()), "the job file must still be spooled"
+        assert list((spool_root(settings) / "files").iterdir()), "the job file must still be spooled"
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -134,7 +134,7 @@ def test_kill_9_of_the_daemon_mid_job_loses_nothing_and_publishes_once(tmp_path,
     assert side["attempts"] == 2 and side["parameters"]["seed"] == 5
     assert [p.name for p in outbox.glob("*.mp4")] == ["k.mp4"]
     assert f"done    k: {outbox / 'k.mp4'}" in out
-    assert not list((settings.paths.state / "spool" / "files").iterdir())
+    assert not list((spool_root(settings) / "files").iterdir())
 
 
 def _alive(pid: int) -> bool:
@@ -172,7 +172,7 @@ def test_sigterm_drains_returns_the_running_job_to_the_queue_and_exits(tmp_path,
     assert "interrupted by shutdown" in out
     health = json.loads(settings.health_path.read_text())
     assert health["state"] == "stopped"
-    record = json.loads((settings.paths.state / "spool" / "jobs" / "t" / "job.json").read_text())
+    record = json.loads((spool_root(settings) / "jobs" / "t" / "job.json").read_text())
     assert record["state"] == "queued" and record["attempts"] == 0
     assert not list(settings.paths.outbox.glob("*.mp4"))
     assert not list(settings.paths.outbox.glob(".wan-tmp*"))
