@@ -70,6 +70,8 @@ class LimitsConfig(_Frozen):
 
 
 class ModelsConfig(_Frozen):
+    vae_tiling: bool = Field(False, description="Decode every video with VAE tiling (lower peak memory, a little "
+                             "slower). Out-of-memory retries turn it on per job anyway.")
     default: str = Field(
         "auto",
         description="Model for jobs that name none. auto: wan2.2-ti2v-5b when its weights are in the Hugging Face "

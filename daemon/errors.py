@@ -11,13 +11,14 @@ JobError(category, message, suggestions)
 │   ├── model_not_found   weights absent locally (and not downloadable here)
 │   ├── model_download    the download failed
 │   ├── insufficient_vram no device can hold the job (incl. a real model on CPU)
-│   ├── out_of_memory     the device ran out of memory while running it
 │   ├── cancelled         a person asked for it to stop
 │   └── internal          a bug: anything we did not foresee
+├── RETRY_DEGRADED   retried with stronger memory measures, then the job's allowed fallbacks
+│   └── out_of_memory     the device ran out of memory while running it
 └── RETRY        transient; the job goes back to the queue until its attempts run out
     ├── worker_crashed    the worker process died (segfault, kill -9, OOM killer)
     ├── timeout           no progress for longer than the stall limit
-    ├── disk_full         no space left for the output
+    ├── disk_full         no space left for the output (retried without counting an attempt)
     └── io_error          any other OS error while reading or writing
 ```
 
@@ -37,6 +38,7 @@ class Outcome(str, enum.Enum):
     REJECT = "reject"
     FINAL = "final"
     RETRY = "retry"
+    RETRY_DEGRADED = "retry_degraded"
 
 
 class Category(str, enum.Enum):
@@ -64,7 +66,7 @@ OUTCOME: dict[Category, Outcome] = {
     Category.MODEL_NOT_FOUND: Outcome.FINAL,
     Category.MODEL_DOWNLOAD: Outcome.FINAL,
     Category.INSUFFICIENT_VRAM: Outcome.FINAL,
-    Category.OUT_OF_MEMORY: Outcome.FINAL,
+    Category.OUT_OF_MEMORY: Outcome.RETRY_DEGRADED,
     Category.CANCELLED: Outcome.FINAL,
     Category.INTERNAL: Outcome.FINAL,
     Category.WORKER_CRASHED: Outcome.RETRY,

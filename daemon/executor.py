@@ -27,8 +27,9 @@ class WorkerStatus:
 
 
 class Executor:
-    def __init__(self, settings: Settings, *, clock: Callable[[], float]) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float], backend: str | None = None) -> None:
         self.settings = settings
+        self.backend = backend
         self.clock = clock
         self.ctx = mp.get_context("spawn")
         self.status = WorkerStatus()
@@ -48,6 +49,7 @@ class Executor:
             "max_cached_pipelines": w.max_cached_pipelines,
             "models_dir": str(self.settings.paths.models),
             "log_level": self.settings.logging.level,
+            "backend": self.backend,
         }
 
     # ---- lifecycle -----------------------------------------------------------------------------

@@ -108,7 +108,7 @@ class Intake:
                            "present; the tiny random-weight test model makes a noise video", spec.id, model_name)
         limits = self.settings.limits
         params = resolve_params(spec, located.info, max_side=limits.max_side, max_frames=limits.max_frames,
-                                max_steps=limits.max_steps)
+                                max_steps=limits.max_steps, vae_tiling=self.settings.models.vae_tiling)
         if self.outbox.is_published(params.basename):
             raise JobError(
                 Category.DUPLICATE_JOB,

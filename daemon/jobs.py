@@ -83,3 +83,6 @@ class JobRecord(BaseModel):
     errors: list[dict[str, Any]] = Field(default_factory=list)
     events: list[dict[str, Any]] = Field(default_factory=list, description="(state, at, note) history.")
     outputs: dict[str, str] = Field(default_factory=dict)
+    degradations: list[dict[str, Any]] = Field(
+        default_factory=list, description="Out-of-memory fallbacks applied (the output is not what was asked for)."
+    )

@@ -117,7 +117,8 @@ class DiffusersWanBackend:
             return {"default": torch.bfloat16, "vae": torch.float32}
         return torch.float32
 
-    def _pipeline(self, model: dict[str, Any], kind: str, report: Report) -> tuple[Any, str, float, str]:
+    def _pipeline(self, model: dict[str, Any], kind: str, report: Report,
+                  offload: str = "none") -> tuple[Any, str, float, str]:
         path = model.get("path")
         if model.get("tiny_random_weights") and not path:
             from .tiny import build_tiny
@@ -126,7 +127,9 @@ class DiffusersWanBackend:
             path = str(build_tiny(model["name"], self.models_dir))
         if not path or not Path(path, "model_index.json").is_file():
             raise JobError(Category.MODEL_NOT_FOUND, f"model folder {path} is missing or incomplete")
-        key = str(Path(path).resolve())
+        model_path = str(Path(path).resolve())
+        # Offload hooks change the pipeline itself: each offload mode is its own cache entry.
+        key = f"{model_path}|{offload}"
         cls = self.pipeline_classes[kind]
         loaded = self._cache.get(key)
         if loaded is not None:
@@ -135,7 +138,7 @@ class DiffusersWanBackend:
                 # Same weights, other task (TI2V-5B): share the loaded components, load nothing.
                 base = next(iter(loaded.pipes.values()))
                 loaded.pipes[kind] = cls.from_pipe(base)
-            return loaded.pipes[kind], "cached", 0.0, key
+            return loaded.pipes[kind], "cached", 0.0, model_path
         while len(self._cache) >= self.max_cached:
             old_key, _old = self._cache.popitem(last=False)
             logger.info("worker.pipeline_evicted path={}", old_key)
@@ -145,12 +148,28 @@ class DiffusersWanBackend:
         report({"type": "phase", "phase": "loading_model"})
         t0 = time.perf_counter()
         pipe = cls.from_pretrained(path, dtype=self._dtype())
-        pipe.to(self.device)
+        self._place(pipe, offload)
         pipe.set_progress_bar_config(disable=True)
         load_seconds = time.perf_counter() - t0
         self._cache[key] = _Loaded({kind: pipe}, load_seconds)
         logger.info("worker.pipeline_loaded path={} seconds={:.2f}", key, load_seconds)
-        return pipe, "loaded", load_seconds, key
+        return pipe, "loaded", load_seconds, model_path
+
+    def _place(self, pipe: Any, offload: str) -> None:
+        """Put the pipeline on the device, fully resident or with one of diffusers' offload modes."""
+        if offload == "none":
+            pipe.to(self.device)
+        elif offload == "model":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif offload == "group":
+            # Block-level groups with CUDA streams: weights stream in while the previous block computes.
+            pipe.enable_group_offload(onload_device=self.torch.device(self.device),
+                                      offload_device=self.torch.device("cpu"), offload_type="block_level",
+                                      num_blocks_per_group=1, use_stream=True)
+        elif offload == "sequential":
+            pipe.enable_sequential_cpu_offload(device=self.device)
+        else:
+            raise JobError(Category.INTERNAL, f"unknown offload mode {offload!r}")
 
     # ---- running -------------------------------------------------------------------------------
 
@@ -167,8 +186,15 @@ class DiffusersWanBackend:
                  "Set worker.allow_cpu_for_real_models: true to force it anyway."],
             )
         timings: dict[str, float] = {}
-        pipe, cache_state, load_seconds, model_path = self._pipeline(model, params["pipeline"], report)
+        offload = params.get("offload", "none") if self.device == "cuda" else "none"
+        pipe, cache_state, load_seconds, model_path = self._pipeline(model, params["pipeline"], report, offload)
         timings["model_load"] = load_seconds
+        optimizations = [f"offload:{offload}"] if offload != "none" else []
+        if params.get("vae_tiling"):
+            pipe.vae.enable_tiling()
+            optimizations.append("vae_tiling")
+        else:
+            pipe.vae.disable_tiling()
         scheduler_cls = type(pipe.scheduler)
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, flow_shift=params["flow_shift"])
 
@@ -229,6 +255,6 @@ class DiffusersWanBackend:
             "device": self.device,
             "peak_vram_usage_mb": peak_vram,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "optimizations_applied": [],
+            "optimizations_applied": optimizations,
             "frames_generated": int(frames.shape[0]),
         }

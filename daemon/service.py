@@ -39,7 +39,9 @@ TINY_NOTE = "tiny random-weight test model: this video is noise, made only to ex
 
 class Daemon:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
-                 cuda_available: bool = False, rng: random.Random | None = None) -> None:
+                 cuda_available: bool = False, rng: random.Random | None = None, backend: str | None = None) -> None:
+        """``backend``: "module:Factory" of a stand-in generation backend, for tests and benchmarks only;
+        None is the real diffusers backend. Users cannot configure it."""
         self.settings = settings
         self.clock = clock
         self.rng = rng or random.Random()
@@ -52,7 +54,7 @@ class Daemon:
         self.disk = DiskGuard([paths.outbox, paths.state], min_free_mb=settings.limits.min_free_mb, clock=clock)
         self.outbox = Outbox(paths.outbox)
         self.watcher = InboxWatcher(paths.inbox, settings.watch, clock=clock)
-        self.executor = Executor(settings, clock=clock)
+        self.executor = Executor(settings, clock=clock, backend=backend)
         self.health = HealthWriter(settings.health_path, interval=settings.health.interval_seconds, clock=clock)
         self._cuda_available = cuda_available
         self._default_model: str | None = None
@@ -371,13 +373,26 @@ class Daemon:
         if err.category is Category.DISK_FULL:
             self.disk.report_full(err.message)
         w = self.settings.worker
-        decision = decide(err, rec.attempts, max_attempts=w.max_attempts, base_seconds=w.retry_base_seconds,
-                          cap_seconds=w.retry_cap_seconds, rng=self.rng)
+        decision = decide(err, rec.attempts, params=rec.params, model=rec.model.get("name", ""),
+                          fallback=list(rec.spec.get("fallback") or []),
+                          device=self.executor.status.info.get("device", "cpu"), max_attempts=w.max_attempts,
+                          base_seconds=w.retry_base_seconds, cap_seconds=w.retry_cap_seconds, rng=self.rng)
         errors = [*rec.errors, {**err.to_dict(), "attempt": rec.attempts, "at": self.clock()}]
         if decision.retry:
-            self._set(rec, JobState.QUEUED, note=decision.reason, not_before=self.clock() + decision.delay_seconds,
-                      last_error=err.to_dict(), errors=errors)
-            return
+            changes: dict[str, Any] = {}
+            if decision.changes:
+                try:
+                    changes = self._changed_params(rec, decision.changes)
+                except JobError as change_err:
+                    err, decision = change_err, decide(change_err, rec.attempts, max_attempts=0, base_seconds=0,
+                                                       cap_seconds=0)
+            if decision.retry:
+                if decision.degradation:
+                    changes["degradations"] = [*rec.degradations, decision.degradation]
+                self._set(rec, JobState.QUEUED, note=decision.reason,
+                          not_before=self.clock() + decision.delay_seconds, last_error=err.to_dict(), errors=errors,
+                          **changes)
+                return
         path = self.outbox.write_failure(
             rec.id, err, job_id=rec.id, source_name=rec.source_name, spec=rec.spec, attempts=rec.attempts,
             extra={"decision": decision.reason, "errors": errors, "model": rec.model, "parameters": rec.params},
@@ -389,6 +404,29 @@ class Daemon:
         logger.bind(job=rec.id).error("job.failed id={} category={} error={}", rec.id, err.category.value,
                                       err.message)
         self._release_if_finished(rec.source)
+
+    def _changed_params(self, rec: JobRecord, changes: dict[str, Any]) -> dict[str, Any]:
+        """Record fields for the next attempt after a degrading retry (policy.Decision.changes)."""
+        params = {**rec.params, **{k: v for k, v in changes.items() if k != "model"}}
+        if "model" not in changes:
+            return {"params": params}
+        from .models import locate
+        from .spec import JobSpec, resolve_params
+
+        located = locate(changes["model"], models_dir=self.settings.paths.models,
+                         model_roots=self.settings.paths.model_roots)
+        spec = {**rec.spec, "id": rec.id, "model": changes["model"], "seed": params["seed"],
+                "frames": params["frames"], "size": f"{params['width']}x{params['height']}"}
+        for key in ("width", "height", "guidance_scale_2"):
+            spec.pop(key, None)
+        info = located.info
+        spec["size"] = f"{max(info.multiple, params['width'] // info.multiple * info.multiple)}x" \
+                       f"{max(info.multiple, params['height'] // info.multiple * info.multiple)}"
+        lim = self.settings.limits
+        new = resolve_params(JobSpec.model_validate(spec), info, max_side=lim.max_side, max_frames=lim.max_frames,
+                             max_steps=lim.max_steps, vae_tiling=params["vae_tiling"]).model_dump(mode="json")
+        new.update(offload=params["offload"], seed_was_drawn=params["seed_was_drawn"])
+        return {"params": new, "model": located.to_dict()}
 
     def _set(self, rec: JobRecord, state: JobState, note: str = "", **changes: Any) -> JobRecord:
         updated = self.spool.transition(rec, state, note, **changes)
@@ -436,10 +474,12 @@ class Daemon:
             "peak_vram_usage_mb": result["peak_vram_usage_mb"],
             "peak_rss_mb": result["peak_rss_mb"],
             "optimizations_applied": result["optimizations_applied"],
+            "degradations": rec.degradations,
             "attempts": rec.attempts,
             "video": {"file": f"{rec.params['basename']}.mp4", **result["video"]},
             "versions": {"wan_daemon": __version__, **info.get("versions", {})},
             "host": socket.gethostname(),
+            "instance": self.settings.owner,
             "worker_pid": info.get("pid"),
             "timestamps": {"received_at": iso(rec.received_at), "queued_at": iso(rec.queued_at),
                            "started_at": iso(started), "finished_at": iso(now)},

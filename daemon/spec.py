@@ -77,6 +77,18 @@ class JobSpec(_Strict):
     seed: int | None = Field(None, ge=0, lt=2**32, description="Drawn at random and recorded when absent.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
     output: OutputSpec = Field(default_factory=OutputSpec)
+    fallback: list[Literal["lower_resolution", "fewer_frames", "smaller_model"]] = Field(
+        default_factory=list, max_length=3,
+        description="Degradations allowed when the job runs out of memory after offload and VAE tiling were "
+        "tried, in this order. Each one applied is recorded in the sidecar. Default: none (fail instead).",
+    )
+
+    @field_validator("fallback")
+    @classmethod
+    def _unique_fallbacks(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("each fallback may be listed once")
+        return v
 
     @field_validator("id")
     @classmethod
@@ -371,9 +383,12 @@ class ResolvedParams(_Strict):
     seed_was_drawn: bool
     quality: float
     basename: str
+    offload: Literal["none", "model", "group", "sequential"] = "none"
+    vae_tiling: bool = False
 
 
-def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames: int, max_steps: int) -> ResolvedParams:
+def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames: int, max_steps: int,
+                   vae_tiling: bool = False) -> ResolvedParams:
     """Fill in the model's defaults and check what depends on the model. Raises JobError(invalid_spec)."""
     problems: list[str] = []
     task = spec.task or ("i2v" if spec.image else info.tasks[0])
@@ -420,5 +435,6 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
         seed_was_drawn=spec.seed is None,
         quality=spec.output.quality,
         basename=spec.output.basename or (spec.id or "job"),
+        vae_tiling=vae_tiling,
     )
 

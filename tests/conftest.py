@@ -61,9 +61,10 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: floa
 class DaemonHarness:
     """A real Daemon (real watcher, real spawned worker) running on a thread, plus helpers to drive it."""
 
-    def __init__(self, root: Path, settings) -> None:
+    def __init__(self, root: Path, settings, backend: str | None = None) -> None:
         self.root = root
         self.settings = settings
+        self.backend = backend
         self.inbox = settings.paths.inbox
         self.outbox = settings.paths.outbox
         self.daemon: Daemon | None = None
@@ -71,7 +72,7 @@ class DaemonHarness:
         self.error: BaseException | None = None
 
     def start(self) -> "DaemonHarness":
-        self.daemon = Daemon(self.settings)
+        self.daemon = Daemon(self.settings, backend=self.backend)
         self.daemon.start()
 
         def loop() -> None:
@@ -121,9 +122,9 @@ class DaemonHarness:
 def harness_factory(tmp_path, models_dir):
     made: list[DaemonHarness] = []
 
-    def make(root: Path | None = None, **overrides: Any) -> DaemonHarness:
+    def make(root: Path | None = None, backend: str | None = None, **overrides: Any) -> DaemonHarness:
         root = root or tmp_path
-        h = DaemonHarness(root, fast_settings(root, models_dir, **overrides))
+        h = DaemonHarness(root, fast_settings(root, models_dir, **overrides), backend)
         made.append(h)
         return h
 
