@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class _Frozen(BaseModel):
@@ -105,6 +105,13 @@ class InstanceConfig(_Frozen):
         "Keep it above the NFS attribute-cache time (acregmax, 60 s by default) plus clock skew."
     )
     takeover_check_seconds: float = Field(15.0, gt=0)
+
+    @model_validator(mode="after")
+    def _grace_outlasts_heartbeats(self) -> "InstanceConfig":
+        if self.lease_grace_seconds <= 2 * self.heartbeat_seconds:
+            raise ValueError(f"lease_grace_seconds ({self.lease_grace_seconds:g}) must be more than twice "
+                             f"heartbeat_seconds ({self.heartbeat_seconds:g}), or live daemons take each other over")
+        return self
 
 
 class ShutdownConfig(_Frozen):

@@ -8,6 +8,8 @@ given (fsynced), and returns the facts the sidecar records. Exceptions leave it 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import platform
 import resource
@@ -59,6 +61,23 @@ def probe_video(path: Path) -> dict[str, Any]:
         "height": int(height),
         "codec": meta.get("codec"),
     }
+
+
+def raise_if_disk_full(folder: Path, cause: BaseException) -> None:
+    """ffmpeg reports a full disk only on its stderr ("Error writing trailer"), and imageio then fails
+    later with an unrelated message: find out by trying to write, so the job is retried, not failed."""
+    probe = folder / f".wan-tmp-space-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * 65536)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(exc.errno, f"no space left in {folder} while encoding ({cause})") from cause
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
 
 
 def encode_mp4(frames: Any, path: Path, *, fps: int, quality: float) -> None:
@@ -240,9 +259,13 @@ class DiffusersWanBackend:
         report({"type": "phase", "phase": "encoding"})
         t2 = time.perf_counter()
         video_tmp = Path(job["video_tmp"])
-        encode_mp4(frames, video_tmp, fps=params["fps"], quality=params["quality"])
+        try:
+            encode_mp4(frames, video_tmp, fps=params["fps"], quality=params["quality"])
+            video = probe_video(video_tmp)
+        except Exception as exc:
+            raise_if_disk_full(video_tmp.parent, exc)
+            raise
         timings["encode"] = time.perf_counter() - t2
-        video = probe_video(video_tmp)
         video.pop("path")
 
         peak_vram = torch.cuda.max_memory_allocated() // (1 << 20) if self.device == "cuda" else None

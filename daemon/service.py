@@ -139,10 +139,11 @@ class Daemon:
             return
         self._last_takeover_check = now
         for dead in self.lease.expired_owners():
-            folder = self.lease.take_over(dead)
-            if folder is None:
+            if self.lease.take_over(dead) is None:
                 continue  # another daemon won it
+        for folder in self.lease.my_takeovers():  # includes merges a crash or a lost lease interrupted
             adopted = self.spool.adopt(folder)
+            dead = folder.name.split("~")[1]
             logger.warning("lease.adopted from={} jobs={}", dead, len(adopted))
             self._recover_spool(f"daemon {dead!r} stopped heartbeating while this job was running")
 

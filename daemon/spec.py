@@ -22,7 +22,7 @@ _ID_RE = re.compile(ID_PATTERN)
 _SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
 
 MAX_DEPTH = 16
-MAX_NODES = 10_000
+MAX_NODES = 50_000
 MAX_STRING = 20_000
 MAX_JOBS_PER_FILE = 1_000
 
@@ -171,6 +171,10 @@ def json_schema() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
+class _Refused(yaml.YAMLError):
+    """Well-formed YAML that we refuse to read (aliases, anchors, too deep, too many nodes)."""
+
+
 class _HardenedLoader(yaml.SafeLoader):
     """safe_load semantics, minus the dangerous parts: no aliases or anchors (YAML bombs), no duplicate
     keys, bounded nesting and node count. Unknown tags (``!!python/...``) fail as in SafeLoader."""
@@ -183,18 +187,18 @@ class _HardenedLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):  # type: ignore[override]
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise yaml.YAMLError(f"aliases (*{event.anchor}) are not allowed in job files (line {event.start_mark.line + 1})")
+            raise _Refused(f"aliases (*{event.anchor}) are not allowed in job files (line {event.start_mark.line + 1})")
         event = self.peek_event()
         anchor = getattr(event, "anchor", None)
         if anchor is not None:
-            raise yaml.YAMLError(f"anchors (&{anchor}) are not allowed in job files (line {event.start_mark.line + 1})")
+            raise _Refused(f"anchors (&{anchor}) are not allowed in job files (line {event.start_mark.line + 1})")
         self._nodes += 1
         if self._nodes > MAX_NODES:
-            raise yaml.YAMLError(f"too many YAML nodes (more than {MAX_NODES})")
+            raise _Refused(f"too many YAML nodes (more than {MAX_NODES})")
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
-                raise yaml.YAMLError(f"YAML nested deeper than {MAX_DEPTH} levels")
+                raise _Refused(f"YAML nested deeper than {MAX_DEPTH} levels")
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -227,6 +231,32 @@ def _depth(value: Any, level: int = 0) -> int:
     return level
 
 
+_FastLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present (PyPI wheels ship it)
+
+
+def _prescan(text: str) -> None:
+    """Walk the parser's events (in C with libyaml) and refuse, before anything is built, what a job file
+    never needs: anchors and aliases (YAML bombs), deep nesting, too many nodes. Stops at the first one."""
+    depth = nodes = 0
+    for event in yaml.parse(text, Loader=_FastLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(f"aliases (*{event.anchor}) are not allowed in job files "
+                           f"(line {event.start_mark.line + 1})")
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _Refused(f"anchors (&{anchor}) are not allowed in job files (line {event.start_mark.line + 1})")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise _Refused(f"YAML nested deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
+        if isinstance(event, yaml.NodeEvent):
+            nodes += 1
+            if nodes > MAX_NODES:
+                raise _Refused(f"too many YAML nodes (more than {MAX_NODES})")
+
+
 def load_yaml_bytes(data: bytes, *, max_bytes: int) -> Any:
     """Decode and parse job-file bytes. Raises JobError(invalid_spec) with a precise reason."""
     if len(data) > max_bytes:
@@ -240,11 +270,14 @@ def load_yaml_bytes(data: bytes, *, max_bytes: int) -> Any:
     except UnicodeDecodeError as exc:
         raise JobError(Category.INVALID_SPEC, f"job file is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
     try:
+        _prescan(text)
         loader = _HardenedLoader(text)
         try:
             value = loader.get_single_data()
         finally:
             loader.dispose()
+    except _Refused as exc:
+        raise JobError(Category.INVALID_SPEC, f"job file refused: {exc}") from None
     except yaml.YAMLError as exc:
         raise JobError(Category.INVALID_SPEC, f"malformed YAML: {exc}".replace("\n", " ")) from None
     except RecursionError:
