@@ -270,3 +270,16 @@ def test_an_fsync_error_never_marks_a_job_done(harness_factory, monkeypatch):
     assert failures and side["attempts"] == 2
     record = h.daemon.records.get("io")
     assert record is None or record.state is JobState.DONE
+
+
+def test_a_job_that_kills_its_worker_every_time_is_quarantined_others_go_on(harness_factory):
+    h = harness_factory(backend=CUE, worker={"max_attempts": 3, "retry_base_seconds": 0.0}).start()
+    h.drop("poison.yaml", "prompt: crash_always\n")
+    h.drop("flaky.yaml", "prompt: crash_once\n")
+    h.drop("fine.yaml", "prompt: sleep=0.05\n")
+    record = h.failure("poison", timeout=120)
+    assert record["error_category"] == "worker_crashed" and record["attempts"] == 3
+    assert "gave up after 3 attempts" in record["decision"] and len(record["errors"]) == 3
+    assert h.sidecar("flaky")["attempts"] == 2
+    assert h.sidecar("fine")["status"] == "done"
+    assert h.daemon.executor.status.restarts >= 4
