@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .schedules import Schedule
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -140,6 +142,7 @@ class Settings(_Frozen):
     logging: LoggingConfig = LoggingConfig()
     instance: InstanceConfig = InstanceConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
+    schedules: list[Schedule] = Field(default_factory=list, description="Cron batches (daemon.schedules).")
 
     def resolved(self) -> "Settings":
         """Absolute paths everywhere (relative ones are taken from the current directory); the instance id."""
@@ -154,7 +157,10 @@ class Settings(_Frozen):
             health = health.model_copy(update={"path": paths.state / "health" / f"{instance.id}.json"})
         else:
             health = health.model_copy(update={"path": Path(health.path).expanduser().resolve()})
-        return self.model_copy(update={"paths": paths, "health": health, "instance": instance})
+        schedules = [sc.model_copy(update={"job": Path(sc.job).expanduser().resolve()}) if sc.job else sc
+                     for sc in self.schedules]
+        return self.model_copy(update={"paths": paths, "health": health, "instance": instance,
+                                       "schedules": schedules})
 
     @property
     def owner(self) -> str:

@@ -31,6 +31,7 @@ from .disk import DiskGuard
 from .outbox import Outbox
 from .policy import decide
 from .scheduler import pick_next
+from .schedules import CronSubmitter
 from .spool import Spool
 from .watch import InboxWatcher
 
@@ -52,6 +53,8 @@ class Daemon:
                            heartbeat_seconds=inst.heartbeat_seconds, clock=clock)
         self.spool = Spool(self.lease.mine, settings.owner, clock=clock)
         self.disk = DiskGuard([paths.outbox, paths.state], min_free_mb=settings.limits.min_free_mb, clock=clock)
+        self.cron = CronSubmitter(list(settings.schedules), state_dir=paths.state, inbox=paths.inbox, clock=clock)
+        self._last_cron_tick = float("-inf")
         self.outbox = Outbox(paths.outbox)
         self.watcher = InboxWatcher(paths.inbox, settings.watch, clock=clock)
         self.executor = Executor(settings, clock=clock, backend=backend)
@@ -146,6 +149,15 @@ class Daemon:
             dead = folder.name.split("~")[1]
             logger.warning("lease.adopted from={} jobs={}", dead, len(adopted))
             self._recover_spool(f"daemon {dead!r} stopped heartbeating while this job was running")
+
+    def _fire_schedules(self) -> None:
+        if not self.cron.schedules or self.clock() - self._last_cron_tick < 1.0:
+            return
+        self._last_cron_tick = self.clock()
+        try:
+            self.cron.tick()
+        except OSError as exc:  # e.g. a full disk: the fire stays recorded as submitting and is finished later
+            self._on_write_error(exc)
 
     def _lease_lost(self) -> None:
         """Another daemon took our spool while we were unresponsive: everything we held is theirs now.
@@ -244,6 +256,7 @@ class Daemon:
         if not self.lease.beat():
             self._lease_lost()
         self._take_over_the_dead()
+        self._fire_schedules()
         paused = self.disk.paused()
         if paused and self.running is None:
             self.outbox.clean_temps()
