@@ -45,9 +45,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .gpu import nvml_gpu_count
     from .service import Daemon
 
+    from .notify import SystemdNotifier
+
     settings = _settings(args)
     logs.setup(settings.logging.level)
-    daemon = Daemon(settings, cuda_available=nvml_gpu_count() > 0)
+    # systemd's notify socket is for the main process only: the worker must not inherit it.
+    notifier = SystemdNotifier(os.environ.pop("NOTIFY_SOCKET", None), os.environ.get("WATCHDOG_USEC"))
+    daemon = Daemon(settings, cuda_available=nvml_gpu_count() > 0, notifier=notifier)
     signals_seen = []
 
     def on_signal(signum, _frame):

@@ -194,6 +194,20 @@ class DiffusersWanBackend:
 
     def run(self, job: dict[str, Any], report: Report,
             should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        from .sampling import ResourceSampler
+
+        sampler = ResourceSampler(gpu_index=0 if self.device == "cuda" else None)
+
+        def tracked(event: dict[str, Any]) -> None:
+            sampler.phase = event.get("phase", sampler.phase)
+            report(event)
+
+        with sampler:
+            result = self._run(job, tracked, should_stop)
+        result["resources"] = sampler.summary()
+        return result
+
+    def _run(self, job: dict[str, Any], report: Report, should_stop: Callable[[], bool]) -> dict[str, Any]:
         torch = self.torch
         model, params = job["model"], job["params"]
         if self.device == "cpu" and not model.get("tiny_random_weights") and not self.allow_cpu_for_real_models:

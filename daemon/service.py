@@ -28,6 +28,7 @@ from .jobs import JobRecord, JobState
 from .leases import Lease
 from .models import default_model
 from .disk import DiskGuard
+from .notify import SystemdNotifier
 from .outbox import Outbox
 from .policy import decide
 from .scheduler import pick_next
@@ -40,12 +41,15 @@ TINY_NOTE = "tiny random-weight test model: this video is noise, made only to ex
 
 class Daemon:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
-                 cuda_available: bool = False, rng: random.Random | None = None, backend: str | None = None) -> None:
+                 cuda_available: bool = False, rng: random.Random | None = None, backend: str | None = None,
+                 notifier: SystemdNotifier | None = None) -> None:
         """``backend``: "module:Factory" of a stand-in generation backend, for tests and benchmarks only;
         None is the real diffusers backend. Users cannot configure it."""
         self.settings = settings
         self.clock = clock
         self.rng = rng or random.Random()
+        self.notifier = notifier or SystemdNotifier(None)
+        self._notified_status = ""
         paths = settings.paths
         paths.inbox.mkdir(parents=True, exist_ok=True)
         inst = settings.instance
@@ -99,6 +103,7 @@ class Daemon:
         self.state = "idle"
         self._started = True
         self._write_health(force=True)
+        self.notifier.ready(self._status_line())
 
     def _check_same_filesystem(self) -> None:
         inbox, state = self.settings.paths.inbox, self.settings.paths.state
@@ -181,6 +186,9 @@ class Daemon:
         worker. Bounded by shutdown.timeout_seconds, after which the worker is killed. Nothing is lost."""
         self.state = "draining"
         self._write_health(force=True)
+        self.notifier.stopping()
+        # Tell systemd how long the drain may take, beyond its own TimeoutStopSec.
+        self.notifier.extend_timeout(self.settings.shutdown.timeout_seconds + 15)
         self.watcher.stop()
         if self.running is not None:
             job_id = self.running["id"]
@@ -191,6 +199,7 @@ class Daemon:
                 for event in self.executor.poll(timeout=0.1):
                     self._on_event(event)
                 self._write_health()
+                self.notifier.maybe_watchdog(self.clock())
             if self.running is not None:
                 logger.warning("daemon.drain_timeout job={}: killing the worker", job_id)
                 self.executor.kill()
@@ -487,6 +496,7 @@ class Daemon:
             "generation_time_seconds": round(now - started, 4),
             "peak_vram_usage_mb": result["peak_vram_usage_mb"],
             "peak_rss_mb": result["peak_rss_mb"],
+            "resources": result.get("resources", {}),
             "optimizations_applied": result["optimizations_applied"],
             "degradations": rec.degradations,
             "attempts": rec.attempts,
@@ -528,8 +538,23 @@ class Daemon:
                        "vram_total_mb": st.info.get("vram_total_mb")},
         }
 
+    def _status_line(self) -> str:
+        queued = sum(1 for r in self.records.values() if r.state is JobState.QUEUED)
+        run = self.running
+        doing = f"running {run['id']} {run.get('phase')} {run.get('step')}/{run.get('total')}" if run else self.state
+        paused = f"; PAUSED: {self.disk.reason}" if self.disk.reason else ""
+        return f"{doing}; {queued} queued; {self.done} done, {self.failed} failed{paused}"
+
     def _write_health(self, force: bool = False) -> None:
         try:
-            self.health.maybe_write(self.health_payload(), force=force)
+            written = self.health.maybe_write(self.health_payload(), force=force)
         except OSError as exc:  # a full disk must not stop the daemon; the next write tries again
             logger.warning("health.write_failed error={}", exc)
+            written = False
+        # The watchdog ping comes from this loop on purpose: a hung loop stops pinging and systemd acts.
+        self.notifier.maybe_watchdog(self.clock())
+        if written and self.notifier.enabled:
+            line = self._status_line()
+            if line != self._notified_status:
+                self._notified_status = line
+                self.notifier.status(line)

@@ -61,6 +61,7 @@ def test_job_file_becomes_video_with_requested_frames_size_fps(harness, model, t
     for phase in ("queue_wait", "model_load", "denoise", "vae_decode", "encode"):
         assert side["timings"][phase] >= 0
     assert side["peak_vram_usage_mb"] is None and side["device"]["type"] == "cpu"
+    assert side["resources"]["samples"] >= 1 and side["resources"]["rss_mb_peak"] > 100
     assert side["versions"]["diffusers"] and side["versions"]["torch"]
     # The job file left the inbox and the spool only after its result was durable.
     assert not (harness.inbox / "job.yaml").exists()
