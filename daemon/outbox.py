@@ -35,6 +35,9 @@ class Outbox:
     def sidecar_path(self, basename: str) -> Path:
         return self.root / f"{basename}.json"
 
+    def poster_path(self, basename: str) -> Path:
+        return self.root / f"{basename}.jpg"
+
     def failure_path(self, name: str) -> Path:
         return self.failed / f"{name}.json"
 
@@ -57,13 +60,18 @@ class Outbox:
             logger.info("outbox.temp_removed path={}", p)
         return removed
 
-    def publish_result(self, basename: str, video_tmp: Path, sidecar: dict[str, Any]) -> bool:
-        """Publish video then sidecar. Returns False if a sidecar for ``basename`` already existed."""
+    def publish_result(self, basename: str, video_tmp: Path, sidecar: dict[str, Any],
+                       poster_tmp: Path | None = None) -> bool:
+        """Publish video (and poster), then the sidecar. False if a sidecar for ``basename`` already existed."""
         if self.is_published(basename):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(video_tmp)
+            for tmp in (video_tmp, poster_tmp):
+                if tmp is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
             return False
-        # No sidecar: any existing mp4 of this name is an incomplete earlier attempt of this job.
+        # No sidecar: any existing mp4/jpg of this name is an incomplete earlier attempt of this job.
+        if poster_tmp is not None and os.path.exists(poster_tmp):
+            os.replace(poster_tmp, self.poster_path(basename))
         os.replace(video_tmp, self.video_path(basename))
         fsync_dir(self.root)
         tmp = temp_path_for(self.sidecar_path(basename))

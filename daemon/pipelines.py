@@ -80,6 +80,16 @@ def raise_if_disk_full(folder: Path, cause: BaseException) -> None:
             os.unlink(probe)
 
 
+def write_poster_frame(frames: Any, path: Path, *, at: float = 0.5, quality: int = 85) -> None:
+    """Save the middle frame (float [0, 1], H x W x 3) as a JPEG, fsynced: the poster beside the video."""
+    import numpy as np
+    from PIL import Image
+
+    frame = frames[min(len(frames) - 1, int(len(frames) * at))]
+    Image.fromarray((np.clip(frame, 0, 1) * 255).round().astype("uint8")).save(path, "JPEG", quality=quality)
+    fsync_file(path)
+
+
 def encode_mp4(frames: Any, path: Path, *, fps: int, quality: float) -> None:
     """Encode float frames in [0, 1] (F, H, W, 3) to H.264 MP4 with diffusers' exporter; fsync it."""
     from diffusers.utils import export_to_video
@@ -280,11 +290,14 @@ class DiffusersWanBackend:
             raise_if_disk_full(video_tmp.parent, exc)
             raise
         timings["encode"] = time.perf_counter() - t2
+        poster_tmp = video_tmp.with_name(video_tmp.stem + ".poster.jpg")
+        write_poster_frame(frames, poster_tmp)
         video.pop("path")
 
         peak_vram = torch.cuda.max_memory_allocated() // (1 << 20) if self.device == "cuda" else None
         return {
             "video_tmp": str(video_tmp),
+            "poster_tmp": str(poster_tmp),
             "video": video,
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "model_cache": cache_state,

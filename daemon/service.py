@@ -369,7 +369,8 @@ class Daemon:
             return
         sidecar = self._sidecar(rec, result, now)
         try:
-            published = self.outbox.publish_result(basename, Path(result["video_tmp"]), sidecar)
+            poster = Path(result["poster_tmp"]) if result.get("poster_tmp") else None
+            published = self.outbox.publish_result(basename, Path(result["video_tmp"]), sidecar, poster)
         except OSError as exc:
             from .errors import classify_exception
 
@@ -469,8 +470,10 @@ class Daemon:
 
     def _discard_temp(self) -> None:
         if self.running and self.running.get("video_tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.running["video_tmp"])
+            video_tmp = Path(self.running["video_tmp"])
+            for tmp in (video_tmp, video_tmp.with_name(video_tmp.stem + ".poster.jpg")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
 
     # ---- reporting -----------------------------------------------------------------------------
 
@@ -501,6 +504,7 @@ class Daemon:
             "degradations": rec.degradations,
             "attempts": rec.attempts,
             "video": {"file": f"{rec.params['basename']}.mp4", **result["video"]},
+            "poster": f"{rec.params['basename']}.jpg" if result.get("poster_tmp") else None,
             "versions": {"wan_daemon": __version__, **info.get("versions", {})},
             "host": socket.gethostname(),
             "instance": self.settings.owner,

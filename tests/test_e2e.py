@@ -62,6 +62,8 @@ def test_job_file_becomes_video_with_requested_frames_size_fps(harness, model, t
         assert side["timings"][phase] >= 0
     assert side["peak_vram_usage_mb"] is None and side["device"]["type"] == "cpu"
     assert side["resources"]["samples"] >= 1 and side["resources"]["rss_mb_peak"] > 100
+    with Image.open(harness.outbox / side["poster"]) as poster:
+        assert poster.format == "JPEG" and poster.size == (96, 64)
     assert side["versions"]["diffusers"] and side["versions"]["torch"]
     # The job file left the inbox and the spool only after its result was durable.
     assert not (harness.inbox / "job.yaml").exists()
