@@ -207,6 +207,36 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_USAGE
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import exit_code, format_checks, run_checks
+
+    settings = _settings(args)
+    checks = run_checks(settings)
+    if args.json:
+        print(json.dumps([c.__dict__ for c in checks], indent=2))
+    else:
+        print(format_checks(checks))
+    return exit_code(checks)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import build_report
+
+    settings = _settings(args)
+    output = Path(args.output) if args.output else settings.paths.outbox / "report.html"
+    path = build_report(settings.paths.outbox, output)
+    print(f"report written: {path}")
+    return EXIT_OK
+
+
+def cmd_monitor(args: argparse.Namespace) -> int:
+    from . import monitor
+
+    settings = _settings(args)
+    monitor.run(settings.health_path.parent, args.interval, iterations=args.iterations)
+    return EXIT_OK
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from .spec import json_schema
 
@@ -255,6 +285,19 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("build-tiny", parents=[common], help="build the tiny random-weight test models")
     msub.add_parser("list", parents=[common], help="list registry models and where their weights are")
     m.set_defaults(func=cmd_models)
+
+    d = sub.add_parser("doctor", parents=[common], help="check and explain the environment (exit 1 on a failure)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
+
+    rp = sub.add_parser("report", parents=[common], help="write a static HTML page of the outbox")
+    rp.add_argument("--output", "-o", help="default: <outbox>/report.html")
+    rp.set_defaults(func=cmd_report)
+
+    mo = sub.add_parser("monitor", parents=[common], help="live terminal view of the daemons on this inbox")
+    mo.add_argument("--interval", type=float, default=1.0)
+    mo.add_argument("--iterations", type=int, default=None, help=argparse.SUPPRESS)
+    mo.set_defaults(func=cmd_monitor)
 
     sc = sub.add_parser("schema", help="print the job-file JSON Schema (jobs/schema.json)")
     sc.add_argument("--output", "-o")

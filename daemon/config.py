@@ -128,6 +128,19 @@ class HealthConfig(_Frozen):
     interval_seconds: float = Field(5.0, gt=0)
 
 
+class MetricsConfig(_Frozen):
+    textfile: Path | None = Field(
+        None, description="Prometheus text file for node_exporter's textfile collector, e.g. "
+        "/var/lib/node_exporter/textfile_collector/wan-daemon.prom. Off when null."
+    )
+    interval_seconds: float = Field(15.0, gt=0)
+
+
+class HistoryConfig(_Frozen):
+    enabled: bool = True
+    path: Path | None = Field(None, description="SQLite job history. Default: <state>/history/<instance id>.sqlite")
+
+
 class LoggingConfig(_Frozen):
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
 
@@ -143,6 +156,8 @@ class Settings(_Frozen):
     instance: InstanceConfig = InstanceConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
     schedules: list[Schedule] = Field(default_factory=list, description="Cron batches (daemon.schedules).")
+    metrics: MetricsConfig = MetricsConfig()
+    history: HistoryConfig = HistoryConfig()
 
     def resolved(self) -> "Settings":
         """Absolute paths everywhere (relative ones are taken from the current directory); the instance id."""
@@ -157,10 +172,16 @@ class Settings(_Frozen):
             health = health.model_copy(update={"path": paths.state / "health" / f"{instance.id}.json"})
         else:
             health = health.model_copy(update={"path": Path(health.path).expanduser().resolve()})
+        history = self.history.model_copy(update={"path": Path(self.history.path).expanduser().resolve()
+                                                  if self.history.path else
+                                                  paths.state / "history" / f"{instance.id}.sqlite"})
+        metrics = self.metrics
+        if metrics.textfile is not None:
+            metrics = metrics.model_copy(update={"textfile": Path(metrics.textfile).expanduser().resolve()})
         schedules = [sc.model_copy(update={"job": Path(sc.job).expanduser().resolve()}) if sc.job else sc
                      for sc in self.schedules]
         return self.model_copy(update={"paths": paths, "health": health, "instance": instance,
-                                       "schedules": schedules})
+                                       "schedules": schedules, "history": history, "metrics": metrics})
 
     @property
     def owner(self) -> str:

@@ -34,6 +34,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 class IntakeResult:
     queued: list[JobRecord] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
+    rejected_categories: list[str] = field(default_factory=list)
 
 
 class Intake:
@@ -164,6 +165,7 @@ class Intake:
         logger.bind(job=entry.id).warning("job.rejected id={} file={} category={} error={}", entry.id,
                                           original_name, err.category.value, err.message)
         result.rejected.append(entry.id)
+        result.rejected_categories.append(err.category.value)
 
     def _reject_file(self, claimed: Path, original_name: str, err: JobError, result: IntakeResult) -> None:
         stem = safe_stem(original_name)
@@ -171,3 +173,4 @@ class Intake:
         logger.warning("job.rejected file={} category={} error={}", original_name, err.category.value, err.message)
         self.spool.remove_source(claimed.name)
         result.rejected.append(stem)
+        result.rejected_categories.append(err.category.value)

@@ -28,6 +28,7 @@ from .jobs import JobRecord, JobState
 from .leases import Lease
 from .models import default_model
 from .disk import DiskGuard
+from .metrics import MetricsWriter, read_gpus
 from .notify import SystemdNotifier
 from .outbox import Outbox
 from .policy import decide
@@ -57,6 +58,10 @@ class Daemon:
                            heartbeat_seconds=inst.heartbeat_seconds, clock=clock)
         self.spool = Spool(self.lease.mine, settings.owner, clock=clock)
         self.disk = DiskGuard([paths.outbox, paths.state], min_free_mb=settings.limits.min_free_mb, clock=clock)
+        self.metrics = MetricsWriter(settings.metrics.textfile) if settings.metrics.textfile else None
+        self._last_metrics = float("-inf")
+        self.failed_by_category: dict[str, int] = {}
+        self.durations: list[tuple[str, float]] = []  # (model, seconds) of this process's finished jobs
         self.cron = CronSubmitter(list(settings.schedules), state_dir=paths.state, inbox=paths.inbox, clock=clock)
         self._last_cron_tick = float("-inf")
         self.outbox = Outbox(paths.outbox)
@@ -302,6 +307,8 @@ class Daemon:
         for rec in result.queued:
             self.records[rec.id] = rec
         self.failed += len(result.rejected)
+        for category in result.rejected_categories:
+            self.failed_by_category[category] = self.failed_by_category.get(category, 0) + 1
         self.results.extend({"id": r, "status": "failed"} for r in result.rejected)
         self._release_if_finished(claimed.name)
 
@@ -388,6 +395,7 @@ class Daemon:
         self._set(rec, JobState.DONE, note=f"published {basename}.mp4", finished_at=now,
                   outputs=self._outputs(basename))
         self.done += 1
+        self.durations = [*self.durations[-9999:], (rec.model.get("name", "?"), now - (rec.started_at or now))]
         self.results.append({"id": rec.id, "status": "done", **self._outputs(basename)})
         logger.bind(job=rec.id).success("job.published id={} video={} seconds={:.2f}", rec.id,
                                         self.outbox.video_path(basename), now - (rec.started_at or now))
@@ -424,6 +432,7 @@ class Daemon:
         self._set(rec, JobState.FAILED, note=f"{err.category.value}: {decision.reason}", finished_at=self.clock(),
                   last_error=err.to_dict(), errors=errors, outputs={"failure": str(path)})
         self.failed += 1
+        self.failed_by_category[err.category.value] = self.failed_by_category.get(err.category.value, 0) + 1
         self.results.append({"id": rec.id, "status": "failed", "failure": str(path)})
         logger.bind(job=rec.id).error("job.failed id={} category={} error={}", rec.id, err.category.value,
                                       err.message)
@@ -542,6 +551,20 @@ class Daemon:
                        "vram_total_mb": st.info.get("vram_total_mb")},
         }
 
+    def _write_metrics(self, force: bool = False) -> None:
+        if self.metrics is None:
+            return
+        now = self.clock()
+        if not force and now - self._last_metrics < self.settings.metrics.interval_seconds:
+            return
+        self._last_metrics = now
+        try:
+            self.metrics.write(self.health_payload(),
+                               {"done_total": self.done, "failed_total_by_category": self.failed_by_category},
+                               self.durations, read_gpus())
+        except OSError as exc:
+            logger.warning("metrics.write_failed error={}", exc)
+
     def _status_line(self) -> str:
         queued = sum(1 for r in self.records.values() if r.state is JobState.QUEUED)
         run = self.running
@@ -555,6 +578,7 @@ class Daemon:
         except OSError as exc:  # a full disk must not stop the daemon; the next write tries again
             logger.warning("health.write_failed error={}", exc)
             written = False
+        self._write_metrics(force)
         # The watchdog ping comes from this loop on purpose: a hung loop stops pinging and systemd acts.
         self.notifier.maybe_watchdog(self.clock())
         if written and self.notifier.enabled:

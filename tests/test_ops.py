@@ -54,3 +54,45 @@ def test_daemon_speaks_sd_notify_ready_status_watchdog_and_stopping(tmp_path, mo
         sock.close()
     ready = next(m for m in messages if m.startswith("READY=1"))
     assert "STATUS=" in ready and "queued" in ready
+
+
+def test_metrics_textfile_is_written_by_the_running_daemon(harness_factory, tmp_path):
+    prom = tmp_path / "textfile" / "wan-daemon.prom"
+    prom.parent.mkdir()
+    h = harness_factory(metrics={"textfile": str(prom), "interval_seconds": 0.2}).start()
+    h.drop("m.yaml", "prompt: measured\nsteps: 2\n")
+    h.drop("bad.yaml", "prompt: x\nframes: 2\n")
+    h.sidecar("m")
+    h.failure("bad")
+
+    def counted():
+        text = prom.read_text() if prom.exists() else ""
+        done = f'wan_daemon_jobs_done_total{{instance_id="{h.settings.owner}"}} 1' in text
+        return text if done and 'category="invalid_spec"' in text else None
+
+    text = wait_for(counted, 20, what="metrics with the finished jobs")
+    lines = {line.rsplit(" ", 1)[0]: line.rsplit(" ", 1)[1] for line in text.splitlines() if line and line[0] != "#"}
+    instance = h.settings.owner
+    assert lines[f'wan_daemon_jobs_done_total{{instance_id="{instance}"}}'] == "1"
+    assert lines[f'wan_daemon_jobs_failed_total{{instance_id="{instance}",category="invalid_spec"}}'] == "1"
+    assert any(k.startswith("wan_daemon_job_duration_seconds_count") and 'model="tiny-ti2v-5b"' in k for k in lines)
+    assert not [p for p in prom.parent.iterdir() if p.name != prom.name]
+
+
+def test_doctor_report_and_monitor_on_a_real_outbox(harness_factory, tmp_path, capsys):
+    from daemon.cli import main
+
+    h = harness_factory().start()
+    h.drop("r.yaml", "prompt: <b>for the report</b>\nsteps: 2\n")
+    h.drop("f.yaml", "prompt: x\nsize: 100x100\n")
+    h.sidecar("r")
+    h.failure("f")
+    args = ["--inbox", str(h.inbox), "--outbox", str(h.outbox)]
+    code = main(["doctor", *args])
+    out = capsys.readouterr().out
+    assert code in (0, 1) and "video encoding" in out and "python" in out
+    assert main(["report", *args]) == 0
+    html = (h.outbox / "report.html").read_text()
+    assert "r.jpg" in html and "&lt;b&gt;for the report&lt;/b&gt;" in html and "invalid_spec" in html
+    assert main(["monitor", *args, "--interval", "0.1", "--iterations", "1"]) == 0
+    assert "wan-daemon" in capsys.readouterr().out

@@ -1,0 +1,188 @@
+"""Prometheus metrics as a text file for node_exporter's textfile collector.
+
+node_exporter (``--collector.textfile.directory``) reads every ``*.prom`` file in its folder at each
+scrape. The file is therefore replaced atomically, and its temp name must *not* end in ``.prom``:
+node_exporter would read the half-written temp file, or report every series twice. Point
+:class:`MetricsWriter` at ``<textfile dir>/wan-daemon-<instance>.prom``; every series carries an
+``instance_id`` label so that several daemons on one host can write one file each.
+
+No prometheus_client dependency: the exposition format (text 0.0.4) is simple enough to write here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .fsutil import atomic_write_bytes, fsync_dir, temp_path_for
+
+# Every value Daemon.state takes (service.py); one 0/1 series each, so a missing series never means "not busy".
+KNOWN_STATES: tuple[str, ...] = ("starting", "idle", "busy", "draining", "stopped")
+
+# Upper bounds (seconds) of the job duration histogram: tiny CPU jobs take seconds, real A14B jobs up to an hour.
+DURATION_BUCKETS: tuple[float, ...] = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+
+_MIB = 1 << 20
+
+
+def escape_label_value(value: Any) -> str:
+    """Escape a label value for the text exposition format: backslash, double quote and line feed."""
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def format_value(value: float | int | bool) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int):
+        return str(value)
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(value)
+
+
+def _bound(le: float) -> str:
+    # The form official clients write ("1.0", "+Inf"), which Prometheus 3 also normalises "le" to.
+    return "+Inf" if math.isinf(le) else repr(float(le))
+
+
+class _Builder:
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help_text: str) -> None:
+        self.lines.append(f"# HELP {name} {_escape_help(help_text)}")
+        self.lines.append(f"# TYPE {name} {kind}")
+
+    def sample(self, name: str, value: float | int | bool, labels: Mapping[str, Any] | None = None) -> None:
+        pairs = {"instance_id": self.instance_id, **(labels or {})}
+        rendered = ",".join(f'{k}="{escape_label_value(v)}"' for k, v in pairs.items())
+        self.lines.append(f"{name}{{{rendered}}} {format_value(value)}")
+
+    def text(self) -> str:
+        return "\n".join(self.lines) + "\n"
+
+
+def render(health: Mapping[str, Any], counters: Mapping[str, Any], durations: Iterable[tuple[str, float]],
+           gpus: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The metrics page, as text. Arguments as for :meth:`MetricsWriter.write`."""
+    b = _Builder(str(health.get("instance") or "unknown"))
+
+    b.family("wan_daemon_up", "gauge", "1 while the daemon writes this file.")
+    b.sample("wan_daemon_up", 1)
+
+    state = health.get("state")
+    b.family("wan_daemon_state", "gauge", "Daemon state: 1 for the current state, 0 for the others.")
+    for known in KNOWN_STATES + ((state,) if state and state not in KNOWN_STATES else ()):
+        b.sample("wan_daemon_state", int(known == state), {"state": known})
+
+    b.family("wan_daemon_paused", "gauge", "1 while intake and new jobs are paused (disk full).")
+    b.sample("wan_daemon_paused", int(bool(health.get("paused"))))
+
+    by_priority = health.get("queue_by_priority") or {}
+    b.family("wan_daemon_queued_jobs", "gauge", "Jobs waiting in the queue, all priorities together.")
+    b.sample("wan_daemon_queued_jobs", int(health.get("queue_depth", sum(int(n) for n in by_priority.values()))))
+    b.family("wan_daemon_queue_depth", "gauge", "Jobs waiting in the queue, by priority.")
+    for prio, n in sorted(by_priority.items(), key=lambda kv: _prio_key(kv[0])):
+        b.sample("wan_daemon_queue_depth", int(n), {"priority": prio})
+
+    b.family("wan_daemon_running_jobs", "gauge", "Jobs running on the worker now (0 or 1).")
+    b.sample("wan_daemon_running_jobs", 1 if health.get("running") else 0)
+
+    b.family("wan_daemon_jobs_done_total", "counter", "Jobs published to the outbox.")
+    b.sample("wan_daemon_jobs_done_total", int(counters.get("done_total", 0)))
+
+    b.family("wan_daemon_jobs_failed_total", "counter", "Jobs failed for good, by error category.")
+    for category, n in sorted((counters.get("failed_total_by_category") or {}).items()):
+        b.sample("wan_daemon_jobs_failed_total", int(n), {"category": category})
+
+    if gpus:
+        b.family("wan_daemon_gpu_memory_used_bytes", "gauge", "GPU memory in use (all processes), from NVML.")
+        for gpu in gpus:
+            b.sample("wan_daemon_gpu_memory_used_bytes", int(float(gpu["memory_used_mb"]) * _MIB),
+                     {"gpu": gpu["index"], "name": gpu.get("name", "")})
+        b.family("wan_daemon_gpu_memory_total_bytes", "gauge", "GPU memory installed, from NVML.")
+        for gpu in gpus:
+            b.sample("wan_daemon_gpu_memory_total_bytes", int(float(gpu["memory_total_mb"]) * _MIB),
+                     {"gpu": gpu["index"], "name": gpu.get("name", "")})
+
+    per_model: dict[str, list[float]] = {}
+    for model, seconds in durations:
+        per_model.setdefault(str(model), []).append(float(seconds))
+    b.family("wan_daemon_job_duration_seconds", "histogram", "Time from start to publication of finished jobs, by model.")
+    for model in sorted(per_model):
+        values = per_model[model]
+        for le in (*DURATION_BUCKETS, math.inf):
+            b.sample("wan_daemon_job_duration_seconds_bucket", sum(1 for v in values if v <= le),
+                     {"model": model, "le": _bound(le)})
+        b.sample("wan_daemon_job_duration_seconds_sum", float(sum(values)), {"model": model})
+        b.sample("wan_daemon_job_duration_seconds_count", len(values), {"model": model})
+    return b.text()
+
+
+def _prio_key(prio: str) -> tuple[int, float | str]:
+    try:
+        return (0, -float(prio))  # highest priority first
+    except ValueError:
+        return (1, prio)
+
+
+def read_gpus() -> list[dict[str, Any]]:
+    """GPUs as NVML sees them (index, name, memory_total_mb, memory_used_mb); [] without an NVIDIA driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    try:
+        gpus = []
+        for i in range(int(pynvml.nvmlDeviceGetCount())):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            gpus.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
+                         "memory_total_mb": mem.total / _MIB, "memory_used_mb": mem.used / _MIB})
+        return gpus
+    except Exception:
+        return []
+    finally:
+        with contextlib.suppress(Exception):
+            pynvml.nvmlShutdown()
+
+
+class MetricsWriter:
+    """Writes the metrics file atomically; node_exporter only ever sees a complete file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def write(self, health: dict[str, Any], counters: dict[str, Any], durations: list[tuple[str, float]],
+              gpus: list[dict[str, Any]] | None = None) -> None:
+        data = render(health, counters, durations, gpus).encode("utf-8")
+        # atomic_write_bytes keeps the final suffix on its temp file; ".prom" temps would be scraped. Write a
+        # ".tmp" name atomically first, then rename it over the real name (both in the same folder).
+        staged = temp_path_for(self.path, ".tmp")
+        try:
+            atomic_write_bytes(staged, data)
+            os.replace(staged, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+            raise
+        fsync_dir(self.path.parent)
+
+
+__all__ = ["DURATION_BUCKETS", "KNOWN_STATES", "MetricsWriter", "escape_label_value", "read_gpus", "render"]
