@@ -1,14 +1,44 @@
-"""Which queued job runs next. Pure: no torch, no I/O; the daemon hands it records and the time.
+"""Which queued job runs next, and where. Pure: no torch, no I/O; the daemon hands it records and the time.
 
-Highest priority first, FIFO (intake order) within a priority; a job waiting out a retry backoff
-(``not_before`` in the future) is skipped until its time comes.
+One worker (:func:`pick_next`): highest priority first, FIFO (intake order) within a priority; a job
+waiting out a retry backoff (``not_before`` in the future) is skipped until its time comes.
+
+Several workers (:func:`assign`), each a :class:`Slot` (a GPU with its free memory, or a CPU):
+
+1. Ready jobs (``not_before <= now``) are ranked by :func:`effective_priority` (descending), then intake
+   order. Aging makes a waiting job climb linearly so that it reaches the top priority present within
+   ``aging_bound_seconds``: a low-priority job waits at most about the aging bound (plus the running
+   jobs' remaining time, and the jobs older than it that aged to the top as well).
+2. Within one priority bucket (the integer part of the effective priority), jobs whose model is already
+   warm on a free slot go first and go to that slot (model affinity): a mixed queue does not reload
+   models back and forth. A higher bucket always beats affinity.
+3. Admission: a job goes to a GPU slot only if ``plan(demand, free_mb)`` finds a mode that fits; the
+   GPU's free memory then drops by the plan's estimate for the rest of the call (slots on the same GPU
+   share it). CPU slots (``free_mb is None``) take any job. Each slot gets at most one job per call.
+   Among the slots that admit a job: a warm one, then a GPU over a CPU, then the fastest plan, then the
+   tightest fit (big GPUs stay free for big jobs).
+4. Reservation (only when slots carry ``total_mb``): a job that has waited the whole aging bound and
+   fits no free slot now, but would fit one of those GPUs empty, reserves those GPUs: lower-ranked jobs
+   are not started there, so it is not starved by a stream of smaller jobs.
+
+A job that fits no GPU even when empty (:func:`fits_nowhere`) stays queued in :func:`assign`; the daemon
+fails it with ``insufficient_vram`` and :func:`insufficient_vram_message`.
+
+Cost: ranking is O(n log n) in the queue length n; placing is O(n * S) with S slots (the GPUs, a small
+constant), one ``plan`` call per (job, slot) tried. So :func:`assign` is O(n log n) in the queue length.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, NamedTuple
 
 from .jobs import JobRecord, JobState
+from .memory import MODES, JobDemand, Plan
+
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000  # daemon/spec.py JobSpec.priority bounds
+PRIORITY_SPAN = PRIORITY_MAX - PRIORITY_MIN
 
 
 def order_key(record: JobRecord) -> tuple[int, int]:
@@ -24,3 +54,177 @@ def next_wakeup(queued: Iterable[JobRecord], now: float) -> float | None:
     """When the earliest job still in backoff becomes ready (None if none waits)."""
     later = [r.not_before for r in queued if r.state is JobState.QUEUED and r.not_before > now]
     return min(later, default=None)
+
+
+# ---- aging ------------------------------------------------------------------------------------------
+
+
+def _aging_on(aging_bound_seconds: float | None) -> bool:
+    return aging_bound_seconds is not None and 0 < aging_bound_seconds < math.inf
+
+
+def waited(record: JobRecord, now: float) -> float:
+    since = record.queued_at if record.queued_at is not None else record.received_at
+    return max(0.0, now - since)
+
+
+def effective_priority(record: JobRecord, now: float, aging_bound_seconds: float | None, *,
+                       span: float | None = None) -> float:
+    """``priority + waited / aging_bound * span``.
+
+    ``span`` is the priority distance aging must cover within the bound. Default :data:`PRIORITY_SPAN`
+    (2000, the whole allowed range): every job then reaches the top possible priority within the bound,
+    whatever else arrives. :func:`assign` passes the span of the priorities actually waiting (max - min),
+    so that with priorities 0 and 10 a priority-0 job overtakes fresh priority-10 jobs after the bound,
+    not after bound/200. Aging is off (plain priority) when the bound is None, 0 or infinite.
+    """
+    if not _aging_on(aging_bound_seconds):
+        return float(record.priority)
+    span = PRIORITY_SPAN if span is None else span
+    return record.priority + waited(record, now) / aging_bound_seconds * span
+
+
+# ---- assignment ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """A worker that is free to take a job now."""
+
+    worker: str
+    gpu_index: int | None
+    free_mb: int | None  # None: a CPU worker (no admission check)
+    warm_models: frozenset[str] = frozenset()  # model names (record.model["name"]) loaded in the worker
+    total_mb: int | None = None  # the GPU's size; enables reservation for aged jobs (see module doc)
+
+
+class Assignment(NamedTuple):
+    record: JobRecord
+    slot: Slot
+    plan: Plan | None  # None on a CPU slot, or when the job's demand is unknown
+
+
+def _model_name(record: JobRecord) -> str | None:
+    return (record.model or {}).get("name")
+
+
+def _plan_rank(plan: Plan | None) -> tuple[int, int, int]:
+    if plan is None:
+        return (0, 0, 0)
+    return (int(plan.fp8), MODES.index(plan.mode) if plan.mode in MODES else len(MODES), int(plan.vae_tiling))
+
+
+def assign(queued: list[JobRecord], slots: list[Slot], now: float, *, aging_bound_seconds: float | None,
+           demand: Callable[[JobRecord], JobDemand | None],
+           plan: Callable[[JobDemand, int], Plan | None]) -> list[Assignment]:
+    """Jobs to start now, each on its own slot, in assignment order (see the module doc for the rules).
+
+    ``demand(record)`` -> the job's :class:`daemon.memory.JobDemand`, or None when unknown (then any slot
+    takes it, without a plan; the out-of-memory ladder is the safety net). ``plan(demand, free_mb)`` ->
+    a :class:`daemon.memory.Plan` that fits, or None (e.g. ``functools.partial(memory.plan_for, ...)``).
+    """
+    ready = [r for r in queued if r.state is JobState.QUEUED and r.not_before <= now]
+    if not ready or not slots:
+        return []
+    span = max(r.priority for r in ready) - min(r.priority for r in ready)
+    eff = {id(r): effective_priority(r, now, aging_bound_seconds, span=span) for r in ready}
+    ready.sort(key=lambda r: (-eff[id(r)], r.seq))
+
+    def gpu_key(slot: Slot) -> object:
+        return ("gpu", slot.gpu_index) if slot.gpu_index is not None else ("worker", slot.worker)
+
+    gpu_free: dict[object, int] = {}
+    for s in slots:
+        if s.free_mb is not None:
+            k = gpu_key(s)
+            gpu_free[k] = min(gpu_free.get(k, s.free_mb), s.free_mb)
+    free_slots = list(slots)
+    reserved: set[object] = set()
+    demands: dict[int, JobDemand | None] = {}
+    out: list[Assignment] = []
+
+    def demand_of(r: JobRecord) -> JobDemand | None:
+        if id(r) not in demands:
+            demands[id(r)] = demand(r)
+        return demands[id(r)]
+
+    def options(r: JobRecord, warm_only: bool) -> list[tuple[tuple, int, Slot, Plan | None]]:
+        d, name = demand_of(r), _model_name(r)
+        found = []
+        for n, s in enumerate(free_slots):
+            warm = name is not None and name in s.warm_models
+            if warm_only and not warm:
+                continue
+            if s.free_mb is None:
+                found.append(((not warm, 1, (0, 0, 0), 0, n), n, s, None))
+                continue
+            if gpu_key(s) in reserved:
+                continue
+            p = plan(d, gpu_free[gpu_key(s)]) if d is not None else None
+            if d is not None and p is None:
+                continue
+            found.append(((not warm, 0, _plan_rank(p), gpu_free[gpu_key(s)], n), n, s, p))
+        return found
+
+    def place(r: JobRecord, warm_only: bool) -> bool:
+        found = options(r, warm_only)
+        if not found:
+            return False
+        _, n, s, p = min(found, key=lambda o: o[0])
+        out.append(Assignment(r, s, p))
+        del free_slots[n]
+        if s.free_mb is not None and p is not None:
+            gpu_free[gpu_key(s)] -= p.estimate_mb
+        return True
+
+    def reserve(r: JobRecord) -> None:
+        """An aged job that fits nothing free now keeps the GPUs it could use empty from lower jobs."""
+        if not _aging_on(aging_bound_seconds) or waited(r, now) < aging_bound_seconds:
+            return
+        d = demand_of(r)
+        if d is None:
+            return
+        for s in slots:
+            if s.free_mb is not None and s.total_mb is not None and plan(d, s.total_mb) is not None:
+                reserved.add(gpu_key(s))
+
+    i = 0
+    while i < len(ready) and free_slots:
+        bucket = math.floor(eff[id(ready[i])])
+        j = i
+        while j < len(ready) and math.floor(eff[id(ready[j])]) == bucket:
+            j += 1
+        group = ready[i:j]
+        # Model affinity first: within the bucket, jobs whose model is warm on a free slot that admits them.
+        left = [r for r in group if not (free_slots and place(r, warm_only=True))]
+        for r in left:
+            if not free_slots:
+                break
+            if not place(r, warm_only=False):
+                reserve(r)
+        i = j
+    return out
+
+
+# ---- jobs no GPU can hold -------------------------------------------------------------------------
+
+
+def fits_nowhere(demand: JobDemand, gpu_totals_mb: list[int],
+                 plan: Callable[[JobDemand, int], Plan | None]) -> bool:
+    """True when the job fits no GPU of the inventory even empty, in any mode ``plan`` allows.
+
+    An empty inventory gives False: with no GPU, admission is not this function's business (a CPU host is
+    governed by ``worker.allow_cpu_for_real_models``).
+    """
+    return bool(gpu_totals_mb) and all(plan(demand, total) is None for total in gpu_totals_mb)
+
+
+def insufficient_vram_message(demand: JobDemand, gpu_totals_mb: list[int], best_estimate_mb: int) -> str:
+    """The failure text for a job :func:`fits_nowhere`, with the numbers (``best_estimate_mb``: the
+    smallest estimate over the allowed modes, e.g. :func:`daemon.memory.strongest_estimate_mb`)."""
+    largest = max(gpu_totals_mb, default=0)
+    sizes = ", ".join(f"{t} MiB" for t in gpu_totals_mb) or "none"
+    return (f"{demand.architecture} at {demand.width}x{demand.height}, {demand.frames} frames needs about "
+            f"{best_estimate_mb} MiB ({best_estimate_mb / 1024:.1f} GiB) of GPU memory even with the strongest "
+            f"allowed offload and VAE tiling, but the largest GPU has {largest} MiB ({largest / 1024:.1f} GiB) "
+            f"(GPUs: {sizes}); lower the resolution or the frame count, or allow lossy fp8 weights")
