@@ -51,7 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(settings.logging.level)
     # systemd's notify socket is for the main process only: the worker must not inherit it.
     notifier = SystemdNotifier(os.environ.pop("NOTIFY_SOCKET", None), os.environ.get("WATCHDOG_USEC"))
-    daemon = Daemon(settings, cuda_available=nvml_gpu_count() > 0, notifier=notifier)
+    from .inventory import NvmlInventory
+
+    inventory = NvmlInventory(visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                              allowed=settings.hardware.gpus, vram_limit_gb=settings.hardware.vram_limit_gb)
+    daemon = Daemon(settings, cuda_available=nvml_gpu_count() > 0, notifier=notifier, inventory=inventory)
     signals_seen = []
 
     def on_signal(signum, _frame):
@@ -207,6 +211,70 @@ def cmd_models(args: argparse.Namespace) -> int:
     return EXIT_USAGE
 
 
+def cmd_cancel(args: argparse.Namespace) -> int:
+    """Ask the daemon holding each job to cancel it: a queued job at once, a running one at its next step."""
+    from .fsutil import atomic_write_json
+
+    settings = _settings(args)
+    cancel_dir = settings.paths.state / "cancel"
+    cancel_dir.mkdir(parents=True, exist_ok=True)
+    status = EXIT_OK
+    for job_id in args.ids:
+        held = list((settings.paths.state / "owners").glob(f"*/jobs/{job_id}/job.json"))
+        if not held:
+            print(f"no queued or running job {job_id!r} in {settings.paths.state}", file=sys.stderr)
+            status = EXIT_FAIL
+            continue
+        atomic_write_json(cancel_dir / job_id, {"id": job_id, "requested_at": time.time()})
+        print(f"cancel requested: {job_id} (its failure record will say cancelled)")
+    return status
+
+
+def _history(settings):
+    from .history import History
+
+    if not settings.history.path.exists():
+        print(f"no job history at {settings.history.path} yet (the daemon writes it as jobs run)", file=sys.stderr)
+        return None
+    return History(settings.history.path)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .analysis import render_tasks
+
+    history = _history(_settings(args))
+    if history is None:
+        return EXIT_FAIL
+    with history:
+        rows = history.tasks(last=args.last, status=args.status)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        Console().print(render_tasks(rows))
+    return EXIT_OK
+
+
+def cmd_analysis(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from .analysis import analyse, render_analysis
+
+    history = _history(_settings(args))
+    if history is None:
+        return EXIT_FAIL
+    with history:
+        result = analyse(history, args.hours, time.time())
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        console = Console()
+        for part in render_analysis(result):
+            console.print(part)
+    return EXIT_OK
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import exit_code, format_checks, run_checks
 
@@ -285,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("build-tiny", parents=[common], help="build the tiny random-weight test models")
     msub.add_parser("list", parents=[common], help="list registry models and where their weights are")
     m.set_defaults(func=cmd_models)
+
+    tk = sub.add_parser("tasks", parents=[common], help="recent jobs from the history database")
+    tk.add_argument("--last", type=int, default=20)
+    tk.add_argument("--status", choices=["queued", "running", "done", "failed"])
+    tk.add_argument("--json", action="store_true")
+    tk.set_defaults(func=cmd_tasks)
+
+    an = sub.add_parser("analysis", parents=[common], help="success rate, timings, failures and recommendations")
+    an.add_argument("--hours", type=float, default=24.0)
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=cmd_analysis)
+
+    ca = sub.add_parser("cancel", parents=[common], help="cancel queued or running jobs by id")
+    ca.add_argument("ids", nargs="+")
+    ca.set_defaults(func=cmd_cancel)
 
     d = sub.add_parser("doctor", parents=[common], help="check and explain the environment (exit 1 on a failure)")
     d.add_argument("--json", action="store_true")

@@ -71,7 +71,22 @@ class LimitsConfig(_Frozen):
     )
 
 
+class HardwareConfig(_Frozen):
+    gpus: list[int] | None = Field(None, description="CUDA indices to use (after CUDA_VISIBLE_DEVICES). Default: all.")
+    vram_limit_gb: float | None = Field(None, gt=0, description="Use at most this much of each GPU's memory.")
+
+
+class SchedulerConfig(_Frozen):
+    aging_bound_seconds: float = Field(
+        3600.0, gt=0, description="A low-priority job waits at most about this long behind higher priorities."
+    )
+
+
 class ModelsConfig(_Frozen):
+    offload: Literal["auto", "none", "model", "group", "sequential"] = Field(
+        "auto", description="auto: the fastest mode whose memory estimate fits the GPU's free memory."
+    )
+    allow_lossy: bool = Field(False, description="Allow FP8 weight storage when nothing else fits.")
     vae_tiling: bool = Field(False, description="Decode every video with VAE tiling (lower peak memory, a little "
                              "slower). Out-of-memory retries turn it on per job anyway.")
     default: str = Field(
@@ -158,6 +173,8 @@ class Settings(_Frozen):
     schedules: list[Schedule] = Field(default_factory=list, description="Cron batches (daemon.schedules).")
     metrics: MetricsConfig = MetricsConfig()
     history: HistoryConfig = HistoryConfig()
+    hardware: HardwareConfig = HardwareConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
 
     def resolved(self) -> "Settings":
         """Absolute paths everywhere (relative ones are taken from the current directory); the instance id."""

@@ -13,6 +13,7 @@ from loguru import logger
 
 from .config import Settings
 from .errors import Category, JobError
+from .inventory import GpuInfo
 from .worker import worker_main
 
 
@@ -27,9 +28,14 @@ class WorkerStatus:
 
 
 class Executor:
-    def __init__(self, settings: Settings, *, clock: Callable[[], float], backend: str | None = None) -> None:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float], backend: str | None = None,
+                 name: str = "cpu", gpu: GpuInfo | None = None) -> None:
         self.settings = settings
         self.backend = backend
+        self.name = name
+        self.gpu = gpu
+        self.warm: list[str] = []  # models this worker has loaded, least recently used first
+        self._silence_limit = settings.worker.stall_timeout_seconds
         self.clock = clock
         self.ctx = mp.get_context("spawn")
         self.status = WorkerStatus()
@@ -50,6 +56,10 @@ class Executor:
             "models_dir": str(self.settings.paths.models),
             "log_level": self.settings.logging.level,
             "backend": self.backend,
+            # The worker sees only its own GPU (set before it imports torch): cuda:0 is this GPU.
+            "visible_device": (self.gpu.uuid or (str(self.gpu.physical_index) if self.gpu.physical_index >= 0
+                                                 else None)) if self.gpu else None,
+            "worker_name": self.name,
         }
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -64,7 +74,7 @@ class Executor:
         self._proc.start()
         self.status.state, self.status.pid, self.status.job_id = "starting", self._proc.pid, None
         self._last_heard = self.clock()
-        logger.info("worker.spawned pid={}", self._proc.pid)
+        logger.info("worker.spawned name={} pid={}", self.name, self._proc.pid)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._proc is None:
@@ -116,8 +126,16 @@ class Executor:
 
     # ---- work ----------------------------------------------------------------------------------
 
-    def submit(self, payload: dict[str, Any]) -> None:
+    def note_warm(self, model: str) -> None:
+        if model in self.warm:
+            self.warm.remove(model)
+        self.warm = [*self.warm, model][-self.settings.worker.max_cached_pipelines:]
+
+    def submit(self, payload: dict[str, Any], silence_limit: float | None = None) -> None:
+        """Hand a job over. ``silence_limit``: the job's own timeout for going without progress."""
         assert self.ready, "submit only to a ready worker"
+        w = self.settings.worker
+        self._silence_limit = min(w.stall_timeout_seconds, silence_limit or w.stall_timeout_seconds)
         self._interrupt.clear()
         self._jobs.put(payload)
         self.status.state, self.status.job_id = "busy", payload["id"]
@@ -163,9 +181,10 @@ class Executor:
             code = self._proc.exitcode
             reason = JobError(Category.WORKER_CRASHED, f"the worker process exited with code {code} while running the job",
                               details={"exitcode": code})
-        elif self.status.state == "busy" and now - self._last_heard > w.stall_timeout_seconds:
+        elif self.status.state == "busy" and now - self._last_heard > self._silence_limit:
             reason = JobError(Category.TIMEOUT, f"the worker sent no progress for {now - self._last_heard:.0f}s "
-                              f"(worker.stall_timeout_seconds={w.stall_timeout_seconds:g}); it was killed")
+                              f"(limit {self._silence_limit:g}s: the job's timeout or "
+                              f"worker.stall_timeout_seconds); it was killed")
         elif self.status.state == "starting" and now - self._last_heard > w.start_timeout_seconds:
             reason = JobError(Category.TIMEOUT, "the worker did not start in time")
         if reason is None:
@@ -175,6 +194,7 @@ class Executor:
         self.kill()
         self._close()
         self._failures_in_a_row += 1
+        self.warm = []  # a new process starts cold
         delay = min(60.0, 0.5 * 2 ** (self._failures_in_a_row - 1))
         self._respawn_at = now + delay
         self.status = WorkerStatus(state="backoff", restarts=self.status.restarts + 1,

@@ -27,6 +27,12 @@ from .spec import SpecEntry, parse_job_file, resolve_params, safe_stem
 from .spool import Spool
 from .spool import original_name as spool_original_name
 
+def _epoch(when) -> float:
+    from datetime import timezone
+
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -121,6 +127,7 @@ class Intake:
             seq=self.spool.next_seq(), priority=spec.priority,
             spec=entry.raw if isinstance(entry.raw, dict) else {}, params=params.model_dump(mode="json"),
             model=located.to_dict(), received_at=now, queued_at=now,
+            not_before=_epoch(spec.not_before) if spec.not_before else 0.0,
         )
         folder = self.spool.job_dir(spec.id)
         folder.mkdir(exist_ok=True)

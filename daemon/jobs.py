@@ -74,6 +74,7 @@ class JobRecord(BaseModel):
     model: dict[str, Any] = Field(description="The located model (daemon.models.LocatedModel.to_dict()).")
     input_image: str | None = Field(None, description="Copy of the input image inside the job's spool folder.")
     attempts: int = 0
+    worker: str | None = Field(None, description="The worker (gpu<N> or cpu) that runs or last ran it.")
     received_at: float
     queued_at: float | None = None
     started_at: float | None = None

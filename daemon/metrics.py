@@ -98,8 +98,9 @@ def render(health: Mapping[str, Any], counters: Mapping[str, Any], durations: It
     for prio, n in sorted(by_priority.items(), key=lambda kv: _prio_key(kv[0])):
         b.sample("wan_daemon_queue_depth", int(n), {"priority": prio})
 
-    b.family("wan_daemon_running_jobs", "gauge", "Jobs running on the worker now (0 or 1).")
-    b.sample("wan_daemon_running_jobs", 1 if health.get("running") else 0)
+    b.family("wan_daemon_running_jobs", "gauge", "Jobs running now (one at most per worker).")
+    running = health.get("running_jobs")
+    b.sample("wan_daemon_running_jobs", len(running) if running is not None else (1 if health.get("running") else 0))
 
     b.family("wan_daemon_jobs_done_total", "counter", "Jobs published to the outbox.")
     b.sample("wan_daemon_jobs_done_total", int(counters.get("done_total", 0)))

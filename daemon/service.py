@@ -8,6 +8,7 @@ worker, dispatch the next job, write health); ``run()`` repeats it until ``reque
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import socket
@@ -29,10 +30,12 @@ from .leases import Lease
 from .models import default_model
 from .disk import DiskGuard
 from .metrics import MetricsWriter, read_gpus
+from .inventory import GpuInventory, StaticInventory
+from .memory import JobDemand, PeakBook, book_key, optimizations, plan_for
 from .notify import SystemdNotifier
 from .outbox import Outbox
 from .policy import decide
-from .scheduler import pick_next
+from .scheduler import Slot, assign, fits_nowhere, insufficient_vram_message
 from .schedules import CronSubmitter
 from .spool import Spool
 from .watch import InboxWatcher
@@ -43,7 +46,7 @@ TINY_NOTE = "tiny random-weight test model: this video is noise, made only to ex
 class Daemon:
     def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
                  cuda_available: bool = False, rng: random.Random | None = None, backend: str | None = None,
-                 notifier: SystemdNotifier | None = None) -> None:
+                 notifier: SystemdNotifier | None = None, inventory: GpuInventory | None = None) -> None:
         """``backend``: "module:Factory" of a stand-in generation backend, for tests and benchmarks only;
         None is the real diffusers backend. Users cannot configure it."""
         self.settings = settings
@@ -66,7 +69,18 @@ class Daemon:
         self._last_cron_tick = float("-inf")
         self.outbox = Outbox(paths.outbox)
         self.watcher = InboxWatcher(paths.inbox, settings.watch, clock=clock)
-        self.executor = Executor(settings, clock=clock, backend=backend)
+        self.inventory = inventory or StaticInventory([])
+        self.gpus = [] if settings.worker.device == "cpu" else self.inventory.gpus()
+        # One long-lived worker per GPU (a CPU-only host, or worker.device: cpu, gets one CPU worker).
+        self.workers: dict[str, Executor] = {
+            f"gpu{g.index}": Executor(settings, clock=clock, backend=backend, name=f"gpu{g.index}", gpu=g)
+            for g in self.gpus
+        } or {"cpu": Executor(settings, clock=clock, backend=backend, name="cpu")}
+        self.history = self._open_history()
+        self.peaks = PeakBook(paths.state / "peaks" / f"{settings.owner}.json")
+        self.cancel_dir = paths.state / "cancel"
+        self._cancel_requested: set[str] = set()
+        self._vram_checked: set[str] = set()
         self.health = HealthWriter(settings.health_path, interval=settings.health.interval_seconds, clock=clock)
         self._cuda_available = cuda_available
         self._default_model: str | None = None
@@ -74,7 +88,7 @@ class Daemon:
                              is_active_id=lambda job_id: job_id in self.records, clock=clock)
         # Every job with a folder in the spool (active, or terminal but its file not yet released).
         self.records: dict[str, JobRecord] = {}
-        self.running: dict[str, Any] | None = None
+        self.running: dict[str, dict[str, Any]] = {}  # worker name -> the job it runs
         self.done = 0
         self.failed = 0
         self.results: list[dict[str, Any]] = []  # what this run produced, for the CLI's summary
@@ -104,7 +118,8 @@ class Daemon:
         self.recover()
         self.watcher.start()
         self.watcher.scan()
-        self.executor.start()
+        for worker in self.workers.values():
+            worker.start()
         self.state = "idle"
         self._started = True
         self._write_health(force=True)
@@ -174,10 +189,10 @@ class Daemon:
         Drop it without publishing anything, and start again with an empty spool."""
         logger.error("lease.lost owner={}: another daemon took over our jobs; dropping {} records without "
                      "publishing", self.settings.owner, len(self.records))
-        if self.running is not None:
-            self.executor.kill()
-            self._discard_temp()
-            self.running = None
+        for name, info in list(self.running.items()):
+            self.workers[name].kill()
+            self._discard_temp(info)
+        self.running.clear()
         self.records.clear()
         self._intake_retry.clear()
         self.lease.renew_after_loss()
@@ -195,28 +210,31 @@ class Daemon:
         # Tell systemd how long the drain may take, beyond its own TimeoutStopSec.
         self.notifier.extend_timeout(self.settings.shutdown.timeout_seconds + 15)
         self.watcher.stop()
-        if self.running is not None:
-            job_id = self.running["id"]
-            logger.info("daemon.draining interrupting={} timeout={}s", job_id, self.settings.shutdown.timeout_seconds)
-            self.executor.interrupt()
+        if self.running:
+            logger.info("daemon.draining interrupting={} timeout={}s", sorted(i["id"] for i in self.running.values()),
+                        self.settings.shutdown.timeout_seconds)
+            for name in self.running:
+                self.workers[name].interrupt()
             deadline = self.clock() + self.settings.shutdown.timeout_seconds
-            while self.running is not None and self.clock() < deadline:
-                for event in self.executor.poll(timeout=0.1):
-                    self._on_event(event)
+            while self.running and self.clock() < deadline:
+                self._poll_workers(wait=0.1)
                 self._write_health()
                 self.notifier.maybe_watchdog(self.clock())
-            if self.running is not None:
-                logger.warning("daemon.drain_timeout job={}: killing the worker", job_id)
-                self.executor.kill()
-                rec = self.records.get(job_id)
+            for name, info in list(self.running.items()):
+                logger.warning("daemon.drain_timeout job={}: killing the worker", info["id"])
+                self.workers[name].kill()
+                rec = self.records.get(info["id"])
                 if rec is not None and rec.state is JobState.RUNNING:
                     self._requeue_interrupted(rec)
-                self._discard_temp()
-                self.running = None
-        self.executor.stop()
+                self._discard_temp(info)
+            self.running.clear()
+        for worker in self.workers.values():
+            worker.stop()
         self.state = "stopped"
         self._write_health(force=True)
         self.lease.release()
+        if self.history is not None:
+            self.history.close()
         logger.info("daemon.stopped done={} failed={}", self.done, self.failed)
 
     def _requeue_interrupted(self, rec: JobRecord) -> None:
@@ -234,8 +252,9 @@ class Daemon:
                 if until_idle and self.is_idle():
                     logger.info("daemon.idle: nothing left to do (--until-idle)")
                     break
-                if until_idle and self.executor.failing_to_start:
-                    self.worker_unavailable = self.executor.status.last_fatal or "the worker keeps dying at start-up"
+                if until_idle and all(w.failing_to_start for w in self.workers.values()):
+                    self.worker_unavailable = (self.executor.status.last_fatal
+                                               or "the worker keeps dying at start-up")
                     logger.error("daemon.giving_up: {} (--until-idle; queued jobs stay in the spool)",
                                  self.worker_unavailable)
                     break
@@ -245,9 +264,9 @@ class Daemon:
     def _reconcile(self) -> None:
         """A record left RUNNING with no job in the worker (a write failed mid-way, e.g. on a full disk)
         goes back through the retry policy, so that no job is ever stuck."""
-        running_id = self.running["id"] if self.running else None
+        running_ids = {info["id"] for info in self.running.values()}
         for rec in list(self.records.values()):
-            if rec.state is JobState.RUNNING and rec.id != running_id:
+            if rec.state is JobState.RUNNING and rec.id not in running_ids:
                 try:
                     self._fail_or_retry(rec, JobError(Category.IO_ERROR, "the job's result could not be recorded"))
                 except OSError as exc:
@@ -263,7 +282,7 @@ class Daemon:
             self.disk.report_full(str(exc))
 
     def is_idle(self) -> bool:
-        return (self.running is None and self.watcher.pending == 0 and not self._intake_retry
+        return (not self.running and self.watcher.pending == 0 and not self._intake_retry
                 and not any(r.state is JobState.QUEUED for r in self.records.values()))
 
     def tick(self) -> None:
@@ -272,7 +291,7 @@ class Daemon:
         self._take_over_the_dead()
         self._fire_schedules()
         paused = self.disk.paused()
-        if paused and self.running is None:
+        if paused and not self.running:
             self.outbox.clean_temps()
         for path in ([] if paused else self.watcher.ready_files()):
             self.watcher.forget(path)
@@ -284,14 +303,13 @@ class Daemon:
             self._last_intake_retry = self.clock()
             for claimed in sorted(self._intake_retry):
                 self._take_in(claimed)
-        wait = 0.05 if self.running is not None or self.watcher.pending else 0.2
-        for event in self.executor.poll(timeout=wait if self.running is not None else 0):
-            self._on_event(event)
+        self._process_cancels()
+        self._poll_workers(wait=0.05 if len(self.running) == 1 else 0)
         self._reconcile()
         if not paused:
             self._dispatch()
-        if self.running is None:
-            self.watcher.wait_for_hint(wait)
+        if len(self.running) != 1:
+            self.watcher.wait_for_hint(0.02 if self.running or self.watcher.pending else 0.2)
         self._write_health()
 
     # ---- steps ---------------------------------------------------------------------------------
@@ -307,21 +325,101 @@ class Daemon:
         for rec in result.queued:
             self.records[rec.id] = rec
         self.failed += len(result.rejected)
-        for category in result.rejected_categories:
+        for job_id, category in zip(result.rejected, result.rejected_categories):
             self.failed_by_category[category] = self.failed_by_category.get(category, 0) + 1
+            if self.history is not None:
+                failure = self.outbox.failure_path(job_id)
+                record = {}
+                with contextlib.suppress(OSError, ValueError):
+                    record = json.loads(failure.read_text())
+                self.history.record({
+                    "token": f"rejected:{claimed.name}:{job_id}", "id": job_id, "file": record.get("file"),
+                    "status": "failed", "attempts": 0, "queued_at": self.clock(), "finished_at": self.clock(),
+                    "error_category": category, "error_message": record.get("message"),
+                    "recovery_suggestions": record.get("recovery_suggestions"), "failure_record": str(failure),
+                    "instance": self.settings.owner})
         self.results.extend({"id": r, "status": "failed"} for r in result.rejected)
         self._release_if_finished(claimed.name)
 
+    @property
+    def executor(self) -> Executor:
+        """The first worker (the only one on a single-GPU or CPU host)."""
+        return next(iter(self.workers.values()))
+
+    def workers_ready(self) -> bool:
+        return all(w.ready for w in self.workers.values())
+
+    def progress(self, job_id: str) -> dict[str, Any] | None:
+        return next((info for info in self.running.values() if info["id"] == job_id), None)
+
+    def _demand(self, rec: JobRecord) -> JobDemand:
+        p = rec.params
+        return JobDemand(rec.model.get("architecture", ""), p["width"], p["height"], p["frames"],
+                         tiny=bool(rec.model.get("tiny_random_weights")))
+
+    def _plan(self, demand: JobDemand, free_mb: int):
+        m = self.settings.models
+        return plan_for(demand, free_mb, override=m.offload, allow_lossy=m.allow_lossy, book=self.peaks)
+
+    def _slots(self) -> list[Slot]:
+        free = {g.index: g.free_mb for g in self.inventory.gpus()} if self.gpus else {}
+        slots = []
+        for name, worker in self.workers.items():
+            if name in self.running or not worker.ready:
+                continue
+            gpu = worker.gpu
+            slots.append(Slot(name, gpu.index if gpu else None, free.get(gpu.index, gpu.free_mb) if gpu else None,
+                              frozenset(worker.warm), gpu.total_mb if gpu else None))
+        return slots
+
+    def _fail_if_it_fits_nowhere(self, queued: list[JobRecord]) -> list[JobRecord]:
+        """A job that no GPU here could hold, even empty and with the strongest offload, fails at once."""
+        if not self.gpus:
+            return queued
+        keep = []
+        totals = [g.total_mb for g in self.gpus]
+        for rec in queued:
+            if rec.id not in self._vram_checked:
+                self._vram_checked.add(rec.id)
+                demand = self._demand(rec)
+                if fits_nowhere(demand, totals, self._plan):
+                    from .memory import strongest_estimate_mb
+
+                    msg = insufficient_vram_message(demand, totals, strongest_estimate_mb(demand))
+                    self._fail_or_retry(rec, JobError(Category.INSUFFICIENT_VRAM, msg))
+                    continue
+            keep.append(rec)
+        return keep
+
     def _dispatch(self) -> None:
-        if self.running is not None or not self.executor.ready:
-            return
-        rec = pick_next(self.records.values(), self.clock())
-        if rec is None:
-            self.state = "idle"
+        slots = self._slots()
+        if not slots:
             return
         now = self.clock()
+        queued = [r for r in self.records.values() if r.state is JobState.QUEUED]
+        if not queued:
+            if not self.running:
+                self.state = "idle"
+            return
+        queued = self._fail_if_it_fits_nowhere(queued)
+        for assignment in assign(queued, slots, now, aging_bound_seconds=self.settings.scheduler.aging_bound_seconds,
+                                 demand=self._demand, plan=self._plan):
+            self._start_job(assignment.record, assignment.slot.worker, assignment.plan, now)
+
+    def _start_job(self, rec: JobRecord, worker_name: str, plan, now: float) -> None:
+        worker = self.workers[worker_name]
+        params = dict(rec.params)
+        if plan is not None:
+            # The planner's mode, unless an out-of-memory retry already asked for a stronger one.
+            from .policy import OFFLOAD_LADDER
+
+            planned = plan.offload
+            if OFFLOAD_LADDER.index(planned) > OFFLOAD_LADDER.index(params.get("offload", "none")):
+                params["offload"] = planned
+            params["vae_tiling"] = params.get("vae_tiling", False) or plan.vae_tiling
         try:
-            rec = self._set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now)
+            rec = self._set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now, params=params,
+                            worker=worker_name)
         except OSError as exc:
             self._on_write_error(exc)
             return
@@ -331,49 +429,97 @@ class Daemon:
             "params": rec.params, "input_image": rec.input_image,
             "video_tmp": str(self.outbox.temp_video_path(basename)),
         }
-        self.running = {"id": rec.id, "model": rec.model["name"], "phase": "queued_in_worker", "step": 0,
-                        "total": rec.params["steps"], "attempt": rec.attempts, "started_at": now,
-                        "video_tmp": payload["video_tmp"]}
+        self.running[worker_name] = {
+            "id": rec.id, "worker": worker_name, "model": rec.model["name"], "phase": "queued_in_worker", "step": 0,
+            "total": rec.params["steps"], "attempt": rec.attempts, "started_at": now,
+            "video_tmp": payload["video_tmp"], "estimate_mb": plan.estimate_mb if plan else None,
+            "plan": optimizations(plan) if plan else [],
+        }
         self.state = "busy"
-        self.executor.submit(payload)
-        logger.bind(job=rec.id).info("job.dispatched id={} model={} attempt={}", rec.id, rec.model["name"],
-                                     rec.attempts)
+        worker.submit(payload, silence_limit=rec.params.get("timeout_seconds"))
+        worker.note_warm(rec.model["name"])
+        logger.bind(job=rec.id).info("job.dispatched id={} model={} attempt={} worker={}{}", rec.id,
+                                     rec.model["name"], rec.attempts, worker_name,
+                                     f" plan={plan.mode}~{plan.estimate_mb}MiB" if plan else "")
 
-    def _on_event(self, ev: dict[str, Any]) -> None:
+    def _poll_workers(self, wait: float) -> None:
+        for name, worker in self.workers.items():
+            for event in worker.poll(timeout=wait if name in self.running else 0):
+                self._on_event(name, event)
+
+    def _on_event(self, worker_name: str, ev: dict[str, Any]) -> None:
         kind = ev["type"]
         job_id = ev.get("id")
-        if self.running is None or job_id != self.running["id"]:
+        info = self.running.get(worker_name)
+        if info is None or job_id != info["id"]:
             if kind not in ("ready", "fatal"):
                 logger.debug("worker.event_ignored type={} id={}", kind, job_id)
             return
         if kind in ("phase", "progress", "started"):
-            self.running.update({k: v for k, v in ev.items() if k in ("phase", "step", "total")})
+            info.update({k: v for k, v in ev.items() if k in ("phase", "step", "total")})
             if kind == "phase":
                 logger.bind(job=job_id).info("job.phase id={} phase={}", job_id, ev["phase"])
             return
         rec = self.records[job_id]
         try:
             if kind == "done":
-                self._publish(rec, ev["result"])
+                self._publish(rec, ev["result"], info)
             elif kind == "interrupted":
-                self._discard_temp()
-                self._requeue_interrupted(rec)
+                self._discard_temp(info)
+                if job_id in self._cancel_requested:
+                    self._cancel(rec, "while it was running")
+                else:
+                    self._requeue_interrupted(rec)
             elif kind == "failed":
-                self._discard_temp()
+                self._discard_temp(info)
                 self._fail_or_retry(rec, JobError.from_dict(ev["error"]))
         except OSError as exc:  # the record could not be written: _reconcile retries it
             self._on_write_error(exc)
         finally:
-            self.running = None
+            self.running.pop(worker_name, None)
 
-    def _publish(self, rec: JobRecord, result: dict[str, Any]) -> None:
+    # ---- cancel --------------------------------------------------------------------------------
+
+    def _process_cancels(self) -> None:
+        """``wan-daemon cancel ID`` drops a request file; whichever daemon holds the job acts on it."""
+        try:
+            names = os.listdir(self.cancel_dir)
+        except FileNotFoundError:
+            return
+        for job_id in names:
+            rec = self.records.get(job_id)
+            if rec is None or job_id in self._cancel_requested:
+                continue
+            if rec.state is JobState.QUEUED:
+                self._cancel(rec, "before it started")
+            elif rec.state is JobState.RUNNING:
+                self._cancel_requested.add(job_id)
+                for name, info in self.running.items():
+                    if info["id"] == job_id:
+                        logger.info("job.cancelling id={} worker={}", job_id, name)
+                        self.workers[name].interrupt()
+
+    def _cancel(self, rec: JobRecord, when: str) -> None:
+        self._cancel_requested.discard(rec.id)
+        self._fail_or_retry(rec, JobError(Category.CANCELLED, f"cancelled by request {when}"))
+        with contextlib.suppress(FileNotFoundError):
+            (self.cancel_dir / rec.id).unlink()
+
+    def _publish(self, rec: JobRecord, result: dict[str, Any], info: dict[str, Any]) -> None:
         basename = rec.params["basename"]
         now = self.clock()
         if not self.lease.held():
             # We were presumed dead and another daemon owns this job now: it publishes, we must not.
-            self._discard_temp()
+            self._discard_temp(info)
             self._lease_lost()
             return
+        if result.get("peak_vram_usage_mb") and info.get("estimate_mb"):
+            # Estimates improve with use: the measured peak corrects this kind of job's next estimate.
+            p = rec.params
+            self.peaks.record(book_key(rec.model.get("architecture", ""), p.get("offload", "none"),
+                                       vae_tiling=bool(p.get("vae_tiling")),
+                                       tiny=bool(rec.model.get("tiny_random_weights"))),
+                              info["estimate_mb"], result["peak_vram_usage_mb"])
         sidecar = self._sidecar(rec, result, now)
         try:
             poster = Path(result["poster_tmp"]) if result.get("poster_tmp") else None
@@ -381,7 +527,7 @@ class Daemon:
         except OSError as exc:
             from .errors import classify_exception
 
-            self._discard_temp()
+            self._discard_temp(info)
             err = classify_exception(exc)
             if err.category is Category.DISK_FULL:
                 self.disk.report_full(str(exc))
@@ -392,8 +538,9 @@ class Daemon:
                                               f"{basename}.json appeared in the outbox while the job ran"))
             return
         self.outbox.remove_stale_failure(rec.id)
-        self._set(rec, JobState.DONE, note=f"published {basename}.mp4", finished_at=now,
-                  outputs=self._outputs(basename))
+        done = self._set(rec, JobState.DONE, note=f"published {basename}.mp4", finished_at=now,
+                         outputs=self._outputs(basename))
+        self._record_history(done, sidecar)
         self.done += 1
         self.durations = [*self.durations[-9999:], (rec.model.get("name", "?"), now - (rec.started_at or now))]
         self.results.append({"id": rec.id, "status": "done", **self._outputs(basename)})
@@ -407,7 +554,7 @@ class Daemon:
         w = self.settings.worker
         decision = decide(err, rec.attempts, params=rec.params, model=rec.model.get("name", ""),
                           fallback=list(rec.spec.get("fallback") or []),
-                          device=self.executor.status.info.get("device", "cpu"), max_attempts=w.max_attempts,
+                          device=self._worker_device(rec), max_attempts=w.max_attempts,
                           base_seconds=w.retry_base_seconds, cap_seconds=w.retry_cap_seconds, rng=self.rng)
         errors = [*rec.errors, {**err.to_dict(), "attempt": rec.attempts, "at": self.clock()}]
         if decision.retry:
@@ -438,6 +585,10 @@ class Daemon:
                                       err.message)
         self._release_if_finished(rec.source)
 
+    def _worker_device(self, rec: JobRecord) -> str:
+        worker = self.workers.get(rec.worker or "") or self.executor
+        return worker.status.info.get("device", "cpu")
+
     def _changed_params(self, rec: JobRecord, changes: dict[str, Any]) -> dict[str, Any]:
         """Record fields for the next attempt after a degrading retry (policy.Decision.changes)."""
         params = {**rec.params, **{k: v for k, v in changes.items() if k != "model"}}
@@ -461,9 +612,25 @@ class Daemon:
         new.update(offload=params["offload"], seed_was_drawn=params["seed_was_drawn"])
         return {"params": new, "model": located.to_dict()}
 
+    def _open_history(self):
+        if not self.settings.history.enabled:
+            return None
+        from .history import History, HistoryError
+
+        try:
+            return History(self.settings.history.path)
+        except HistoryError as exc:  # the history is a record, not a dependency: run without it
+            logger.error("history.unavailable path={} error={}", self.settings.history.path, exc)
+            return None
+
+    def _record_history(self, rec: JobRecord, sidecar: dict[str, Any] | None = None) -> None:
+        if self.history is not None:
+            self.history.record(rec.model_dump(mode="json"), sidecar)
+
     def _set(self, rec: JobRecord, state: JobState, note: str = "", **changes: Any) -> JobRecord:
         updated = self.spool.transition(rec, state, note, **changes)
         self.records[updated.id] = updated
+        self._record_history(updated)
         self._write_health(force=True)
         return updated
 
@@ -477,9 +644,9 @@ class Daemon:
             self.spool.remove_job_dir(r.id)
             del self.records[r.id]
 
-    def _discard_temp(self) -> None:
-        if self.running and self.running.get("video_tmp"):
-            video_tmp = Path(self.running["video_tmp"])
+    def _discard_temp(self, info: dict[str, Any] | None) -> None:
+        if info and info.get("video_tmp"):
+            video_tmp = Path(info["video_tmp"])
             for tmp in (video_tmp, video_tmp.with_name(video_tmp.stem + ".poster.jpg")):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
@@ -490,7 +657,7 @@ class Daemon:
         return {"video": str(self.outbox.video_path(basename)), "sidecar": str(self.outbox.sidecar_path(basename))}
 
     def _sidecar(self, rec: JobRecord, result: dict[str, Any], now: float) -> dict[str, Any]:
-        info = self.executor.status.info
+        info = (self.workers.get(rec.worker or "") or self.executor).status.info
         started = rec.started_at or now
         timings = {"queue_wait": round(started - (rec.queued_at or started), 4), **result["timings"],
                    "total": round(now - started, 4)}
@@ -518,6 +685,7 @@ class Daemon:
             "host": socket.gethostname(),
             "instance": self.settings.owner,
             "worker_pid": info.get("pid"),
+            "worker": rec.worker,
             "timestamps": {"received_at": iso(rec.received_at), "queued_at": iso(rec.queued_at),
                            "started_at": iso(started), "finished_at": iso(now)},
         }
@@ -531,6 +699,7 @@ class Daemon:
         for r in queued:
             by_priority[str(r.priority)] = by_priority.get(str(r.priority), 0) + 1
         st = self.executor.status
+        jobs = [{k: v for k, v in info.items() if k != "video_tmp"} for info in self.running.values()]
         return {
             "version": __version__,
             "state": self.state,
@@ -543,12 +712,17 @@ class Daemon:
             "queue_depth": len(queued),
             "queue_by_priority": by_priority,
             "inbox_pending": self.watcher.pending,
-            "running": {k: v for k, v in self.running.items() if k != "video_tmp"} if self.running else None,
+            "running": jobs[0] if jobs else None,  # the first running job (one per worker in running_jobs)
+            "running_jobs": jobs,
             "done": self.done,
             "failed": self.failed,
             "device": {"state": st.state, "pid": st.pid, "restarts": st.restarts, "last_fatal": st.last_fatal,
                        "device": st.info.get("device"), "device_name": st.info.get("device_name"),
                        "vram_total_mb": st.info.get("vram_total_mb")},
+            "workers": {name: {"state": w.status.state, "pid": w.status.pid, "restarts": w.status.restarts,
+                               "gpu": w.gpu.index if w.gpu else None, "device": w.status.info.get("device"),
+                               "warm_models": list(w.warm), "last_fatal": w.status.last_fatal}
+                        for name, w in self.workers.items()},
         }
 
     def _write_metrics(self, force: bool = False) -> None:
@@ -567,8 +741,8 @@ class Daemon:
 
     def _status_line(self) -> str:
         queued = sum(1 for r in self.records.values() if r.state is JobState.QUEUED)
-        run = self.running
-        doing = f"running {run['id']} {run.get('phase')} {run.get('step')}/{run.get('total')}" if run else self.state
+        doing = ", ".join(f"running {r['id']} {r.get('phase')} {r.get('step')}/{r.get('total')}"
+                          for r in self.running.values()) or self.state
         paused = f"; PAUSED: {self.disk.reason}" if self.disk.reason else ""
         return f"{doing}; {queued} queued; {self.done} done, {self.failed} failed{paused}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 import yaml
@@ -76,6 +77,11 @@ class JobSpec(_Strict):
     flow_shift: float | None = Field(None, gt=0, le=100, description="Scheduler flow shift.")
     seed: int | None = Field(None, ge=0, lt=2**32, description="Drawn at random and recorded when absent.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
+    not_before: datetime | None = Field(None, strict=False,
+                                        description="Do not start before this time (ISO 8601; UTC if no zone).")
+    timeout: float | None = Field(None, gt=0, le=7 * 86400,
+                                  description="Seconds the job may go without progress before its worker is "
+                                  "killed and the job retried. Default: worker.stall_timeout_seconds.")
     output: OutputSpec = Field(default_factory=OutputSpec)
     fallback: list[Literal["lower_resolution", "fewer_frames", "smaller_model"]] = Field(
         default_factory=list, max_length=3,
@@ -418,6 +424,7 @@ class ResolvedParams(_Strict):
     basename: str
     offload: Literal["none", "model", "group", "sequential"] = "none"
     vae_tiling: bool = False
+    timeout_seconds: float | None = None
 
 
 def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames: int, max_steps: int,
@@ -469,5 +476,6 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
         quality=spec.output.quality,
         basename=spec.output.basename or (spec.id or "job"),
         vae_tiling=vae_tiling,
+        timeout_seconds=spec.timeout,
     )
 

@@ -48,6 +48,10 @@ class _Events:
 def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the daemon decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if config.get("visible_device") is not None:
+        # Before torch is imported: this worker's cuda:0 is its own GPU, whatever the others use.
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        os.environ["CUDA_VISIBLE_DEVICES"] = config["visible_device"]
     events = _Events(events_queue)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _exit_with_parent()

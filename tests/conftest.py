@@ -61,10 +61,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: floa
 class DaemonHarness:
     """A real Daemon (real watcher, real spawned worker) running on a thread, plus helpers to drive it."""
 
-    def __init__(self, root: Path, settings, backend: str | None = None) -> None:
+    def __init__(self, root: Path, settings, backend: str | None = None, inventory=None) -> None:
         self.root = root
         self.settings = settings
         self.backend = backend
+        self.inventory = inventory
         self.inbox = settings.paths.inbox
         self.outbox = settings.paths.outbox
         self.daemon: Daemon | None = None
@@ -72,7 +73,7 @@ class DaemonHarness:
         self.error: BaseException | None = None
 
     def start(self) -> "DaemonHarness":
-        self.daemon = Daemon(self.settings, backend=self.backend)
+        self.daemon = Daemon(self.settings, backend=self.backend, inventory=self.inventory)
         self.daemon.start()
 
         def loop() -> None:
@@ -115,16 +116,16 @@ class DaemonHarness:
         return json.loads(path.read_text())
 
     def idle(self, timeout: float = 90) -> None:
-        wait_for(lambda: self.daemon.is_idle() and self.daemon.executor.ready, timeout, what="daemon idle")
+        wait_for(lambda: self.daemon.is_idle() and self.daemon.workers_ready(), timeout, what="daemon idle")
 
 
 @pytest.fixture
 def harness_factory(tmp_path, models_dir):
     made: list[DaemonHarness] = []
 
-    def make(root: Path | None = None, backend: str | None = None, **overrides: Any) -> DaemonHarness:
+    def make(root: Path | None = None, backend: str | None = None, inventory=None, **overrides: Any) -> DaemonHarness:
         root = root or tmp_path
-        h = DaemonHarness(root, fast_settings(root, models_dir, **overrides), backend)
+        h = DaemonHarness(root, fast_settings(root, models_dir, **overrides), backend, inventory)
         made.append(h)
         return h
 

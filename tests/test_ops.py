@@ -96,3 +96,35 @@ def test_doctor_report_and_monitor_on_a_real_outbox(harness_factory, tmp_path, c
     assert "r.jpg" in html and "&lt;b&gt;for the report&lt;/b&gt;" in html and "invalid_spec" in html
     assert main(["monitor", *args, "--interval", "0.1", "--iterations", "1"]) == 0
     assert "wan-daemon" in capsys.readouterr().out
+
+
+def test_history_is_filled_by_real_runs_and_read_by_tasks_and_analysis(harness_factory, capsys, monkeypatch):
+    from daemon.cli import main
+    from daemon.history import History
+
+    h = harness_factory().start()
+    h.drop("ok.yaml", "defaults: {steps: 2}\njobs:\n  - prompt: one\n  - prompt: two\n")
+    h.drop("bad.yaml", "prompt: x\nframes: 6\n")
+    h.sidecar("ok-1")
+    h.sidecar("ok-2")
+    h.failure("bad")
+    h.idle()
+    with History(h.settings.history.path) as history:
+        rows = {r["id"]: r for r in history.tasks(last=10)}
+    assert rows["ok-1"]["status"] == "done" and rows["ok-1"]["generation_time_seconds"] > 0
+    assert rows["ok-1"]["model_used"] == "tiny-ti2v-5b" and rows["ok-1"]["resolution"] == "64x64"
+    assert rows["ok-1"]["output_video"].endswith("ok-1.mp4") and rows["ok-1"]["peak_rss_mb"] > 0
+    assert rows["bad"]["status"] == "failed" and rows["bad"]["error_category"] == "invalid_spec"
+    args = ["--inbox", str(h.inbox), "--outbox", str(h.outbox)]
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "200")  # rich fits tables to the terminal; make the test's one wide
+    assert main(["tasks", *args, "--last", "5"]) == 0
+    out = capsys.readouterr().out
+    assert "ok-1" in out and "bad" in out
+    assert main(["tasks", *args, "--status", "failed", "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == ["bad"]
+    assert main(["analysis", *args, "--hours", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["done"] == 2 and result["failed"] == 1 and result["failure_categories"] == {"invalid_spec": 1}
+    assert main(["analysis", *args]) == 0
+    assert "tiny-ti2v-5b" in capsys.readouterr().out

@@ -1,0 +1,93 @@
+"""VRAM-aware scheduling end to end: one worker per GPU of a static two-GPU inventory (the workers run the
+real tiny pipelines on this CPU), model affinity, admission, not_before and cancel."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from datetime import datetime, timedelta, timezone
+
+from daemon.cli import main
+from daemon.inventory import GpuInfo, StaticInventory
+
+from conftest import wait_for
+
+TWO_GPUS = [GpuInfo(index=0, name="Fake 24 GiB", total_mb=24576, used_mb=0, free_mb=24576),
+            GpuInfo(index=1, name="Fake 80 GiB", total_mb=81920, used_mb=0, free_mb=81920)]
+
+
+def test_two_workers_run_jobs_concurrently_one_per_gpu(harness_factory):
+    h = harness_factory(inventory=StaticInventory(TWO_GPUS)).start()
+    assert sorted(h.daemon.workers) == ["gpu0", "gpu1"]
+    wait_for(h.daemon.workers_ready, 60, what="both workers")
+    h.drop("pair.yaml", "defaults: {model: tiny-ti2v-5b, steps: 150}\njobs:\n  - prompt: one\n  - prompt: two\n")
+    wait_for(lambda: len(h.daemon.running) == 2, 60, interval=0.02, what="both jobs running at once")
+    sides = [h.sidecar("pair-1"), h.sidecar("pair-2")]
+    assert {s["worker"] for s in sides} == {"gpu0", "gpu1"}
+    health = json.loads(h.settings.health_path.read_text())
+    assert set(health["workers"]) == {"gpu0", "gpu1"}
+
+
+def test_mixed_queue_loads_each_model_once_thanks_to_affinity(harness_factory):
+    h = harness_factory(worker={"max_cached_pipelines": 1}).start()
+    wait_for(h.daemon.workers_ready, 60, what="worker")
+    jobs = "".join(f"  - model: {'tiny-t2v-a14b' if n % 2 else 'tiny-ti2v-5b'}\n    prompt: job {n}\n"
+                   for n in range(10))
+    h.drop("mixed.yaml", "defaults: {steps: 2}\njobs:\n" + jobs)
+    sides = [h.sidecar(f"mixed-{n}") for n in range(1, 11)]
+    loads = [s["model_used"]["name"] for s in sides if s["model_used"]["cache"] == "loaded"]
+    assert sorted(loads) == ["tiny-t2v-a14b", "tiny-ti2v-5b"], loads  # 10 without affinity
+
+
+def test_each_model_loaded_at_most_once_per_worker_on_two_gpus(harness_factory):
+    h = harness_factory(inventory=StaticInventory(TWO_GPUS), worker={"max_cached_pipelines": 1}).start()
+    wait_for(h.daemon.workers_ready, 60, what="workers")
+    jobs = "".join(f"  - model: {'tiny-t2v-a14b' if n % 2 else 'tiny-ti2v-5b'}\n    prompt: job {n}\n"
+                   for n in range(10))
+    h.drop("alt.yaml", "defaults: {steps: 2}\njobs:\n" + jobs)
+    sides = [h.sidecar(f"alt-{n}") for n in range(1, 11)]
+    loads = [(s["worker"], s["model_used"]["name"]) for s in sides if s["model_used"]["cache"] == "loaded"]
+    assert len(loads) == len(set(loads)), loads
+
+
+def test_a_job_that_fits_no_gpu_fails_at_once_with_the_numbers(harness_factory, tmp_path, models_dir):
+    shutil.copytree(models_dir / "tiny-t2v-a14b", tmp_path / "big-a14b")
+    h = harness_factory(inventory=StaticInventory(TWO_GPUS)).start()
+    h.drop("huge.yaml", "model: big-a14b\nprompt: too big\nsize: 2048x2048\nframes: 481\n")
+    record = h.failure("huge")
+    assert record["error_category"] == "insufficient_vram" and record["attempts"] == 0
+    assert "MiB" in record["message"] and "81920" in record["message"].replace(",", "")
+    h.drop("small.yaml", "prompt: fits\nsteps: 2\n")
+    assert h.sidecar("small")["status"] == "done"
+
+
+def test_not_before_holds_a_job_until_its_time(harness):
+    start = datetime.now(timezone.utc) + timedelta(seconds=4)
+    harness.drop("later.yaml", f"prompt: later\nsteps: 2\nnot_before: '{start.isoformat()}'\n")
+    harness.drop("now.yaml", "prompt: now\nsteps: 2\n")
+    assert harness.sidecar("now")["status"] == "done"
+    assert not (harness.outbox / "later.json").exists()
+    side = harness.sidecar("later")
+    assert datetime.fromisoformat(side["timestamps"]["started_at"]) >= start.replace(microsecond=0)
+
+
+def test_cancel_a_queued_and_a_running_job(harness_factory, capsys):
+    h = harness_factory().start()
+    wait_for(h.daemon.workers_ready, 60, what="worker")
+    h.drop("first.yaml", "prompt: long running\nsteps: 400\n")
+    wait_for(lambda: (h.daemon.progress("first") or {}).get("step", 0) >= 2, 60, what="first to run")
+    h.drop("second.yaml", "prompt: waiting\nsteps: 2\n")
+    wait_for(lambda: "second" in h.daemon.records, 30, what="second to be queued")
+    args = ["--inbox", str(h.inbox)]
+    assert main(["cancel", *args, "second"]) == 0
+    assert h.failure("second")["error_category"] == "cancelled"
+    t0 = time.monotonic()
+    assert main(["cancel", *args, "first"]) == 0
+    record = h.failure("first")
+    assert record["error_category"] == "cancelled" and "while it was running" in record["message"]
+    assert time.monotonic() - t0 < 20
+    assert not (h.outbox / "first.mp4").exists() and not (h.outbox / "second.mp4").exists()
+    assert main(["cancel", *args, "nosuchjob"]) == 1
+    h.drop("after.yaml", "prompt: after\nsteps: 2\n")
+    assert h.sidecar("after")["attempts"] == 1  # the worker was not killed: same process, still warm
