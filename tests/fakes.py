@@ -9,7 +9,8 @@ Cues are read from the job's prompt, e.g. ``"sleep=0.2 oom_above=4096 crash_once
 - ``oom_above=N``: raise an out-of-memory error while width*height > N pixels;
 - ``oom_unless_tiled``: raise out-of-memory until VAE tiling is on;
 - ``crash_once``: kill the worker process the first time the job runs (a marker file remembers);
-- ``crash_always``: kill the worker process every time.
+- ``crash_always``: kill the worker process every time;
+- ``hang=S``: go silent (no progress) for S seconds before working, the first time the job runs.
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class CueBackend:
             raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (cue)")
         if "oom_unless_tiled" in cues and not params.get("vae_tiling"):
             raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB (cue)")
+        if "hang" in cues:
+            marker = self.models_dir / f".hung-{job['id']}-{job['token']}"
+            if not marker.exists():
+                marker.touch()
+                time.sleep(float(cues["hang"]))
         seconds = float(cues.get("sleep", 0))
         steps = max(1, int(seconds / 0.05))
         for i in range(steps):

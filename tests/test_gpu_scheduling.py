@@ -91,3 +91,11 @@ def test_cancel_a_queued_and_a_running_job(harness_factory, capsys):
     assert main(["cancel", *args, "nosuchjob"]) == 1
     h.drop("after.yaml", "prompt: after\nsteps: 2\n")
     assert h.sidecar("after")["attempts"] == 1  # the worker was not killed: same process, still warm
+
+
+def test_a_job_silent_past_its_timeout_is_killed_and_retried(harness_factory):
+    h = harness_factory(backend="fakes:CueBackend").start()
+    h.drop("stuck.yaml", "prompt: hang=60\ntimeout: 1.5\n")
+    side = h.sidecar("stuck", timeout=60)
+    assert side["attempts"] == 2
+    assert h.daemon.executor.status.restarts == 1

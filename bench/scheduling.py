@@ -1,0 +1,143 @@
+"""Scheduling figures: pickup latency (inotify and polling), model loads for a mixed queue with and without
+model affinity, and the scheduler's decision time with 10,000 queued jobs.
+
+    .venv/bin/python bench/scheduling.py [--drops 10]
+
+Pickup latency is measured through the real daemon (watcher, claim, intake, dispatch) with the stand-in
+backend (tests/fakes.py), from the rename into the inbox to the job's hand-over to a worker. Model loads
+are counted by replaying the daemon's dispatch decisions (daemon.scheduler.assign, which prefers a warm
+model) against plain FIFO order (pick_next), with one worker that keeps one model warm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from daemon.config import load_settings  # noqa: E402
+from daemon.jobs import JobRecord, JobState  # noqa: E402
+from daemon.memory import JobDemand, plan_for  # noqa: E402
+from daemon.scheduler import Slot, assign, pick_next  # noqa: E402
+
+
+def pickup_latency(mode: str, drops: int) -> list[float]:
+    from daemon import logs
+    from daemon.service import Daemon
+
+    logs.setup("WARNING")
+    root = Path(tempfile.mkdtemp(prefix=f"wan-pickup-{mode}-"))
+    settings = load_settings(None, {
+        "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(root / "models")},
+        "watch": {"mode": mode, "poll_interval_seconds": 1.0},
+        "models": {"default": "tiny-ti2v-5b"}, "logging": {"level": "WARNING"},
+    })
+    daemon = Daemon(settings, backend="fakes:CueBackend")
+    daemon.start()
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    while not daemon.workers_ready():
+        time.sleep(0.05)
+    latencies = []
+    for n in range(drops):
+        job_id = f"p{n}"
+        tmp = settings.paths.inbox / f".{job_id}.tmp"
+        tmp.write_text(f"id: {job_id}\nprompt: sleep=0\n")
+        t0 = time.time()
+        os.rename(tmp, settings.paths.inbox / f"{job_id}.yaml")
+        while True:
+            rec = daemon.records.get(job_id)
+            if rec is not None and rec.started_at:
+                latencies.append(rec.started_at - t0)
+                if os.environ.get("BENCH_DEBUG"):
+                    print(f"    intake {1000 * (rec.received_at - t0):.1f} ms, "
+                          f"dispatch {1000 * (rec.started_at - rec.received_at):.1f} ms")
+                break
+            if (settings.paths.outbox / f"{job_id}.json").exists():
+                import json
+
+                started = json.loads((settings.paths.outbox / f"{job_id}.json").read_text())["timings"]
+                latencies.append(time.time() - t0 - started["total"])
+                break
+            time.sleep(0.002)
+        while daemon.running:
+            time.sleep(0.01)
+        time.sleep(0.3)
+    daemon.request_stop()
+    thread.join(30)
+    return latencies
+
+
+def record(n: int, model: str, priority: int = 0) -> JobRecord:
+    return JobRecord(id=f"j{n}", token=f"t{n}", source="s", source_name="s.yaml", seq=n, priority=priority, spec={},
+                     params={"width": 64, "height": 64, "frames": 9, "steps": 2},
+                     model={"name": model, "architecture": "wan2.2-ti2v-5b", "tiny_random_weights": True},
+                     received_at=0.0, queued_at=0.0, state=JobState.QUEUED)
+
+
+def model_loads(n_jobs: int, models: list[str], affinity: bool) -> int:
+    queued = [record(n, models[n % len(models)]) for n in range(n_jobs)]
+    warm: str | None = None
+    loads = 0
+    while queued:
+        if affinity:
+            slot = Slot("gpu0", 0, 81920, frozenset([warm]) if warm else frozenset(), 81920)
+            demand = lambda r: JobDemand("wan2.2-ti2v-5b", 64, 64, 9, tiny=True)  # noqa: E731
+            [a] = assign(queued, [slot], 1.0, aging_bound_seconds=3600, demand=demand,
+                         plan=lambda d, free: plan_for(d, free))
+            rec = a.record
+        else:
+            rec = pick_next(queued, 1.0)
+        queued.remove(rec)
+        if rec.model["name"] != warm:
+            loads += 1
+            warm = rec.model["name"]
+    return loads
+
+
+def decision_time(n: int, slots: int = 2, repeats: int = 5) -> float:
+    queued = [record(i, f"model-{i % 7}", priority=i % 11 - 5) for i in range(n)]
+    for i, r in enumerate(queued):
+        r.queued_at = float(i)
+    slot_list = [Slot(f"gpu{i}", i, 81920, frozenset({"model-3"}), 81920) for i in range(slots)]
+    demand = lambda r: JobDemand("wan2.2-ti2v-5b", 1280, 704, 121)  # noqa: E731
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        assign(queued, slot_list, float(n), aging_bound_seconds=3600, demand=demand,
+               plan=lambda d, free: plan_for(d, free))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--drops", type=int, default=10)
+    args = ap.parse_args()
+    print(f"wan-daemon scheduling benchmark ({os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')})")
+    for mode in ("inotify", "polling"):
+        lat = sorted(pickup_latency(mode, args.drops))
+        p95 = lat[min(len(lat) - 1, int(round(0.95 * len(lat))) - 1)]
+        print(f"  pickup latency, {mode:8} (file renamed in -> job handed to a worker), {len(lat)} drops: "
+              f"p50 {statistics.median(lat) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms")
+    for n_models in (2, 3):
+        models = [f"model-{i}" for i in range(n_models)]
+        with_aff, without = model_loads(60, models, True), model_loads(60, models, False)
+        print(f"  model loads, 60 queued jobs alternating {n_models} models, one worker keeping one warm: "
+              f"{with_aff} with affinity, {without} in plain FIFO order")
+    for n in (1_000, 10_000):
+        print(f"  scheduler decision with {n:,} queued jobs and 2 free GPUs: {decision_time(n) * 1000:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
