@@ -147,7 +147,7 @@ class DiffusersWanBackend:
         return torch.float32
 
     def _pipeline(self, model: dict[str, Any], kind: str, report: Report,
-                  offload: str = "none") -> tuple[Any, str, float, str]:
+                  offload: str = "none", fp8: bool = False) -> tuple[Any, str, float, str]:
         path = model.get("path")
         if model.get("tiny_random_weights") and not path:
             from .tiny import build_tiny
@@ -158,7 +158,7 @@ class DiffusersWanBackend:
             raise JobError(Category.MODEL_NOT_FOUND, f"model folder {path} is missing or incomplete")
         model_path = str(Path(path).resolve())
         # Offload hooks change the pipeline itself: each offload mode is its own cache entry.
-        key = f"{model_path}|{offload}"
+        key = f"{model_path}|{offload}|{'fp8' if fp8 else 'bf16'}"
         cls = self.pipeline_classes[kind]
         loaded = self._cache.get(key)
         if loaded is not None:
@@ -177,6 +177,13 @@ class DiffusersWanBackend:
         report({"type": "phase", "phase": "loading_model"})
         t0 = time.perf_counter()
         pipe = cls.from_pretrained(path, dtype=self._dtype())
+        if fp8:
+            # Lossy, only when the job's plan allows it: weights stored in FP8, computed in bf16.
+            for name in ("transformer", "transformer_2"):
+                module = getattr(pipe, name, None)
+                if module is not None:
+                    module.enable_layerwise_casting(storage_dtype=self.torch.float8_e4m3fn,
+                                                    compute_dtype=self.torch.bfloat16)
         self._place(pipe, offload)
         pipe.set_progress_bar_config(disable=True)
         load_seconds = time.perf_counter() - t0
@@ -230,9 +237,12 @@ class DiffusersWanBackend:
             )
         timings: dict[str, float] = {}
         offload = params.get("offload", "none") if self.device == "cuda" else "none"
-        pipe, cache_state, load_seconds, model_path = self._pipeline(model, params["pipeline"], report, offload)
+        fp8 = bool(params.get("fp8")) and self.device == "cuda"
+        pipe, cache_state, load_seconds, model_path = self._pipeline(model, params["pipeline"], report, offload, fp8)
         timings["model_load"] = load_seconds
         optimizations = [f"offload:{offload}"] if offload != "none" else []
+        if fp8:
+            optimizations.append("fp8_weights")
         if params.get("vae_tiling"):
             pipe.vae.enable_tiling()
             optimizations.append("vae_tiling")

@@ -417,6 +417,7 @@ class Daemon:
             if OFFLOAD_LADDER.index(planned) > OFFLOAD_LADDER.index(params.get("offload", "none")):
                 params["offload"] = planned
             params["vae_tiling"] = params.get("vae_tiling", False) or plan.vae_tiling
+            params["fp8"] = plan.fp8
         try:
             rec = self._set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now, params=params,
                             worker=worker_name)
