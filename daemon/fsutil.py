@@ -18,10 +18,13 @@ from typing import Any, Iterator
 TEMP_PREFIX = ".wan-tmp-"
 
 
-def temp_path_for(final: Path, suffix: str | None = None) -> Path:
-    """A unique hidden temp name beside ``final`` (same folder, so rename stays atomic)."""
+def temp_path_for(final: Path, suffix: str | None = None, owner: str | None = None) -> Path:
+    """A unique hidden temp name beside ``final`` (same folder, so rename stays atomic). ``owner`` tags it so
+    that daemons sharing an outbox clean up only their own temps."""
     final = Path(final)
-    return final.with_name(f"{TEMP_PREFIX}{final.stem}-{secrets.token_hex(4)}{suffix if suffix is not None else final.suffix}")
+    tag = f"{owner}~" if owner else ""
+    ext = suffix if suffix is not None else final.suffix
+    return final.with_name(f"{TEMP_PREFIX}{tag}{final.stem}-{secrets.token_hex(4)}{ext}")
 
 
 def fsync_dir(folder: Path) -> None:
@@ -117,12 +120,19 @@ def atomic_copy(src: Path, dst: Path, *, max_bytes: int | None = None) -> None:
             os.unlink(tmp)
 
 
-def remove_stale_temps(folder: Path) -> list[Path]:
-    """Delete temp files left by a crash (they were never published, so nobody can depend on them)."""
+def remove_stale_temps(folder: Path, owner: str | None = None, max_age_seconds: float = 86400.0) -> list[Path]:
+    """Delete temp files left by a crash: all of ``owner``'s (it is not writing any now), and anyone's older
+    than ``max_age_seconds`` (never published, so nobody depends on them; another live daemon's are young)."""
+    import time
+
     removed = []
-    if folder.is_dir():
-        for p in folder.glob(TEMP_PREFIX + "*"):
-            with contextlib.suppress(FileNotFoundError):
+    if not folder.is_dir():
+        return removed
+    mine = f"{TEMP_PREFIX}{owner}~" if owner else None
+    now = time.time()
+    for p in folder.glob(TEMP_PREFIX + "*"):
+        with contextlib.suppress(FileNotFoundError):
+            if (mine and p.name.startswith(mine)) or owner is None or now - p.stat().st_mtime > max_age_seconds:
                 p.unlink()
                 removed.append(p)
     return removed

@@ -6,6 +6,7 @@ records that are missing and rewrites the same failure records.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import secrets
@@ -53,12 +54,14 @@ class Intake:
         default_model: Callable[[], str],
         is_active_id: Callable[[str], bool],
         clock: Callable[[], float],
+        is_active_basename: Callable[[str], bool] = lambda name: False,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.outbox = outbox
         self.default_model = default_model
         self.is_active_id = is_active_id
+        self.is_active_basename = is_active_basename
         self.clock = clock
 
     def process(self, claimed: Path) -> IntakeResult:
@@ -85,6 +88,14 @@ class Intake:
             except JobError as err:
                 self._reject_entry(entry, original_name, err, source, result)
                 continue
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                    raise  # the disk, not the job: the daemon pauses and retries the whole file
+                # e.g. ENAMETOOLONG from probing a hostile model or image path: the entry is at fault
+                self._reject_entry(entry, original_name, JobError(
+                    Category.INVALID_SPEC, f"a path in this job cannot be used: {exc.strerror} ({exc.filename!r:.80})"),
+                    source, result)
+                continue
             result.queued.append(record)
         if not result.queued and not any(r.source == source for r in self.spool.iter_records()):
             self.spool.remove_source(source)  # every job was rejected and recorded: nothing left to do
@@ -107,6 +118,10 @@ class Intake:
         assert spec is not None
         if existing_elsewhere or self.is_active_id(spec.id):
             raise JobError(Category.DUPLICATE_JOB, f"a job with id {spec.id!r} is already queued or running")
+        basename = spec.output.basename or spec.id
+        if self.is_active_basename(basename):
+            raise JobError(Category.DUPLICATE_JOB,
+                           f"another queued or running job already writes {basename}.mp4 (output.basename)")
         model_name = spec.model or self.default_model()
         located: LocatedModel = locate(model_name, models_dir=self.settings.paths.models,
                                        model_roots=self.settings.paths.model_roots)
@@ -147,6 +162,9 @@ class Intake:
         except ValueError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             raise JobError(Category.INVALID_INPUT, f"image: {exc}") from None
+        except OSError as exc:  # ENAMETOOLONG and friends: the path itself is unusable
+            shutil.rmtree(folder, ignore_errors=True)
+            raise JobError(Category.INVALID_INPUT, f"image: cannot use {image[:80]!r}...: {exc.strerror}") from None
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.verify()

@@ -96,8 +96,13 @@ class Lease:
         """True while our folder and lease are still ours (nobody took them over)."""
         try:
             return json.loads(self.lease_file.read_text()).get("instance") == self.instance
-        except (OSError, ValueError):
-            return False
+        except FileNotFoundError:
+            return False  # our folder was renamed away: taken over
+        except (OSError, ValueError) as exc:
+            # A transient read error (EIO, ESTALE, a half-visible file on NFS) is not a takeover: the lease
+            # is only lost when the file is gone or names another instance. Check again at the next beat.
+            logger.warning("lease.unreadable path={} error={}", self.lease_file, exc)
+            return True
 
     def beat(self, *, force: bool = False) -> bool:
         """Refresh the heartbeat when due. Returns False when the lease was lost."""

@@ -106,6 +106,7 @@ class LocatedModel:
             "path": str(self.path) if self.path else None,
             "source": self.source,
             "tiny_random_weights": self.info.tiny,
+            "multiple": self.info.multiple,
         }
 
 

@@ -23,8 +23,9 @@ from .fsutil import TEMP_PREFIX, atomic_write_json, fsync_dir, publish, read_jso
 
 
 class Outbox:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, owner: str | None = None) -> None:
         self.root = Path(root)
+        self.owner = owner
         self.failed = self.root / "failed"
         self.root.mkdir(parents=True, exist_ok=True)
         self.failed.mkdir(exist_ok=True)
@@ -52,10 +53,11 @@ class Outbox:
             return None
 
     def temp_video_path(self, basename: str) -> Path:
-        return temp_path_for(self.video_path(basename))
+        return temp_path_for(self.video_path(basename), owner=self.owner)
 
     def clean_temps(self) -> list[Path]:
-        removed = remove_stale_temps(self.root) + remove_stale_temps(self.failed)
+        """Our own leftovers (we are writing none now), and anyone's that are a day old."""
+        removed = remove_stale_temps(self.root, self.owner) + remove_stale_temps(self.failed, self.owner)
         for p in removed:
             logger.info("outbox.temp_removed path={}", p)
         return removed
@@ -74,7 +76,7 @@ class Outbox:
             os.replace(poster_tmp, self.poster_path(basename))
         os.replace(video_tmp, self.video_path(basename))
         fsync_dir(self.root)
-        tmp = temp_path_for(self.sidecar_path(basename))
+        tmp = temp_path_for(self.sidecar_path(basename), owner=self.owner)
         atomic_write_json(tmp, sidecar)
         return publish(tmp, self.sidecar_path(basename))
 

@@ -71,9 +71,9 @@ def _oom_rung(params: dict[str, Any], model: str, fallback: list[str], device: s
 
 def decide(error: JobError, attempts: int, *, params: dict[str, Any] | None = None, model: str = "",
            fallback: list[str] | None = None, device: str = "cpu", max_attempts: int, base_seconds: float,
-           cap_seconds: float, rng: random.Random | None = None) -> Decision:
+           cap_seconds: float, rng: random.Random | None = None, multiple: int | None = None) -> Decision:
     if error.category is Category.OUT_OF_MEMORY and params is not None:
-        multiple = REGISTRY[model].multiple if model in REGISTRY else 16
+        multiple = multiple or (REGISTRY[model].multiple if model in REGISTRY else 32)
         rung = _oom_rung(params, model, fallback or [], device, multiple)
         if rung is not None:
             return rung

@@ -67,7 +67,7 @@ class Daemon:
         self.durations: list[tuple[str, float]] = []  # (model, seconds) of this process's finished jobs
         self.cron = CronSubmitter(list(settings.schedules), state_dir=paths.state, inbox=paths.inbox, clock=clock)
         self._last_cron_tick = float("-inf")
-        self.outbox = Outbox(paths.outbox)
+        self.outbox = Outbox(paths.outbox, owner=settings.owner)
         self.watcher = InboxWatcher(paths.inbox, settings.watch, clock=clock)
         self.inventory = inventory or StaticInventory([])
         self.gpus = [] if settings.worker.device == "cpu" else self.inventory.gpus()
@@ -85,7 +85,10 @@ class Daemon:
         self._cuda_available = cuda_available
         self._default_model: str | None = None
         self.intake = Intake(settings, self.spool, self.outbox, default_model=self.default_model,
-                             is_active_id=lambda job_id: job_id in self.records, clock=clock)
+                             is_active_id=lambda job_id: job_id in self.records, clock=clock,
+                             is_active_basename=lambda name: any(
+                                 r.params.get("basename") == name and r.state is not None and not r.state.terminal
+                                 for r in self.records.values()))
         # Every job with a folder in the spool (active, or terminal but its file not yet released).
         self.records: dict[str, JobRecord] = {}
         self.running: dict[str, dict[str, Any]] = {}  # worker name -> the job it runs
@@ -170,7 +173,10 @@ class Daemon:
             if self.lease.take_over(dead) is None:
                 continue  # another daemon won it
         for folder in self.lease.my_takeovers():  # includes merges a crash or a lost lease interrupted
+            files_before = len(self.spool.claimed_files())
             adopted = self.spool.adopt(folder)
+            if not adopted and len(self.spool.claimed_files()) == files_before:
+                continue
             dead = folder.name.split("~")[1]
             logger.warning("lease.adopted from={} jobs={}", dead, len(adopted))
             self._recover_spool(f"daemon {dead!r} stopped heartbeating while this job was running")
@@ -197,6 +203,7 @@ class Daemon:
         self._intake_retry.clear()
         self.lease.renew_after_loss()
         self.spool.ensure()
+        self._recover_spool("the daemon lost its lease while this job was running")  # anything left is ours
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -248,7 +255,11 @@ class Daemon:
             self.start()
         try:
             while not self._stop.is_set():
-                self.tick()
+                try:
+                    self.tick()
+                except OSError as exc:  # a full or failing disk must not stop the daemon: pause and go on
+                    self._on_write_error(exc)
+                    self._stop.wait(0.5)
                 if until_idle and self.is_idle():
                     logger.info("daemon.idle: nothing left to do (--until-idle)")
                     break
@@ -268,7 +279,14 @@ class Daemon:
         for rec in list(self.records.values()):
             if rec.state is JobState.RUNNING and rec.id not in running_ids:
                 try:
-                    self._fail_or_retry(rec, JobError(Category.IO_ERROR, "the job's result could not be recorded"))
+                    basename = rec.params["basename"]
+                    if self.outbox.published_token(basename) == rec.token:  # published; only DONE was not recorded
+                        self._set(rec, JobState.DONE, note="published; recorded late", finished_at=self.clock(),
+                                  outputs=self._outputs(basename))
+                        self._release_if_finished(rec.source)
+                        continue
+                    category = Category.DISK_FULL if self.disk.reason else Category.IO_ERROR
+                    self._fail_or_retry(rec, JobError(category, "the job's result could not be recorded"))
                 except OSError as exc:
                     self._on_write_error(exc)
                     return
@@ -379,8 +397,8 @@ class Daemon:
         keep = []
         totals = [g.total_mb for g in self.gpus]
         for rec in queued:
-            if rec.id not in self._vram_checked:
-                self._vram_checked.add(rec.id)
+            if rec.token not in self._vram_checked:
+                self._vram_checked.add(rec.token)
                 demand = self._demand(rec)
                 if fits_nowhere(demand, totals, self._plan):
                     from .memory import strongest_estimate_mb
@@ -419,15 +437,16 @@ class Daemon:
             params["vae_tiling"] = params.get("vae_tiling", False) or plan.vae_tiling
             params["fp8"] = plan.fp8
         try:
-            rec = self._set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now, params=params,
-                            worker=worker_name)
+            # The plan is for this attempt on this GPU: it travels in the payload, the record keeps the job's own
+            # parameters (and the out-of-memory ladder's minimum), so a retry is planned afresh.
+            rec = self._set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now, worker=worker_name)
         except OSError as exc:
             self._on_write_error(exc)
             return
         basename = rec.params["basename"]
         payload = {
             "id": rec.id, "token": rec.token, "attempt": rec.attempts, "model": rec.model,
-            "params": rec.params, "input_image": rec.input_image,
+            "params": params, "input_image": rec.input_image,
             "video_tmp": str(self.outbox.temp_video_path(basename)),
         }
         self.running[worker_name] = {
@@ -435,6 +454,10 @@ class Daemon:
             "total": rec.params["steps"], "attempt": rec.attempts, "started_at": now,
             "video_tmp": payload["video_tmp"], "estimate_mb": plan.estimate_mb if plan else None,
             "plan": optimizations(plan) if plan else [],
+            # The memory model learns only from runs configured exactly as it estimated them.
+            "plan_matches_run": bool(plan) and (plan.offload, plan.vae_tiling, plan.fp8) == (
+                params.get("offload", "none"), bool(params.get("vae_tiling")), bool(params.get("fp8"))),
+            "run_offload": params.get("offload", "none"), "run_tiling": bool(params.get("vae_tiling")),
         }
         self.state = "busy"
         worker.submit(payload, silence_limit=rec.params.get("timeout_seconds"))
@@ -473,7 +496,14 @@ class Daemon:
                     self._requeue_interrupted(rec)
             elif kind == "failed":
                 self._discard_temp(info)
-                self._fail_or_retry(rec, JobError.from_dict(ev["error"]))
+                if job_id in self._cancel_requested:
+                    self._cancel(rec, "while it was running")
+                else:
+                    self._fail_or_retry(rec, JobError.from_dict(ev["error"]))
+            if kind == "done" and job_id in self._cancel_requested:  # finished before the cancel landed
+                self._cancel_requested.discard(job_id)
+                with contextlib.suppress(FileNotFoundError):
+                    (self.cancel_dir / job_id).unlink()
         except OSError as exc:  # the record could not be written: _reconcile retries it
             self._on_write_error(exc)
         finally:
@@ -489,7 +519,7 @@ class Daemon:
             return
         for job_id in names:
             rec = self.records.get(job_id)
-            if rec is None or job_id in self._cancel_requested:
+            if rec is None or (job_id in self._cancel_requested and rec.state is JobState.RUNNING):
                 continue
             if rec.state is JobState.QUEUED:
                 self._cancel(rec, "before it started")
@@ -514,12 +544,10 @@ class Daemon:
             self._discard_temp(info)
             self._lease_lost()
             return
-        if result.get("peak_vram_usage_mb") and info.get("estimate_mb"):
+        if result.get("peak_vram_usage_mb") and info.get("estimate_mb") and info.get("plan_matches_run"):
             # Estimates improve with use: the measured peak corrects this kind of job's next estimate.
-            p = rec.params
-            self.peaks.record(book_key(rec.model.get("architecture", ""), p.get("offload", "none"),
-                                       vae_tiling=bool(p.get("vae_tiling")),
-                                       tiny=bool(rec.model.get("tiny_random_weights"))),
+            self.peaks.record(book_key(rec.model.get("architecture", ""), info["run_offload"],
+                                       vae_tiling=info["run_tiling"], tiny=bool(rec.model.get("tiny_random_weights"))),
                               info["estimate_mb"], result["peak_vram_usage_mb"])
         sidecar = self._sidecar(rec, result, now)
         try:
@@ -556,7 +584,8 @@ class Daemon:
         decision = decide(err, rec.attempts, params=rec.params, model=rec.model.get("name", ""),
                           fallback=list(rec.spec.get("fallback") or []),
                           device=self._worker_device(rec), max_attempts=w.max_attempts,
-                          base_seconds=w.retry_base_seconds, cap_seconds=w.retry_cap_seconds, rng=self.rng)
+                          base_seconds=w.retry_base_seconds, cap_seconds=w.retry_cap_seconds, rng=self.rng,
+                          multiple=rec.model.get("multiple"))
         errors = [*rec.errors, {**err.to_dict(), "attempt": rec.attempts, "at": self.clock()}]
         if decision.retry:
             changes: dict[str, Any] = {}

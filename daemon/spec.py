@@ -60,7 +60,7 @@ class JobSpec(_Strict):
         "Default: i2v when an image is given, else the model's own task."
     )
     model: str | None = Field(
-        None, description="Registry name (wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-*), a local "
+        None, max_length=1024, description="Registry name (wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-*), a local "
         "diffusers folder, or a Hugging Face repo id in the local cache. Default: models.default from the config."
     )
     prompt: str = Field(..., min_length=1, max_length=MAX_STRING)

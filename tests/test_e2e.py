@@ -140,6 +140,8 @@ INVALID_JOBS = [
     ("nomodel", "model: no-such-model\nprompt: hi\n", "model_not_found", ["no-such-model"]),
     ("bomb", "a: &a [x, x]\nb: &b [*a, *a]\nprompt: hi\n", "invalid_spec", ["anchors"]),
     ("python", "prompt: !!python/object/apply:os.system [echo pwned]\n", "invalid_spec", ["python"]),
+    ("longmodel", "model: " + "m" * 300 + "\nprompt: hi\n", "invalid_spec", ["cannot be used"]),
+    ("longimage", "model: tiny-i2v-a14b\nprompt: hi\nimage: " + "i" * 300 + ".png\n", "invalid_input", ["image"]),
 ]
 
 

@@ -79,9 +79,16 @@ def test_job_that_kills_its_worker_every_time_fails_after_max_attempts(harness_f
 def test_stale_temp_files_from_a_crash_are_removed_at_start(harness_factory, tmp_path, models_dir):
     h = harness_factory()
     h.outbox.mkdir(parents=True, exist_ok=True)
-    (h.outbox / ".wan-tmp-x-1234.mp4").write_bytes(b"half a video")
+    mine = h.outbox / f".wan-tmp-{h.settings.owner}~x-1234.mp4"
+    theirs = h.outbox / ".wan-tmp-otherdaemon~y-5678.mp4"  # another live daemon on a shared outbox
+    abandoned = h.outbox / ".wan-tmp-gone~z-9999.mp4"
+    for p in (mine, theirs, abandoned):
+        p.write_bytes(b"half a video")
+    old = time.time() - 2 * 86400
+    os.utime(abandoned, (old, old))
     h.start()
-    assert not (h.outbox / ".wan-tmp-x-1234.mp4").exists()
+    assert not mine.exists() and not abandoned.exists()
+    assert theirs.exists(), "another daemon's temp file is in use: never delete it"
 
 
 def wait_denoising(settings, job_id: str) -> dict:

@@ -284,3 +284,13 @@ def test_a_job_that_kills_its_worker_every_time_is_quarantined_others_go_on(harn
     assert h.sidecar("flaky")["attempts"] == 2
     assert h.sidecar("fine")["status"] == "done"
     assert h.daemon.executor.status.restarts >= 4
+
+
+def test_two_active_jobs_cannot_write_the_same_output_name(harness_factory):
+    h = harness_factory(backend=CUE).start()
+    h.drop("a.yaml", "id: first\nprompt: sleep=1\noutput: {basename: shared}\n")
+    h.drop("b.yaml", "id: second\nprompt: sleep=0\noutput: {basename: shared}\n")
+    assert h.sidecar("shared")["id"] == "first"
+    dup = wait_for(lambda: next((json.loads(p.read_text()) for p in (h.outbox / "failed").glob("second*.json")), None),
+                   30, what="the duplicate's record")
+    assert dup["error_category"] == "duplicate_job" and "shared.mp4" in dup["message"]
