@@ -7,13 +7,14 @@ write succeeds again. The health file says why.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from loguru import logger
+
+from .fsutil import probe_write
 
 CHECK_INTERVAL_SECONDS = 1.0
 
@@ -62,17 +63,7 @@ class DiskGuard:
 
     def _probe_fails(self) -> str | None:
         for folder in self.folders:
-            probe = folder / f".wan-tmp-space-probe-{os.getpid()}"
-            try:
-                with open(probe, "wb") as fh:
-                    fh.write(b"\0" * 65536)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            except OSError as exc:
+            exc = probe_write(folder)
+            if exc is not None:
                 return f"disk full: cannot write to {folder} ({exc.strerror}); intake and new jobs are paused"
-            finally:
-                try:
-                    os.unlink(probe)
-                except FileNotFoundError:
-                    pass
         return None

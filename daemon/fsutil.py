@@ -138,6 +138,22 @@ def remove_stale_temps(folder: Path, owner: str | None = None, max_age_seconds: 
     return removed
 
 
+def probe_write(folder: Path, size: int = 65536) -> OSError | None:
+    """Try to write and fsync ``size`` bytes in ``folder``: the error, or None when there is room."""
+    probe = Path(folder) / f"{TEMP_PREFIX}space-probe-{os.getpid()}"
+    try:
+        with open(probe, "wb") as fh:
+            fh.write(b"\0" * size)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        return exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(probe)
+    return None
+
+
 def sha256_file(path: Path) -> str:
     import hashlib
 

@@ -8,7 +8,6 @@ given (fsynced), and returns the facts the sidecar records. Exceptions leave it 
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import platform
@@ -22,7 +21,7 @@ from typing import Any, Callable, Protocol
 from loguru import logger
 
 from .errors import Category, JobError, JobInterrupted
-from .fsutil import fsync_file, sha256_file
+from .fsutil import fsync_file, probe_write, sha256_file
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -66,18 +65,9 @@ def probe_video(path: Path) -> dict[str, Any]:
 def raise_if_disk_full(folder: Path, cause: BaseException) -> None:
     """ffmpeg reports a full disk only on its stderr ("Error writing trailer"), and imageio then fails
     later with an unrelated message: find out by trying to write, so the job is retried, not failed."""
-    probe = folder / f".wan-tmp-space-{os.getpid()}"
-    try:
-        with open(probe, "wb") as fh:
-            fh.write(b"\0" * 65536)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OSError(exc.errno, f"no space left in {folder} while encoding ({cause})") from cause
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(probe)
+    exc = probe_write(folder)
+    if exc is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise OSError(exc.errno, f"no space left in {folder} while encoding ({cause})") from cause
 
 
 def write_poster_frame(frames: Any, path: Path, *, at: float = 0.5, quality: int = 85) -> None:

@@ -95,7 +95,7 @@ def test_models_list_shows_tiny_models_and_missing_real_ones(models_dir, capsys,
     cfg.write_text(f"paths: {{models: {models_dir}}}\n")
     assert main(["models", "list", "--config", str(cfg)]) == EXIT_OK
     out = capsys.readouterr().out
-    assert f"tiny-ti2v-5b" in out and str(models_dir / "tiny-ti2v-5b") in out
+    assert "tiny-ti2v-5b" in out and str(models_dir / "tiny-ti2v-5b") in out
     assert "not downloaded (Wan-AI/Wan2.2-T2V-A14B-Diffusers)" in out
 
 

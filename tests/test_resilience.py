@@ -17,7 +17,6 @@ import pytest
 from daemon import outbox as outbox_module
 from daemon.errors import Category, JobError
 from daemon.jobs import JobState
-from daemon.leases import Lease
 from daemon.policy import decide
 from daemon.service import Daemon
 from daemon.spool import Spool
