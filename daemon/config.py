@@ -62,6 +62,7 @@ class WatchConfig(_Frozen):
 class LimitsConfig(_Frozen):
     max_job_file_bytes: int = Field(1 << 20, gt=0)
     max_input_bytes: int = Field(64 << 20, gt=0)
+    max_input_pixels: int = Field(40_000_000, gt=0, description="Largest input image (width x height).")
     max_side: int = Field(2048, gt=0, description="Largest width or height a job may ask for.")
     max_frames: int = Field(481, gt=0)
     max_steps: int = Field(500, gt=0)
@@ -108,7 +109,11 @@ class WorkerConfig(_Frozen):
         1800.0, gt=0, description="A worker silent for this long (no step, no load progress) is killed."
     )
     start_timeout_seconds: float = Field(300.0, gt=0)
-    max_cached_pipelines: int = Field(1, ge=1, description="Pipelines kept warm in the worker (LRU).")
+    max_cached_pipelines: int = Field(2, ge=1, description="Pipelines kept warm in the worker (LRU).")
+    cache_budget_mb: float | None = Field(
+        None, gt=0, description="Memory warm pipelines may hold; the least recently used are evicted when a new "
+        "one would not fit. Default: 90% of the GPU's memory, or half the host's RAM on a CPU."
+    )
 
 
 class InstanceConfig(_Frozen):

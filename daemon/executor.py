@@ -53,6 +53,7 @@ class Executor:
             "device": w.device,
             "allow_cpu_for_real_models": w.allow_cpu_for_real_models,
             "max_cached_pipelines": w.max_cached_pipelines,
+            "cache_budget_mb": w.cache_budget_mb,
             "models_dir": str(self.settings.paths.models),
             "log_level": self.settings.logging.level,
             "backend": self.backend,

@@ -167,7 +167,15 @@ class Intake:
             raise JobError(Category.INVALID_INPUT, f"image: cannot use {image[:80]!r}...: {exc.strerror}") from None
         try:
             with Image.open(io.BytesIO(data)) as img:
+                pixels = img.size[0] * img.size[1]
+                if pixels > self.settings.limits.max_input_pixels:
+                    raise JobError(Category.INVALID_INPUT, f"image {image!r} is {img.size[0]}x{img.size[1]} = "
+                                   f"{pixels:,} pixels, more than limits.max_input_pixels "
+                                   f"({self.settings.limits.max_input_pixels:,})")
                 img.verify()
+        except JobError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         except Exception as exc:  # PIL raises many types for broken files
             shutil.rmtree(folder, ignore_errors=True)
             raise JobError(Category.INVALID_INPUT, f"image {image!r} is not a readable image: {exc}") from None

@@ -82,10 +82,17 @@ REGISTRY: dict[str, ModelInfo] = {
                   description="TEST MODEL: I2V-A14B architecture, tiny, random weights (video is noise)"),
         ModelInfo("tiny-ti2v-5b", TI2V_5B, None, 64, 64, 9, 24, 3, 5.0, None, 5.0, 32, tiny=True,
                   description="TEST MODEL: TI2V-5B architecture, tiny, random weights (video is noise)"),
+        # For small GPUs (about 8 GB of VRAM): Wan2.1 1.3B text-to-video, one transformer, 16-channel VAE;
+        # Wan2.1's recommended 480p settings (50 steps, guidance 5.0, shift 3.0).
+        ModelInfo("wan2.1-t2v-1.3b", T2V_SINGLE, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 832, 480, 81, 16, 50, 5.0, None,
+                  3.0, 16, description="Wan2.1 text-to-video 1.3B, one transformer (small GPUs, about 8 GB)"),
+        ModelInfo("tiny-t2v-1.3b", T2V_SINGLE, None, 64, 64, 9, 16, 3, 5.0, None, 3.0, 16, tiny=True,
+                  description="TEST MODEL: Wan2.1 T2V-1.3B architecture, tiny, random weights (video is noise)"),
     ]
 }
 
-TINY_FOR: dict[str, str] = {T2V_A14B: "tiny-t2v-a14b", I2V_A14B: "tiny-i2v-a14b", TI2V_5B: "tiny-ti2v-5b"}
+TINY_FOR: dict[str, str] = {T2V_A14B: "tiny-t2v-a14b", I2V_A14B: "tiny-i2v-a14b", TI2V_5B: "tiny-ti2v-5b",
+                             T2V_SINGLE: "tiny-t2v-1.3b"}
 
 
 @dataclass(frozen=True)
@@ -158,10 +165,7 @@ def _folder_multiple(path: Path) -> int:
 
 def info_for_folder(name: str, path: Path, repo_id: str | None = None) -> ModelInfo:
     arch = inspect_folder(path)
-    base = REGISTRY.get(arch) or REGISTRY[TI2V_5B]
-    if arch == T2V_SINGLE:  # Wan2.1 defaults (832x480, 81 frames at 16 fps, 50 steps, guidance 5, shift 3)
-        base = replace(REGISTRY[T2V_A14B], width=832, height=480, steps=50, guidance_scale=5.0,
-                       guidance_scale_2=None, flow_shift=3.0)
+    base = REGISTRY["wan2.1-t2v-1.3b"] if arch == T2V_SINGLE else (REGISTRY.get(arch) or REGISTRY[TI2V_5B])
     return replace(base, name=name, architecture=arch, repo_id=repo_id, multiple=_folder_multiple(path), tiny=False,
                    description=f"local diffusers folder ({arch})")
 

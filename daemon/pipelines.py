@@ -27,6 +27,14 @@ Report = Callable[[dict[str, Any]], None]
 
 
 class GenerationBackend(Protocol):
+    def _default_budget_mb(self) -> float:
+        """What warm pipelines may hold: 90% of the GPU's memory, or half the host's RAM on a CPU."""
+        if self.device == "cuda":
+            return self.torch.cuda.get_device_properties(0).total_memory / (1 << 20) * 0.9
+        import psutil
+
+        return psutil.virtual_memory().total / (1 << 20) * 0.5
+
     def describe(self) -> dict[str, Any]:
         """Device and library versions, sent to the daemon once the worker is up."""
 
@@ -39,6 +47,26 @@ class GenerationBackend(Protocol):
 class _Loaded:
     pipes: dict[str, Any]  # "t2v" / "i2v" -> pipeline sharing the same components
     load_seconds: float
+    size_mb: float = 0.0  # weights on disk: what it holds in memory, near enough for eviction
+
+
+def weights_mb(folder: Path) -> float:
+    """Size of a diffusers folder's weights (safetensors): the memory its pipeline will hold, near enough."""
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors")) / (1 << 20)
+
+
+def fit_image(image: Any, width: int, height: int) -> Any:
+    """Resize and centre-crop an input image to exactly width x height, keeping its aspect: scale so that
+    it covers the target (the smaller scale that fills both sides), then cut the overflow equally from both
+    edges. Nothing is stretched and no border is added."""
+    from PIL import Image
+
+    iw, ih = image.size
+    scale = max(width / iw, height / ih)
+    rw, rh = max(width, round(iw * scale)), max(height, round(ih * scale))
+    resized = image.resize((rw, rh), Image.Resampling.LANCZOS)
+    left, top = (rw - width) // 2, (rh - height) // 2
+    return resized.crop((left, top, left + width, top + height))
 
 
 def probe_video(path: Path) -> dict[str, Any]:
@@ -92,7 +120,7 @@ class DiffusersWanBackend:
     """Wan2.2 through diffusers ``WanPipeline`` / ``WanImageToVideoPipeline``, pipelines kept warm (LRU)."""
 
     def __init__(self, *, device: str = "auto", allow_cpu_for_real_models: bool = False,
-                 max_cached_pipelines: int = 1, models_dir: Path) -> None:
+                 max_cached_pipelines: int = 1, models_dir: Path, cache_budget_mb: float | None = None) -> None:
         import torch
         # Imported now, not at the first job: diffusers' lazy pipeline imports cost about a second.
         from diffusers import WanImageToVideoPipeline, WanPipeline
@@ -108,7 +136,17 @@ class DiffusersWanBackend:
         self.allow_cpu_for_real_models = allow_cpu_for_real_models
         self.max_cached = max_cached_pipelines
         self.models_dir = Path(models_dir)
+        self.cache_budget_mb = cache_budget_mb or self._default_budget_mb()
         self._cache: "OrderedDict[str, _Loaded]" = OrderedDict()
+        self.evicted: list[str] = []  # model folders evicted while loading the current job's
+
+    def _default_budget_mb(self) -> float:
+        """What warm pipelines may hold: 90% of the GPU's memory, or half the host's RAM on a CPU."""
+        if self.device == "cuda":
+            return self.torch.cuda.get_device_properties(0).total_memory / (1 << 20) * 0.9
+        import psutil
+
+        return psutil.virtual_memory().total / (1 << 20) * 0.5
 
     def describe(self) -> dict[str, Any]:
         import diffusers
@@ -158,9 +196,14 @@ class DiffusersWanBackend:
                 base = next(iter(loaded.pipes.values()))
                 loaded.pipes[kind] = cls.from_pipe(base)
             return loaded.pipes[kind], "cached", 0.0, model_path
-        while len(self._cache) >= self.max_cached:
+        size_mb = weights_mb(path)
+        # Least recently used first, until the new pipeline fits the memory budget and the count limit.
+        while self._cache and (len(self._cache) >= self.max_cached
+                               or sum(e.size_mb for e in self._cache.values()) + size_mb > self.cache_budget_mb):
             old_key, _old = self._cache.popitem(last=False)
-            logger.info("worker.pipeline_evicted path={}", old_key)
+            logger.info("worker.pipeline_evicted path={} size_mb={:.0f} budget_mb={:.0f}", old_key, _old.size_mb,
+                        self.cache_budget_mb)
+            self.evicted.append(old_key.split("|", 1)[0])
             del _old
             if self.device == "cuda":
                 self.torch.cuda.empty_cache()
@@ -177,7 +220,7 @@ class DiffusersWanBackend:
         self._place(pipe, offload)
         pipe.set_progress_bar_config(disable=True)
         load_seconds = time.perf_counter() - t0
-        self._cache[key] = _Loaded({kind: pipe}, load_seconds)
+        self._cache[key] = _Loaded({kind: pipe}, load_seconds, size_mb)
         logger.info("worker.pipeline_loaded path={} seconds={:.2f}", key, load_seconds)
         return pipe, "loaded", load_seconds, model_path
 
@@ -226,6 +269,7 @@ class DiffusersWanBackend:
                  "Set worker.allow_cpu_for_real_models: true to force it anyway."],
             )
         timings: dict[str, float] = {}
+        self.evicted = []
         offload = params.get("offload", "none") if self.device == "cuda" else "none"
         fp8 = bool(params.get("fp8")) and self.device == "cuda"
         pipe, cache_state, load_seconds, model_path = self._pipeline(model, params["pipeline"], report, offload, fp8)
@@ -253,7 +297,7 @@ class DiffusersWanBackend:
             from PIL import Image
 
             with Image.open(job["input_image"]) as img:
-                kwargs["image"] = img.convert("RGB")
+                kwargs["image"] = fit_image(img.convert("RGB"), params["width"], params["height"])
 
         total = params["steps"]
         last_step_at = [0.0]
@@ -301,6 +345,7 @@ class DiffusersWanBackend:
             "video": video,
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "model_cache": cache_state,
+            "models_evicted": list(self.evicted),
             "model_path": model_path,
             "device": self.device,
             "peak_vram_usage_mb": peak_vram,

@@ -699,6 +699,7 @@ class Daemon:
             "spec": rec.spec,
             "parameters": rec.params,
             "model_used": {**rec.model, "path": result["model_path"], "cache": result["model_cache"],
+                           "evicted": result.get("models_evicted", []),
                            "load_seconds": result["timings"].get("model_load")},
             "device": {"type": result["device"], "name": info.get("device_name")},
             "timings": timings,

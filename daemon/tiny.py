@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .models import I2V_A14B, REGISTRY, T2V_A14B, TI2V_5B, tiny_model_dir
+from .models import I2V_A14B, REGISTRY, T2V_A14B, T2V_SINGLE, TI2V_5B, tiny_model_dir
 
 # Bump when the recipe changes so that stale builds are rebuilt.
 BUILD_VERSION = 1
@@ -60,6 +60,10 @@ def _build_pipeline(architecture: str):
             latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
         )
         experts, boundary, expand, cls = (transformer(48, 48), None), None, True, WanPipeline
+    elif architecture == T2V_SINGLE:  # Wan2.1 1.3B: one transformer, 16-channel VAE, no boundary
+        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                               temperal_downsample=[False, True, True])
+        experts, boundary, expand, cls = (transformer(16, 16), None), None, False, WanPipeline
     else:
         vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                temperal_downsample=[False, True, True])
@@ -109,7 +113,7 @@ def build_tiny(name: str, models_dir: Path) -> Path:
 
 
 def build_all(models_dir: Path) -> list[Path]:
-    return [build_tiny(n, models_dir) for n in ("tiny-t2v-a14b", "tiny-i2v-a14b", "tiny-ti2v-5b")]
+    return [build_tiny(n, models_dir) for n in ("tiny-t2v-a14b", "tiny-i2v-a14b", "tiny-ti2v-5b", "tiny-t2v-1.3b")]
 
 
-__all__ = ["build_tiny", "build_all", "is_built", "T2V_A14B", "I2V_A14B", "TI2V_5B"]
+__all__ = ["build_tiny", "build_all", "is_built", "T2V_A14B", "I2V_A14B", "TI2V_5B", "T2V_SINGLE"]

@@ -77,6 +77,7 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
             allow_cpu_for_real_models=config["allow_cpu_for_real_models"],
             max_cached_pipelines=config["max_cached_pipelines"],
             models_dir=Path(config["models_dir"]),
+            cache_budget_mb=config.get("cache_budget_mb"),
         )
         if config.get("backend"):
             # Injected by code, never by configuration: the scheduler and chaos tests' stand-in for a GPU.

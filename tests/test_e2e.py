@@ -37,6 +37,7 @@ def make_image(path, size=(64, 64)):
         ("tiny-t2v-a14b", "t2v", "", 16),
         ("tiny-i2v-a14b", "i2v", "image: start.png\n", 16),
         ("tiny-ti2v-5b", "ti2v", "", 24),
+        ("tiny-t2v-1.3b", "t2v", "", 16),
     ],
 )
 def test_job_file_becomes_video_with_requested_frames_size_fps(harness, model, task, extra, fps):

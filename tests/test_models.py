@@ -8,12 +8,12 @@ import shutil
 import pytest
 
 from daemon.errors import Category, JobError
-from daemon.models import I2V_A14B, REGISTRY, T2V_A14B, TI2V_5B, inspect_folder, locate
+from daemon.models import I2V_A14B, REGISTRY, T2V_A14B, T2V_SINGLE, TI2V_5B, inspect_folder, locate
 from daemon.tiny import build_tiny
 
 
 @pytest.mark.parametrize("name,arch", [("tiny-t2v-a14b", T2V_A14B), ("tiny-i2v-a14b", I2V_A14B),
-                                       ("tiny-ti2v-5b", TI2V_5B)])
+                                       ("tiny-ti2v-5b", TI2V_5B), ("tiny-t2v-1.3b", T2V_SINGLE)])
 def test_tiny_models_have_the_real_architectures(models_dir, name, arch):
     folder = models_dir / name
     assert inspect_folder(folder) == arch
@@ -24,6 +24,8 @@ def test_tiny_models_have_the_real_architectures(models_dir, name, arch):
     if arch == TI2V_5B:
         assert pipe.transformer_2 is None and pipe.config.expand_timesteps
         assert pipe.vae.config.z_dim == 48
+    elif arch == T2V_SINGLE:  # Wan2.1 1.3B: one transformer, 16-channel VAE, no expert boundary
+        assert pipe.transformer_2 is None and pipe.config.boundary_ratio is None and pipe.vae.config.z_dim == 16
     else:
         assert pipe.transformer_2 is not None
         assert pipe.config.boundary_ratio == (0.9 if arch == I2V_A14B else 0.875)
@@ -94,3 +96,54 @@ def test_real_model_on_cpu_runs_when_allowed(harness_factory, tmp_path, models_d
     side = h.sidecar("big")
     assert side["model_used"]["source"] == "local" and side["video"]["frames"] == 5
     assert "note" not in side
+
+
+def test_small_model_and_its_tiny_twin(harness):
+    info = REGISTRY["wan2.1-t2v-1.3b"]
+    assert (info.repo_id, info.width, info.height, info.frames, info.fps) == (
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 832, 480, 81, 16)
+    harness.drop("small.yaml", "model: tiny-t2v-1.3b\nprompt: small gpu\nsteps: 2\n")
+    side = harness.sidecar("small")
+    assert side["model_used"]["architecture"] == "wan-t2v" and side["video"]["frames"] == 9
+
+
+def test_input_images_are_resized_and_centre_cropped_never_stretched():
+    from PIL import Image
+
+    from daemon.pipelines import fit_image
+
+    img = Image.new("RGB", (100, 50), (0, 0, 255))
+    for x in range(48, 52):
+        for y in range(50):
+            img.putpixel((x, y), (255, 0, 0))  # a red stripe at the centre
+    out = fit_image(img, 32, 32)
+    assert out.size == (32, 32)
+    assert out.getpixel((16, 16))[0] > 200 and out.getpixel((2, 16))[2] > 200  # centre kept, blue around it
+    tall = fit_image(Image.new("RGB", (30, 90)), 64, 48)
+    assert tall.size == (64, 48)
+
+
+def test_warm_cache_evicts_the_least_recently_used_pipeline_over_its_memory_budget(harness_factory, models_dir):
+    from daemon.pipelines import weights_mb
+
+    one = max(weights_mb(models_dir / n) for n in ("tiny-t2v-a14b", "tiny-ti2v-5b"))
+    h = harness_factory(worker={"max_cached_pipelines": 5, "cache_budget_mb": one * 1.2}).start()
+    h.drop("a1.yaml", "model: tiny-t2v-a14b\nprompt: a\nsteps: 2\n")
+    first = h.sidecar("a1")
+    h.drop("b1.yaml", "model: tiny-ti2v-5b\nprompt: b\nsteps: 2\n")
+    second = h.sidecar("b1")
+    h.drop("a2.yaml", "model: tiny-t2v-a14b\nprompt: a again\nsteps: 2\n")
+    third = h.sidecar("a2")
+    assert first["model_used"]["cache"] == "loaded" and second["model_used"]["cache"] == "loaded"
+    assert second["model_used"]["evicted"] and second["model_used"]["evicted"][0].endswith("tiny-t2v-a14b")
+    assert third["model_used"]["cache"] == "loaded"  # it had been evicted to make room
+
+
+def test_oversized_input_images_are_refused(harness_factory):
+    from PIL import Image
+
+    h = harness_factory(limits={"max_input_pixels": 1000}).start()
+    Image.new("RGB", (64, 64)).save(h.inbox / "big.png")
+    h.drop("px.yaml", "model: tiny-i2v-a14b\nprompt: hi\nimage: big.png\n")
+    record = h.failure("px")
+    assert record["error_category"] == "invalid_input" and "max_input_pixels" in record["message"]
