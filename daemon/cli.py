@@ -196,19 +196,80 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"built {path}  (random weights: test model, the videos are noise)")
         return EXIT_OK
     if args.models_cmd == "list":
-        from .models import REGISTRY, hub_snapshot, tiny_model_dir
-        from .tiny import is_built
+        return _models_list(settings)
+    from .downloads import DownloadError, download, needed_patterns, remove, verify
+    from .models import REGISTRY
 
-        for info in REGISTRY.values():
-            if info.tiny:
-                folder = tiny_model_dir(settings.paths.models, info.name)
-                where = str(folder) if is_built(folder) else "not built (built on first use)"
-            else:
-                snap = hub_snapshot(info.repo_id)
-                where = f"{snap[0]}" if snap else f"not downloaded ({info.repo_id})"
-            print(f"{info.name:18} {info.width}x{info.height} {info.frames}f@{info.fps}  {where}")
-        return EXIT_OK
+    info = REGISTRY.get(args.name)
+    repo = info.repo_id if info is not None else args.name
+    if info is not None and info.tiny:
+        print(f"{args.name} is a tiny test model built locally: `wan-daemon models build-tiny`", file=sys.stderr)
+        return EXIT_USAGE
+    patterns = needed_patterns(info.architecture) if info is not None else None
+    token = os.environ.get("HF_TOKEN")
+    try:
+        if args.models_cmd == "download":
+            path = download(repo, revision=args.revision, allow_patterns=patterns, token=token,
+                            progress=_print_progress, min_free_mb=settings.limits.min_free_mb)
+            print(f"downloaded {repo} to {path}")
+            return EXIT_OK
+        if args.models_cmd == "verify":
+            report = verify(repo, revision=args.revision, allow_patterns=patterns, token=token)
+            for problem in report.problems:
+                print(f"  - {problem}")
+            print(f"{'ok' if report.ok else 'BROKEN'}: {repo}, {report.checked} files checked ({report.source})")
+            return EXIT_OK if report.ok else EXIT_FAIL
+        if args.models_cmd == "remove":
+            freed = remove(repo)
+            print(f"removed {repo}: {freed / 1e9:.2f} GB freed")
+            return EXIT_OK
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
     return EXIT_USAGE
+
+
+_last_progress = [0.0]
+
+
+def _print_progress(p: dict) -> None:
+    """Progress lines for logs and pipes (a terminal also gets huggingface_hub's bar); at most one a second."""
+    now = time.time()
+    if now - _last_progress[0] < 1.0 and p.get("phase") == "downloading":
+        return
+    _last_progress[0] = now
+    total = p.get("total_bytes") or 0
+    done = p.get("downloaded_bytes") or 0
+    pct = f"{100 * done / total:5.1f}%" if total else "  ?  "
+    print(f"{p.get('phase', 'downloading'):11} {p.get('repo')}: {pct} {done / 1e9:.2f}/{total / 1e9:.2f} GB, "
+          f"{p.get('files_done', 0)}/{p.get('files_total', 0)} files", file=sys.stderr, flush=True)
+
+
+def _models_list(settings) -> int:
+    from .downloads import list_cached
+    from .models import REGISTRY, hub_snapshot, tiny_model_dir
+    from .tiny import is_built
+
+    cached = {c["repo_id"]: c for c in list_cached()}
+    for info in REGISTRY.values():
+        if info.tiny:
+            folder = tiny_model_dir(settings.paths.models, info.name)
+            where = f"present  {folder}" if is_built(folder) else "absent   (built on first use)"
+        else:
+            snap = hub_snapshot(info.repo_id)
+            entry = cached.get(info.repo_id, {})
+            size = f"{entry.get('size_on_disk', 0) / 1e9:.1f} GB" if entry else ""
+            where = (f"present  {size} rev {snap[1][:12]} {snap[0]}" if snap
+                     else f"absent   (wan-daemon models download {info.name})")
+        print(f"{info.name:18} {info.width}x{info.height} {info.frames}f@{info.fps:<3} {where}")
+    for root in settings.paths.model_roots:
+        for index in sorted(Path(root).glob("*/model_index.json")):
+            print(f"{index.parent.name:18} local folder      present  {index.parent}")
+    known = {i.repo_id for i in REGISTRY.values() if i.repo_id}
+    for repo, entry in sorted(cached.items()):
+        if repo not in known:
+            print(f"{repo:18} hub cache         present  {entry.get('size_on_disk', 0) / 1e9:.1f} GB {entry.get('path')}")
+    return EXIT_OK
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -351,7 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="model management")
     msub = m.add_subparsers(dest="models_cmd", required=True)
     msub.add_parser("build-tiny", parents=[common], help="build the tiny random-weight test models")
-    msub.add_parser("list", parents=[common], help="list registry models and where their weights are")
+    msub.add_parser("list", parents=[common], help="every registry model and local folder: present or not, size, "
+                    "revision, path")
+    for verb, text in (("download", "download a model's needed files into the Hugging Face cache (resumable)"),
+                       ("verify", "check every needed file's size and sha256 against the hub (or the manifest)"),
+                       ("remove", "delete a model from the Hugging Face cache")):
+        mp = msub.add_parser(verb, parents=[common], help=text)
+        mp.add_argument("name", help="registry name (wan2.2-ti2v-5b, ...) or a hub repo id")
+        if verb != "remove":
+            mp.add_argument("--revision")
     m.set_defaults(func=cmd_models)
 
     tk = sub.add_parser("tasks", parents=[common], help="recent jobs from the history database")

@@ -88,6 +88,10 @@ class ModelsConfig(_Frozen):
         "auto", description="auto: the fastest mode whose memory estimate fits the GPU's free memory."
     )
     allow_lossy: bool = Field(False, description="Allow FP8 weight storage when nothing else fits.")
+    auto_download: bool = Field(
+        True, description="A job whose registry model is not downloaded waits (waiting_for_model) while the daemon "
+        "downloads it in the background; other jobs keep running."
+    )
     vae_tiling: bool = Field(False, description="Decode every video with VAE tiling (lower peak memory, a little "
                              "slower). Out-of-memory retries turn it on per job anyway.")
     default: str = Field(

@@ -22,7 +22,7 @@ from .config import Settings
 from .errors import Category, JobError
 from .fsutil import open_confined
 from .jobs import JobRecord, JobState
-from .models import LocatedModel, locate
+from .models import REGISTRY, LocatedModel, locate
 from .outbox import Outbox
 from .spec import SpecEntry, parse_job_file, resolve_params, safe_stem
 from .spool import Spool
@@ -80,7 +80,7 @@ class Intake:
         for entry in entries:
             existing = self.spool.load(entry.id)
             if existing is not None and existing.source == source:
-                if existing.state is JobState.QUEUED or existing.state is JobState.RUNNING:
+                if existing.state in (JobState.QUEUED, JobState.RUNNING, JobState.WAITING_FOR_MODEL):
                     result.queued.append(existing)
                 continue  # already taken in by an earlier, interrupted intake
             try:
@@ -123,8 +123,17 @@ class Intake:
             raise JobError(Category.DUPLICATE_JOB,
                            f"another queued or running job already writes {basename}.mp4 (output.basename)")
         model_name = spec.model or self.default_model()
-        located: LocatedModel = locate(model_name, models_dir=self.settings.paths.models,
-                                       model_roots=self.settings.paths.model_roots)
+        waiting = False
+        try:
+            located: LocatedModel = locate(model_name, models_dir=self.settings.paths.models,
+                                           model_roots=self.settings.paths.model_roots)
+        except JobError as err:
+            info = REGISTRY.get(model_name)
+            if not (err.category is Category.MODEL_NOT_FOUND and self.settings.models.auto_download
+                    and info is not None and info.repo_id):
+                raise
+            # Known architecture, weights absent: the job waits while the daemon downloads them.
+            located, waiting = LocatedModel(info, None, "hub-cache"), True
         if spec.model is None and located.info.tiny:
             logger.warning("job.default_model id={} model={}: the job names no model and no real weights are "
                            "present; the tiny random-weight test model makes a noise video", spec.id, model_name)
@@ -148,6 +157,9 @@ class Intake:
         folder.mkdir(exist_ok=True)
         if spec.image:
             record.input_image = str(self._copy_input(spec.image, folder))
+        if waiting:
+            return self.spool.transition(record, JobState.WAITING_FOR_MODEL,
+                                         note=f"from {original_name}; downloading {located.info.repo_id}")
         return self.spool.transition(record, JobState.QUEUED, note=f"from {original_name}")
 
     def _copy_input(self, image: str, folder: Path) -> Path:

@@ -1,6 +1,7 @@
 """A job's lifecycle: the one state machine, and the record persisted for every job.
 
 ```
+ (intake) ──► WAITING_FOR_MODEL ──► QUEUED      (auto-download; FAILED when the download fails)
  (intake) ──► QUEUED ──► RUNNING ──► DONE
                  ▲  │        │
                  │  │        ├──► QUEUED   retry (backoff in not_before), crash recovery
@@ -8,6 +9,8 @@
                  └─ FAILED ◄─┘            failure record durable in outbox/failed/
 ```
 
+- ``WAITING_FOR_MODEL``: accepted, but its model's weights are being downloaded in the background; other
+  jobs keep running. Queued when the download completes, failed (``model_download``) when it fails.
 - ``QUEUED``: accepted and persisted in the spool; waits for a worker (and for ``not_before`` after a
   retryable failure).
 - ``RUNNING``: handed to a worker; ``attempts`` was incremented on disk *before* the hand-over, so a
@@ -28,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class JobState(str, enum.Enum):
+    WAITING_FOR_MODEL = "waiting_for_model"
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -40,7 +44,8 @@ class JobState(str, enum.Enum):
 
 # state -> states it may move to. None is "not yet persisted" (intake).
 TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
-    None: frozenset({JobState.QUEUED}),
+    None: frozenset({JobState.QUEUED, JobState.WAITING_FOR_MODEL}),
+    JobState.WAITING_FOR_MODEL: frozenset({JobState.QUEUED, JobState.FAILED}),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.FAILED}),
     JobState.RUNNING: frozenset({JobState.QUEUED, JobState.DONE, JobState.FAILED}),
     JobState.DONE: frozenset(),

@@ -123,12 +123,16 @@ def tiny_model_dir(models_dir: Path, name: str) -> Path:
 
 def hub_snapshot(repo_id: str) -> tuple[Path, str] | None:
     """The local Hugging Face cache snapshot of ``repo_id`` (path, revision), or None. Never downloads."""
-    try:
-        from huggingface_hub import snapshot_download
+    from .downloads import snapshot_path
 
-        path = Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # LocalEntryNotFoundError, offline mode, bad repo id: all mean "not here"
-        return None
+    path = snapshot_path(repo_id)  # finds snapshots fetched with allow_patterns too (wan-daemon's own)
+    if path is None:
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = Path(snapshot_download(repo_id, local_files_only=True))
+        except Exception:  # LocalEntryNotFoundError, offline mode, bad repo id: all mean "not here"
+            return None
     if not (path / "model_index.json").is_file():
         return None
     return path, path.name

@@ -28,6 +28,7 @@ from .intake import Intake
 from .jobs import JobRecord, JobState
 from .leases import Lease
 from .models import default_model
+from .autodownload import ModelDownloads
 from .disk import DiskGuard
 from .metrics import MetricsWriter, read_gpus
 from .inventory import GpuInventory, StaticInventory
@@ -65,6 +66,7 @@ class Daemon:
         self._last_metrics = float("-inf")
         self.failed_by_category: dict[str, int] = {}
         self.durations: list[tuple[str, float]] = []  # (model, seconds) of this process's finished jobs
+        self.downloads = ModelDownloads(min_free_mb=settings.limits.min_free_mb)
         self.cron = CronSubmitter(list(settings.schedules), state_dir=paths.state, inbox=paths.inbox, clock=clock)
         self._last_cron_tick = float("-inf")
         self.outbox = Outbox(paths.outbox, owner=settings.owner)
@@ -149,6 +151,8 @@ class Daemon:
             if rec.id in self.records:
                 continue
             self.records[rec.id] = rec
+            if rec.state is JobState.WAITING_FOR_MODEL:
+                self.downloads.ensure(rec.model["repo_id"], rec.model["architecture"])
             if rec.state is JobState.RUNNING:
                 basename = rec.params["basename"]
                 if self.outbox.published_token(basename) == rec.token:
@@ -301,7 +305,7 @@ class Daemon:
 
     def is_idle(self) -> bool:
         return (not self.running and self.watcher.pending == 0 and not self._intake_retry
-                and not any(r.state is JobState.QUEUED for r in self.records.values()))
+                and not any(r.state in (JobState.QUEUED, JobState.WAITING_FOR_MODEL) for r in self.records.values()))
 
     def tick(self) -> None:
         if not self.lease.beat():
@@ -322,6 +326,7 @@ class Daemon:
             for claimed in sorted(self._intake_retry):
                 self._take_in(claimed)
         self._process_cancels()
+        self._models_arrived()
         self._poll_workers(wait=0.05 if len(self.running) == 1 else 0)
         self._reconcile()
         if not paused:
@@ -508,6 +513,31 @@ class Daemon:
             self._on_write_error(exc)
         finally:
             self.running.pop(worker_name, None)
+
+    # ---- models being downloaded --------------------------------------------------------------
+
+    def _models_arrived(self) -> None:
+        for repo, error in self.downloads.finished().items():
+            waiting = [r for r in self.records.values()
+                       if r.state is JobState.WAITING_FOR_MODEL and r.model.get("repo_id") == repo]
+            for rec in waiting:
+                if error is None:
+                    from .models import locate
+
+                    try:
+                        located = locate(rec.model["name"], models_dir=self.settings.paths.models,
+                                         model_roots=self.settings.paths.model_roots)
+                    except JobError as err:
+                        self._fail_or_retry(rec, JobError(Category.MODEL_DOWNLOAD, f"downloaded, but: {err.message}"))
+                        continue
+                    self._set(rec, JobState.QUEUED, note=f"{repo} downloaded", model=located.to_dict())
+                else:
+                    suggestions = list(getattr(error, "suggestions", []))
+                    self._fail_or_retry(rec, JobError(Category.MODEL_DOWNLOAD,
+                                                      f"downloading {repo} failed: {error}", suggestions))
+        for rec in self.records.values():  # jobs taken in since (or recovered): their download is under way
+            if rec.state is JobState.WAITING_FOR_MODEL:
+                self.downloads.ensure(rec.model["repo_id"], rec.model["architecture"])
 
     # ---- cancel --------------------------------------------------------------------------------
 
@@ -742,6 +772,8 @@ class Daemon:
             "outbox": str(self.settings.paths.outbox),
             "queue_depth": len(queued),
             "queue_by_priority": by_priority,
+            "waiting_for_model": sum(1 for r in self.records.values() if r.state is JobState.WAITING_FOR_MODEL),
+            "downloads": dict(self.downloads.progress),
             "inbox_pending": self.watcher.pending,
             "running": jobs[0] if jobs else None,  # the first running job (one per worker in running_jobs)
             "running_jobs": jobs,
