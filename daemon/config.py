@@ -32,6 +32,8 @@ class PathsConfig(_Frozen):
         default_factory=list, description="Folders that job `image:` paths may point into. Default: [inbox]."
     )
     model_roots: list[Path] = Field(default_factory=list, description="Folders searched for local model folders.")
+    lora_roots: list[Path] = Field(default_factory=list,
+                                   description="Folders job `loras:` paths may point into. Default: [./loras].")
 
     def resolved(self) -> "PathsConfig":
         def r(p: Path) -> Path:
@@ -45,6 +47,7 @@ class PathsConfig(_Frozen):
             models=r(self.models),
             input_roots=[r(p) for p in self.input_roots] or [inbox],
             model_roots=[r(p) for p in self.model_roots] or [Path.cwd()],
+            lora_roots=[r(p) for p in self.lora_roots] or [Path.cwd() / "loras"],
         )
 
 

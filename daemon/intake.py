@@ -140,6 +140,12 @@ class Intake:
         limits = self.settings.limits
         params = resolve_params(spec, located.info, max_side=limits.max_side, max_frames=limits.max_frames,
                                 max_steps=limits.max_steps, vae_tiling=self.settings.models.vae_tiling)
+        if spec.loras:
+            from .lora import validate as validate_loras
+
+            resolved = validate_loras(spec.loras, self.settings.paths.lora_roots, located.path,
+                                      located.info.two_experts)
+            params = params.model_copy(update={"loras": [r.model_dump(mode="json") for r in resolved]})
         if self.outbox.is_published(params.basename):
             raise JobError(
                 Category.DUPLICATE_JOB,

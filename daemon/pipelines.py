@@ -48,6 +48,7 @@ class _Loaded:
     pipes: dict[str, Any]  # "t2v" / "i2v" -> pipeline sharing the same components
     load_seconds: float
     size_mb: float = 0.0  # weights on disk: what it holds in memory, near enough for eviction
+    loras: Any = None  # daemon.lora.LoraManager: adapters stay loaded with the pipeline, switched per job
 
 
 def weights_mb(folder: Path) -> float:
@@ -277,6 +278,14 @@ class DiffusersWanBackend:
         optimizations = [f"offload:{offload}"] if offload != "none" else []
         if fp8:
             optimizations.append("fp8_weights")
+        entry = next((e for e in self._cache.values() if pipe in e.pipes.values()), None)
+        if entry is not None:
+            if entry.loras is None:
+                from .lora import LoraManager
+
+                entry.loras = LoraManager()
+            applied = entry.loras.apply(pipe, params.get("loras") or [])
+            optimizations.extend(f"lora:{name}" for name in applied.active)
         if params.get("vae_tiling"):
             pipe.vae.enable_tiling()
             optimizations.append("vae_tiling")

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import Category, JobError
+from .lora import LoraSpec
 from .models import WAN_NEGATIVE_PROMPT, ModelInfo
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
@@ -83,6 +84,15 @@ class JobSpec(_Strict):
                                   description="Seconds the job may go without progress before its worker is "
                                   "killed and the job retried. Default: worker.stall_timeout_seconds.")
     output: OutputSpec = Field(default_factory=OutputSpec)
+    loras: list[LoraSpec] = Field(
+        default_factory=list, max_length=8,
+        description="LoRAs: [{path (under paths.lora_roots), strength (0-4, default 1), expert: high|low|both}]. "
+        "On the two-expert A14B models `high` loads into the high-noise transformer, `low` into transformer_2.",
+    )
+    preset: Literal["lightning-4step"] | None = Field(
+        None, description="lightning-4step: the Wan2.2 Lightning distill recipe (4 steps, guidance 1.0, shift 5) "
+        "for its high- and low-noise LoRAs; fields the job sets explicitly win.",
+    )
     fallback: list[Literal["lower_resolution", "fewer_frames", "smaller_model"]] = Field(
         default_factory=list, max_length=3,
         description="Degradations allowed when the job runs out of memory after offload and VAE tiling were "
@@ -425,6 +435,8 @@ class ResolvedParams(_Strict):
     offload: Literal["none", "model", "group", "sequential"] = "none"
     vae_tiling: bool = False
     timeout_seconds: float | None = None
+    loras: list[dict[str, Any]] = Field(default_factory=list, description="Resolved LoRAs (daemon.lora.ResolvedLora).")
+    preset: str | None = None
 
 
 def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames: int, max_steps: int,
@@ -456,6 +468,13 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
                         "to the two-expert A14B models")
     if problems:
         raise JobError(Category.INVALID_SPEC, "; ".join(problems))
+    preset: dict[str, Any] = {}
+    if spec.preset:
+        from .lora import apply_preset
+
+        explicit = {k: getattr(spec, k) for k in ("steps", "guidance_scale", "guidance_scale_2", "flow_shift")}
+        preset, _ = apply_preset(spec.preset, spec.loras, explicit, two_experts=info.two_experts)
+        steps = preset.get("steps", steps)
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
     return ResolvedParams(
         task=task,
@@ -467,15 +486,17 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
         frames=frames,
         fps=spec.fps or info.fps,
         steps=steps,
-        guidance_scale=spec.guidance_scale if spec.guidance_scale is not None else info.guidance_scale,
-        guidance_scale_2=(spec.guidance_scale_2 if spec.guidance_scale_2 is not None else info.guidance_scale_2)
-        if info.two_experts else None,
-        flow_shift=spec.flow_shift if spec.flow_shift is not None else info.flow_shift,
+        guidance_scale=spec.guidance_scale if spec.guidance_scale is not None
+        else preset.get("guidance_scale", info.guidance_scale),
+        guidance_scale_2=(spec.guidance_scale_2 if spec.guidance_scale_2 is not None
+                          else preset.get("guidance_scale_2", info.guidance_scale_2)) if info.two_experts else None,
+        flow_shift=spec.flow_shift if spec.flow_shift is not None else preset.get("flow_shift", info.flow_shift),
         seed=seed,
         seed_was_drawn=spec.seed is None,
         quality=spec.output.quality,
         basename=spec.output.basename or (spec.id or "job"),
         vae_tiling=vae_tiling,
         timeout_seconds=spec.timeout,
+        preset=spec.preset,
     )
 

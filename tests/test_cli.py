@@ -96,7 +96,7 @@ def test_models_list_shows_tiny_models_and_missing_real_ones(models_dir, capsys,
     assert main(["models", "list", "--config", str(cfg)]) == EXIT_OK
     out = capsys.readouterr().out
     assert "tiny-ti2v-5b" in out and str(models_dir / "tiny-ti2v-5b") in out
-    assert "not downloaded (Wan-AI/Wan2.2-T2V-A14B-Diffusers)" in out
+    assert "wan2.2-t2v-a14b" in out and "absent   (wan-daemon models download wan2.2-t2v-a14b)" in out
 
 
 @pytest.mark.parametrize("cmd", [["--help"], ["run", "--help"], ["models", "build-tiny", "--help"]])
