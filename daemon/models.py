@@ -189,7 +189,8 @@ def locate(model: str, *, models_dir: Path, model_roots: list[Path]) -> LocatedM
             raise JobError(
                 Category.MODEL_NOT_FOUND,
                 f"model {model!r} ({info.repo_id}) is not in the local Hugging Face cache",
-                [f"Download it: `hf download {info.repo_id}` (about 30-120 GB), then drop the job again.",
+                [f"Download it: `wan-daemon models download {info.name}` (about 30-120 GB), "
+                 "or turn on models.auto_download.",
                  f"Or set `model:` to {TINY_FOR[info.architecture]!r} to test the daemon with a tiny random model."],
                 {"repo_id": info.repo_id},
             )
@@ -209,7 +210,7 @@ def locate(model: str, *, models_dir: Path, model_roots: list[Path]) -> LocatedM
             Category.MODEL_NOT_FOUND,
             f"model {model!r} is neither a registry name, a local diffusers folder, nor a repo in the local "
             "Hugging Face cache",
-            [f"Download it: `hf download {model}`."],
+            [f"Download it: `wan-daemon models download {model}` (any hub repo id), then drop the job again."],
         )
     known = ", ".join(REGISTRY)
     raise JobError(

@@ -64,7 +64,7 @@ def test_real_model_missing_from_the_cache_says_how_to_get_it(models_dir, tmp_pa
     with pytest.raises(JobError) as info:
         locate("wan2.2-ti2v-5b", models_dir=models_dir, model_roots=[])
     assert info.value.category is Category.MODEL_NOT_FOUND
-    assert "hf download Wan-AI/Wan2.2-TI2V-5B-Diffusers" in " ".join(info.value.suggestions)
+    assert "wan-daemon models download wan2.2-ti2v-5b" in " ".join(info.value.suggestions)
     assert REGISTRY["wan2.2-ti2v-5b"].repo_id == "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
 
 
