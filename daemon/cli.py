@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tk = sub.add_parser("tasks", parents=[common], help="recent jobs from the history database")
     tk.add_argument("--last", type=int, default=20)
-    tk.add_argument("--status", choices=["queued", "running", "done", "failed"])
+    tk.add_argument("--status", choices=["waiting_for_model", "queued", "running", "done", "failed"])
     tk.add_argument("--json", action="store_true")
     tk.set_defaults(func=cmd_tasks)
 

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from loguru import logger
 
-STATUSES = ("queued", "running", "done", "failed")
+STATUSES = ("waiting_for_model", "queued", "running", "done", "failed")
 
 # Every column of generation_tasks, in table order, with its SQL type.
 COLUMNS: dict[str, str] = {
