@@ -1,0 +1,126 @@
+"""Daemon overhead against plain diffusers: the same N tiny-model jobs run
+
+  (a) by a plain diffusers loop written the obvious way (load once, generate, export_to_video),
+  (b) through the daemon (files dropped into its inbox, worker already up, until every sidecar is there),
+  (c) one process per job, as users of one-shot scripts do.
+
+    .venv/bin/python bench/overhead.py [--jobs 10] [--steps 4]
+
+Prints the wall time of each, the ratios, the per-job overhead of (b) over (a) in ms, and the share of (b)'s
+wall time the worker spent generating (denoise + decode + encode, from the sidecars).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MODEL = "tiny-ti2v-5b"
+ONE_JOB = """
+import sys, torch
+from diffusers import WanPipeline
+from diffusers.utils import export_to_video
+pipe = WanPipeline.from_pretrained(sys.argv[1]); pipe.set_progress_bar_config(disable=True)
+out = pipe(prompt=sys.argv[2], height=64, width=64, num_frames=9, num_inference_steps=int(sys.argv[3]),
+           guidance_scale=5.0, generator=torch.Generator().manual_seed(int(sys.argv[4]))).frames[0]
+export_to_video(list(out), sys.argv[5], fps=24)
+"""
+
+
+def plain_loop(folder: Path, jobs: int, steps: int, out: Path) -> float:
+    import torch
+    from diffusers import WanPipeline
+    from diffusers.utils import export_to_video
+
+    t0 = time.perf_counter()
+    pipe = WanPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    for n in range(jobs):
+        frames = pipe(prompt=f"job {n}", height=64, width=64, num_frames=9, num_inference_steps=steps,
+                      guidance_scale=5.0, generator=torch.Generator().manual_seed(n)).frames[0]
+        export_to_video(list(frames), str(out / f"plain-{n}.mp4"), fps=24)
+    return time.perf_counter() - t0
+
+
+def one_process_per_job(folder: Path, jobs: int, steps: int, out: Path) -> float:
+    t0 = time.perf_counter()
+    for n in range(jobs):
+        subprocess.run([sys.executable, "-c", ONE_JOB, str(folder), f"job {n}", str(steps), str(n),
+                        str(out / f"proc-{n}.mp4")], check=True, capture_output=True)
+    return time.perf_counter() - t0
+
+
+def through_daemon(models_dir: Path, jobs: int, steps: int, root: Path) -> tuple[float, float]:
+    from daemon import logs
+    from daemon.config import load_settings
+    from daemon.service import Daemon
+
+    logs.setup("WARNING")
+    settings = load_settings(None, {
+        "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(models_dir)},
+        "models": {"default": MODEL}, "logging": {"level": "WARNING"}, "limits": {"min_free_mb": 0},
+    })
+    daemon = Daemon(settings)
+    daemon.start()
+    thread = threading.Thread(target=daemon.run, daemon=True)
+    thread.start()
+    while not daemon.workers_ready():
+        time.sleep(0.02)
+    t0 = time.perf_counter()
+    for n in range(jobs):
+        tmp = settings.paths.inbox / f".j{n}.tmp"
+        tmp.write_text(f"id: j{n}\nmodel: {MODEL}\nprompt: job {n}\nsteps: {steps}\nseed: {n}\nsize: 64x64\n"
+                       f"frames: 9\n")
+        os.rename(tmp, settings.paths.inbox / f"j{n}.yaml")
+    sidecars = [settings.paths.outbox / f"j{n}.json" for n in range(jobs)]
+    while not all(p.exists() for p in sidecars):
+        time.sleep(0.005)
+    wall = time.perf_counter() - t0
+    busy = 0.0
+    for p in sidecars:
+        t = json.loads(p.read_text())["timings"]
+        busy += t["model_load"] + t["denoise"] + t["vae_decode"] + t["encode"]
+    daemon.request_stop()
+    thread.join(30)
+    return wall, busy
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=4)
+    args = ap.parse_args()
+    from daemon.tiny import build_tiny
+
+    root = Path(tempfile.mkdtemp(prefix="wan-overhead-"))
+    models_dir = root / "models"
+    folder = build_tiny(MODEL, models_dir)
+    (root / "out").mkdir()
+    plain_loop(folder, 1, args.steps, root / "out")  # warm the imports and the disk cache for everyone
+    a = plain_loop(folder, args.jobs, args.steps, root / "out")
+    b, busy = through_daemon(models_dir, args.jobs, args.steps, root)
+    c = one_process_per_job(folder, args.jobs, args.steps, root / "out")
+    n = args.jobs
+    print(f"wan-daemon overhead benchmark: {n} jobs, {MODEL} 64x64x9, {args.steps} steps, "
+          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    print(f"  (a) plain diffusers loop (load once)     {a:7.2f} s   {a / n * 1000:7.1f} ms/job")
+    print(f"  (b) through the daemon (inbox -> outbox) {b:7.2f} s   {b / n * 1000:7.1f} ms/job   "
+          f"{b / a:5.2f}x (a), overhead {(b - a) / n * 1000:+.1f} ms/job")
+    print(f"  (c) one process per job                  {c:7.2f} s   {c / n * 1000:7.1f} ms/job   "
+          f"{c / b:5.2f}x (b)")
+    print(f"  worker generating (load+denoise+decode+encode) during (b): {busy / b * 100:.0f}% of its wall time")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
