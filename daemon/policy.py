@@ -9,7 +9,7 @@
   block-level group offload, then sequential), then VAE tiling, then, only where the job lists them in
   ``fallback``, degraded settings (lower resolution, fewer frames, a smaller model), each degradation
   recorded in the sidecar. When no rung is left, the job fails with what was tried.
-- Everything else is final at once. No decision ever produces a placeholder video.
+- Everything else is final at once. Every decision is a retry of real generation or a failure record.
 """
 
 from __future__ import annotations
