@@ -42,7 +42,6 @@ def _settings(args: argparse.Namespace):
 
 def cmd_run(args: argparse.Namespace) -> int:
     from . import logs
-    from .gpu import nvml_gpu_count
     from .service import Daemon
 
     from .notify import SystemdNotifier
@@ -55,7 +54,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     inventory = NvmlInventory(visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                               allowed=settings.hardware.gpus, vram_limit_gb=settings.hardware.vram_limit_gb)
-    daemon = Daemon(settings, cuda_available=nvml_gpu_count() > 0, notifier=notifier, inventory=inventory)
+    daemon = Daemon(settings, cuda_available=bool(inventory.gpus()), notifier=notifier, inventory=inventory)
     signals_seen = []
 
     def on_signal(signum, _frame):

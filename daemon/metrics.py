@@ -140,28 +140,12 @@ def _prio_key(prio: str) -> tuple[int, float | str]:
         return (1, prio)
 
 
-def read_gpus() -> list[dict[str, Any]]:
-    """GPUs as NVML sees them (index, name, memory_total_mb, memory_used_mb); [] without an NVIDIA driver."""
-    try:
-        import pynvml
+def read_gpus(inventory: Any = None) -> list[dict[str, Any]]:
+    """GPUs from a GPU inventory (default: NVML, daemon.inventory) as render() takes them; [] without a driver."""
+    from .inventory import NvmlInventory
 
-        pynvml.nvmlInit()
-    except Exception:
-        return []
-    try:
-        gpus = []
-        for i in range(int(pynvml.nvmlDeviceGetCount())):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
-            name = pynvml.nvmlDeviceGetName(handle)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            gpus.append({"index": i, "name": name.decode() if isinstance(name, bytes) else str(name),
-                         "memory_total_mb": mem.total / _MIB, "memory_used_mb": mem.used / _MIB})
-        return gpus
-    except Exception:
-        return []
-    finally:
-        with contextlib.suppress(Exception):
-            pynvml.nvmlShutdown()
+    return [{"index": g.index, "name": g.name, "memory_total_mb": g.total_mb, "memory_used_mb": g.used_mb}
+            for g in (inventory or NvmlInventory()).gpus()]
 
 
 class MetricsWriter:

@@ -26,23 +26,11 @@ def read_all(health_dir: Path) -> list[dict[str, Any]]:
 
 
 def gpu_rows() -> list[dict[str, Any]]:
-    try:
-        import pynvml
+    from .inventory import NvmlInventory
 
-        pynvml.nvmlInit()
-    except Exception:
-        return []
-    rows = []
-    try:
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            rows.append({"index": i, "name": pynvml.nvmlDeviceGetName(h), "used_mb": mem.used >> 20,
-                         "total_mb": mem.total >> 20,
-                         "util": pynvml.nvmlDeviceGetUtilizationRates(h).gpu})
-    finally:
-        pynvml.nvmlShutdown()
-    return rows
+    return [{"index": g.index, "name": g.name, "used_mb": g.used_mb, "total_mb": g.total_mb,
+             "util": g.utilization_percent if g.utilization_percent is not None else "?"}
+            for g in NvmlInventory().gpus()]
 
 
 def render(healths: list[dict[str, Any]], gpus: list[dict[str, Any]], now: float | None = None) -> Group:

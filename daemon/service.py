@@ -153,13 +153,8 @@ class Daemon:
             self.records[rec.id] = rec
             if rec.state is JobState.WAITING_FOR_MODEL:
                 self.downloads.ensure(rec.model["repo_id"], rec.model["architecture"])
-            if rec.state is JobState.RUNNING:
-                basename = rec.params["basename"]
-                if self.outbox.published_token(basename) == rec.token:
-                    self._set(rec, JobState.DONE, note="found published after a restart",
-                              finished_at=self.clock(), outputs=self._outputs(basename))
-                else:
-                    self._fail_or_retry(rec, JobError(Category.WORKER_CRASHED, crash_reason))
+            if rec.state is JobState.RUNNING and not self._done_if_published(rec, "found published after a restart"):
+                self._fail_or_retry(rec, JobError(Category.WORKER_CRASHED, crash_reason))
         for claimed in self.spool.claimed_files():
             self._take_in(claimed)
         for source in {r.source for r in self.records.values()}:
@@ -283,10 +278,7 @@ class Daemon:
         for rec in list(self.records.values()):
             if rec.state is JobState.RUNNING and rec.id not in running_ids:
                 try:
-                    basename = rec.params["basename"]
-                    if self.outbox.published_token(basename) == rec.token:  # published; only DONE was not recorded
-                        self._set(rec, JobState.DONE, note="published; recorded late", finished_at=self.clock(),
-                                  outputs=self._outputs(basename))
+                    if self._done_if_published(rec, "published; recorded late"):  # only DONE was not recorded
                         self._release_if_finished(rec.source)
                         continue
                     category = Category.DISK_FULL if self.disk.reason else Category.IO_ERROR
@@ -294,6 +286,14 @@ class Daemon:
                 except OSError as exc:
                     self._on_write_error(exc)
                     return
+
+    def _done_if_published(self, rec: JobRecord, note: str) -> bool:
+        """A RUNNING job whose sidecar (with its token) is in the outbox was published: record it DONE."""
+        basename = rec.params["basename"]
+        if self.outbox.published_token(basename) != rec.token:
+            return False
+        self._set(rec, JobState.DONE, note=note, finished_at=self.clock(), outputs=self._outputs(basename))
+        return True
 
     def _on_write_error(self, exc: OSError) -> None:
         from .errors import classify_exception
@@ -798,7 +798,7 @@ class Daemon:
         try:
             self.metrics.write(self.health_payload(),
                                {"done_total": self.done, "failed_total_by_category": self.failed_by_category},
-                               self.durations, read_gpus())
+                               self.durations, read_gpus(self.inventory))
         except OSError as exc:
             logger.warning("metrics.write_failed error={}", exc)
 

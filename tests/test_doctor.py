@@ -82,9 +82,9 @@ def test_this_machine(machine_checks):
     assert c["torch"].status == ("ok" if torch.cuda.is_available() else "warn")
     if not torch.cuda.is_available():
         assert "tiny" in c["torch"].advice
-    from daemon.gpu import nvml_gpu_count
+    from daemon.inventory import NvmlInventory
 
-    if nvml_gpu_count() == 0:
+    if not NvmlInventory().gpus():
         assert c["nvml"].status == "warn" and "CPU-only host" in c["nvml"].advice
     else:
         assert c["nvml"].status == "ok" and "driver" in c["nvml"].detail
