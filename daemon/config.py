@@ -121,6 +121,11 @@ class WorkerConfig(_Frozen):
         None, gt=0, description="Memory warm pipelines may hold; the least recently used are evicted when a new "
         "one would not fit. Default: 90% of the GPU's memory, or half the host's RAM on a CPU."
     )
+    cpu_threads: int | None = Field(
+        None, ge=1, description="Torch threads of a worker that computes on the CPU. Default: the host's cores "
+        "shared equally among the daemon's workers (OpenMP threads of two workers on the same cores slow both "
+        "down many times over)."
+    )
 
 
 class InstanceConfig(_Frozen):

@@ -29,11 +29,12 @@ class WorkerStatus:
 
 class Executor:
     def __init__(self, settings: Settings, *, clock: Callable[[], float], backend: str | None = None,
-                 name: str = "cpu", gpu: GpuInfo | None = None) -> None:
+                 name: str = "cpu", gpu: GpuInfo | None = None, cpu_threads: int | None = None) -> None:
         self.settings = settings
         self.backend = backend
         self.name = name
         self.gpu = gpu
+        self.cpu_threads = cpu_threads
         self.warm: list[str] = []  # models this worker has loaded, least recently used first
         self._silence_limit = settings.worker.stall_timeout_seconds
         self.clock = clock
@@ -54,6 +55,7 @@ class Executor:
             "allow_cpu_for_real_models": w.allow_cpu_for_real_models,
             "max_cached_pipelines": w.max_cached_pipelines,
             "cache_budget_mb": w.cache_budget_mb,
+            "cpu_threads": w.cpu_threads or self.cpu_threads,
             "models_dir": str(self.settings.paths.models),
             "log_level": self.settings.logging.level,
             "backend": self.backend,

@@ -121,7 +121,8 @@ class DiffusersWanBackend:
     """Wan2.2 through diffusers ``WanPipeline`` / ``WanImageToVideoPipeline``, pipelines kept warm (LRU)."""
 
     def __init__(self, *, device: str = "auto", allow_cpu_for_real_models: bool = False,
-                 max_cached_pipelines: int = 1, models_dir: Path, cache_budget_mb: float | None = None) -> None:
+                 max_cached_pipelines: int = 1, models_dir: Path, cache_budget_mb: float | None = None,
+                 cpu_threads: int | None = None) -> None:
         import torch
         # Imported now, not at the first job: diffusers' lazy pipeline imports cost about a second.
         from diffusers import WanImageToVideoPipeline, WanPipeline
@@ -134,6 +135,10 @@ class DiffusersWanBackend:
             raise JobError(Category.INSUFFICIENT_VRAM, "worker.device is cuda but torch sees no CUDA device",
                            ["Install a CUDA build of torch (see README) or set worker.device: auto"])
         self.device = device
+        if device == "cpu" and cpu_threads:
+            # Several workers on one host's cores: each keeps to its share instead of all of them spinning
+            # OpenMP threads over the same cores.
+            torch.set_num_threads(cpu_threads)
         self.allow_cpu_for_real_models = allow_cpu_for_real_models
         self.max_cached = max_cached_pipelines
         self.models_dir = Path(models_dir)
@@ -160,6 +165,8 @@ class DiffusersWanBackend:
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()},
         }
+        if self.device == "cpu":
+            info["cpu_threads"] = torch.get_num_threads()
         if self.device == "cuda":
             free, total = torch.cuda.mem_get_info()
             info["vram_total_mb"] = total // (1 << 20)

@@ -74,10 +74,13 @@ class Daemon:
         self.inventory = inventory or StaticInventory([])
         self.gpus = [] if settings.worker.device == "cpu" else self.inventory.gpus()
         # One long-lived worker per GPU (a CPU-only host, or worker.device: cpu, gets one CPU worker).
+        # A worker that ends up computing on the CPU gets an equal share of the cores.
+        share = max(1, (os.cpu_count() or 1) // max(1, len(self.gpus)))
         self.workers: dict[str, Executor] = {
-            f"gpu{g.index}": Executor(settings, clock=clock, backend=backend, name=f"gpu{g.index}", gpu=g)
+            f"gpu{g.index}": Executor(settings, clock=clock, backend=backend, name=f"gpu{g.index}", gpu=g,
+                                      cpu_threads=share)
             for g in self.gpus
-        } or {"cpu": Executor(settings, clock=clock, backend=backend, name="cpu")}
+        } or {"cpu": Executor(settings, clock=clock, backend=backend, name="cpu", cpu_threads=share)}
         self.history = self._open_history()
         self.peaks = PeakBook(paths.state / "peaks" / f"{settings.owner}.json")
         self.cancel_dir = paths.state / "cancel"

@@ -78,6 +78,7 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
             max_cached_pipelines=config["max_cached_pipelines"],
             models_dir=Path(config["models_dir"]),
             cache_budget_mb=config.get("cache_budget_mb"),
+            cpu_threads=config.get("cpu_threads"),
         )
         if config.get("backend"):
             # Injected by code, never by configuration: the scheduler and chaos tests' stand-in for a GPU.

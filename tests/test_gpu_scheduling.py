@@ -4,6 +4,7 @@ real tiny pipelines on this CPU), model affinity, admission, not_before and canc
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from datetime import datetime, timedelta, timezone
@@ -21,12 +22,27 @@ def test_two_workers_run_jobs_concurrently_one_per_gpu(harness_factory):
     h = harness_factory(inventory=StaticInventory(TWO_GPUS)).start()
     assert sorted(h.daemon.workers) == ["gpu0", "gpu1"]
     wait_for(h.daemon.workers_ready, 60, what="both workers")
-    h.drop("pair.yaml", "defaults: {model: tiny-ti2v-5b, steps: 150}\njobs:\n  - prompt: one\n  - prompt: two\n")
-    wait_for(lambda: len(h.daemon.running) == 2, 60, interval=0.02, what="both jobs running at once")
+    h.drop("pair.yaml", "defaults: {model: tiny-ti2v-5b, steps: 30}\njobs:\n  - prompt: one\n  - prompt: two\n")
     sides = [h.sidecar("pair-1"), h.sidecar("pair-2")]
     assert {s["worker"] for s in sides} == {"gpu0", "gpu1"}
+    spans = [(datetime.fromisoformat(s["timestamps"]["started_at"]), datetime.fromisoformat(s["timestamps"]["finished_at"]))
+             for s in sides]
+    assert max(start for start, _ in spans) < min(end for _, end in spans), f"ran one after the other: {spans}"
     health = json.loads(h.settings.health_path.read_text())
     assert set(health["workers"]) == {"gpu0", "gpu1"}
+
+
+def test_workers_sharing_the_cpu_split_its_cores_between_them(harness_factory):
+    # Here the "GPUs" are computed on the CPU: two workers each spinning all cores' OpenMP threads slowed
+    # both many times over (a two-job test took minutes on two cores instead of seconds).
+    h = harness_factory(inventory=StaticInventory(TWO_GPUS)).start()
+    wait_for(h.daemon.workers_ready, 60, what="both workers")
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert [w.status.info.get("cpu_threads") for w in h.daemon.workers.values()] == [share, share]
+    h.stop()
+    one = harness_factory(worker={"cpu_threads": 1}).start()
+    wait_for(one.daemon.workers_ready, 60, what="worker")
+    assert one.daemon.workers["cpu"].status.info.get("cpu_threads") == 1
 
 
 def test_mixed_queue_loads_each_model_once_thanks_to_affinity(harness_factory):
