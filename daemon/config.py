@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .schedules import Schedule
+from .speed import SpeedConfig
 
 
 class _Frozen(BaseModel):
@@ -192,6 +193,7 @@ class Settings(_Frozen):
     history: HistoryConfig = HistoryConfig()
     hardware: HardwareConfig = HardwareConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    speed: SpeedConfig = SpeedConfig()
 
     def resolved(self) -> "Settings":
         """Absolute paths everywhere (relative ones are taken from the current directory); the instance id."""

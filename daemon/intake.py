@@ -139,7 +139,8 @@ class Intake:
                            "present; the tiny random-weight test model makes a noise video", spec.id, model_name)
         limits = self.settings.limits
         params = resolve_params(spec, located.info, max_side=limits.max_side, max_frames=limits.max_frames,
-                                max_steps=limits.max_steps, vae_tiling=self.settings.models.vae_tiling)
+                                max_steps=limits.max_steps, vae_tiling=self.settings.models.vae_tiling,
+                                speed=self.settings.speed)
         if spec.loras:
             from .lora import validate as validate_loras
 

@@ -27,14 +27,6 @@ Report = Callable[[dict[str, Any]], None]
 
 
 class GenerationBackend(Protocol):
-    def _default_budget_mb(self) -> float:
-        """What warm pipelines may hold: 90% of the GPU's memory, or half the host's RAM on a CPU."""
-        if self.device == "cuda":
-            return self.torch.cuda.get_device_properties(0).total_memory / (1 << 20) * 0.9
-        import psutil
-
-        return psutil.virtual_memory().total / (1 << 20) * 0.5
-
     def describe(self) -> dict[str, Any]:
         """Device and library versions, sent to the daemon once the worker is up."""
 
@@ -49,6 +41,8 @@ class _Loaded:
     load_seconds: float
     size_mb: float = 0.0  # weights on disk: what it holds in memory, near enough for eviction
     loras: Any = None  # daemon.lora.LoraManager: adapters stay loaded with the pipeline, switched per job
+    compiled: bool = False  # its transformer blocks were torch.compiled (in place: every later job runs them)
+    attention: str = "native"  # the attention backend its transformers are set to
 
 
 def weights_mb(folder: Path) -> float:
@@ -248,6 +242,42 @@ class DiffusersWanBackend:
         else:
             raise JobError(Category.INTERNAL, f"unknown offload mode {offload!r}")
 
+    @staticmethod
+    def _transformers(pipe: Any) -> list[Any]:
+        return [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
+
+    def _apply_speed(self, pipe: Any, entry: _Loaded | None, params: dict[str, Any]):
+        """Set the run's attention backend, compile once per warm pipeline, enable the planned cache."""
+        from .speed import ATTENTION_BACKENDS, attention_available, cache_config, plan_speed
+
+        modules = self._transformers(pipe)
+        wanted = params.get("attention_backend") or "native"
+        problem = attention_available(wanted) if wanted != "native" and self.device == "cuda" else None
+        plan = plan_speed(params, two_experts=len(modules) > 1, device=self.device, attention_problem=problem)
+        current = entry.attention if entry is not None else "native"
+        if plan.attention_backend != current:
+            for module in modules:
+                module.set_attention_backend(ATTENTION_BACKENDS[plan.attention_backend])
+            if entry is not None:
+                entry.attention = plan.attention_backend
+        if entry is not None and entry.compiled and not plan.compile:
+            # Compiled in place: what runs is the compiled code, so the sidecar says so.
+            plan.notes.append("compile:repeated_blocks (warm pipeline compiled by an earlier job)")
+        elif plan.compile:
+            if entry is None or not entry.compiled:
+                for module in modules:
+                    # Not fullgraph: a cache's hooks are a graph break, and a later job may enable one.
+                    module.compile_repeated_blocks(fullgraph=False)
+                if entry is not None:
+                    entry.compiled = True
+                plan.notes.append("compile:compiled by this job (its first step includes the compile)")
+            else:
+                plan.notes.append("compile:reused from an earlier job")
+        if plan.cache:
+            for module in modules:
+                module.enable_cache(cache_config(plan.cache, params["steps"]))
+        return plan
+
     # ---- running -------------------------------------------------------------------------------
 
     def run(self, job: dict[str, Any], report: Report,
@@ -298,6 +328,8 @@ class DiffusersWanBackend:
             optimizations.append("vae_tiling")
         else:
             pipe.vae.disable_tiling()
+        speed = self._apply_speed(pipe, entry, params)
+        optimizations.extend(speed.applied())
         scheduler_cls = type(pipe.scheduler)
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, flow_shift=params["flow_shift"])
 
@@ -322,17 +354,29 @@ class DiffusersWanBackend:
             if should_stop():
                 # Raising here aborts before the VAE decode and leaves the pipeline reusable.
                 raise JobInterrupted()
+            if step + 1 == total and self.device == "cuda":
+                torch.cuda.synchronize()  # queued kernels belong to the denoising, not to the decode
             last_step_at[0] = time.perf_counter()
+            first_step_at[0] = first_step_at[0] or last_step_at[0]
             report({"type": "progress", "phase": "denoising", "step": step + 1, "total": total})
             return callback_kwargs
 
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         report({"type": "progress", "phase": "denoising", "step": 0, "total": total})
+        first_step_at = [0.0]
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = pipe(**kwargs, callback_on_step_end=on_step_end)
+        try:
+            with torch.inference_mode():
+                out = pipe(**kwargs, callback_on_step_end=on_step_end)
+        finally:
+            if speed.cache:
+                # Cache hooks hold the job's residuals and step count: the next job starts without them.
+                for module in self._transformers(pipe):
+                    module.disable_cache()
         t1 = time.perf_counter()
+        if total and first_step_at[0]:
+            timings["first_step"] = first_step_at[0] - t0  # includes torch.compile's work when it compiles
         # diffusers decodes right after the last step's callback: split the call there.
         timings["denoise"] = (last_step_at[0] or t1) - t0
         timings["vae_decode"] = t1 - (last_step_at[0] or t1)

@@ -671,7 +671,8 @@ class Daemon:
                        f"{max(info.multiple, params['height'] // info.multiple * info.multiple)}"
         lim = self.settings.limits
         new = resolve_params(JobSpec.model_validate(spec), info, max_side=lim.max_side, max_frames=lim.max_frames,
-                             max_steps=lim.max_steps, vae_tiling=params["vae_tiling"]).model_dump(mode="json")
+                             max_steps=lim.max_steps, vae_tiling=params["vae_tiling"],
+                             speed=self.settings.speed).model_dump(mode="json")
         new.update(offload=params["offload"], seed_was_drawn=params["seed_was_drawn"])
         return {"params": new, "model": located.to_dict()}
 

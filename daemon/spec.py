@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import Category, JobError
 from .lora import LoraSpec
 from .models import WAN_NEGATIVE_PROMPT, ModelInfo
+from .speed import ATTENTION_BACKENDS, CacheOptions, SpeedConfig
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -92,6 +93,16 @@ class JobSpec(_Strict):
     preset: Literal["lightning-4step"] | None = Field(
         None, description="lightning-4step: the Wan2.2 Lightning distill recipe (4 steps, guidance 1.0, shift 5) "
         "for its high- and low-noise LoRAs; fields the job sets explicitly win.",
+    )
+    compile: bool | None = Field(None, description="torch.compile the transformer's repeated blocks, once per "
+                                 "warm pipeline (the first job pays the compile). Default: speed.compile.")
+    cache: CacheOptions | None = Field(
+        None, description="Step cache: {type: first_block|mag|none, threshold, mag_ratios}. Turned off (and "
+        "recorded) for distill presets, few-step runs and, for mag, the two-expert models. Default: speed.cache.",
+    )
+    attention_backend: Literal[tuple(ATTENTION_BACKENDS)] | None = Field(  # type: ignore[valid-type]
+        None, description="native (torch SDPA), flash, flash_3, sage, cudnn, efficient, flex or xformers; one that "
+        "is not installed runs as native (recorded). Default: speed.attention_backend.",
     )
     fallback: list[Literal["lower_resolution", "fewer_frames", "smaller_model"]] = Field(
         default_factory=list, max_length=3,
@@ -437,10 +448,14 @@ class ResolvedParams(_Strict):
     timeout_seconds: float | None = None
     loras: list[dict[str, Any]] = Field(default_factory=list, description="Resolved LoRAs (daemon.lora.ResolvedLora).")
     preset: str | None = None
+    compile: bool = False
+    cache: dict[str, Any] | None = None
+    attention_backend: str = "native"
+    min_cache_steps: int = 10
 
 
 def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames: int, max_steps: int,
-                   vae_tiling: bool = False) -> ResolvedParams:
+                   vae_tiling: bool = False, speed: SpeedConfig | None = None) -> ResolvedParams:
     """Fill in the model's defaults and check what depends on the model. Raises JobError(invalid_spec)."""
     problems: list[str] = []
     task = spec.task or ("i2v" if spec.image else info.tasks[0])
@@ -476,6 +491,8 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
         preset, _ = apply_preset(spec.preset, spec.loras, explicit, two_experts=info.two_experts)
         steps = preset.get("steps", steps)
     seed = spec.seed if spec.seed is not None else secrets.randbelow(2**32)
+    speed = speed or SpeedConfig()
+    cache = spec.cache if spec.cache is not None else speed.cache
     return ResolvedParams(
         task=task,
         pipeline=pipeline,
@@ -498,5 +515,9 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
         vae_tiling=vae_tiling,
         timeout_seconds=spec.timeout,
         preset=spec.preset,
+        compile=spec.compile if spec.compile is not None else speed.compile,
+        cache=cache.model_dump(mode="json") if cache.type != "none" else None,
+        attention_backend=spec.attention_backend or speed.attention_backend,
+        min_cache_steps=speed.min_cache_steps,
     )
 
