@@ -36,6 +36,8 @@ class Executor:
         self.gpu = gpu
         self.cpu_threads = cpu_threads
         self.warm: list[str] = []  # models this worker has loaded, least recently used first
+        # Jobs whose device work is done and whose video the worker is still encoding -> since when.
+        self.finishing: dict[str, float] = {}
         self._silence_limit = settings.worker.stall_timeout_seconds
         self.clock = clock
         self.ctx = mp.get_context("spawn")
@@ -95,6 +97,7 @@ class Executor:
                 self._proc.kill()
                 self._proc.join(5)
         self._close()
+        self.finishing = {}
         self.status.state = "stopped"
 
     def interrupt(self) -> None:
@@ -170,8 +173,14 @@ class Executor:
         if kind == "ready":
             self.status.state, self.status.info = "ready", {k: v for k, v in ev.items() if k != "type"}
             self._failures_in_a_row = 0
+        elif kind == "device_free":
+            if ev.get("id") == self.status.job_id:
+                self.status.state, self.status.job_id = "ready", None
+            self.finishing[ev["id"]] = self.clock()
         elif kind in ("done", "failed", "interrupted"):
-            self.status.state, self.status.job_id = "ready", None
+            if ev.get("id") == self.status.job_id:
+                self.status.state, self.status.job_id = "ready", None
+            self.finishing.pop(ev.get("id"), None)
         elif kind == "fatal":
             self.status.last_fatal = ev["error"]["message"]
             logger.error("worker.fatal error={}", ev["error"]["message"])
@@ -190,10 +199,15 @@ class Executor:
                               f"worker.stall_timeout_seconds); it was killed")
         elif self.status.state == "starting" and now - self._last_heard > w.start_timeout_seconds:
             reason = JobError(Category.TIMEOUT, "the worker did not start in time")
+        elif self.finishing and now - min(self.finishing.values()) > w.stall_timeout_seconds:
+            reason = JobError(Category.TIMEOUT, f"encoding a finished video took more than "
+                              f"worker.stall_timeout_seconds ({w.stall_timeout_seconds:g}s); the worker was killed")
         if reason is None:
             return []
         job_id = self.status.job_id
-        logger.error("worker.lost pid={} reason={} job={}", self.status.pid, reason.message, job_id)
+        lost = [*self.finishing, *([job_id] if job_id is not None else [])]
+        self.finishing = {}
+        logger.error("worker.lost pid={} reason={} jobs={}", self.status.pid, reason.message, lost)
         self.kill()
         self._close()
         self._failures_in_a_row += 1
@@ -202,6 +216,4 @@ class Executor:
         self._respawn_at = now + delay
         self.status = WorkerStatus(state="backoff", restarts=self.status.restarts + 1,
                                    last_fatal=self.status.last_fatal)
-        if job_id is None:
-            return []
-        return [{"type": "failed", "id": job_id, "error": reason.to_dict(), "synthetic": True}]
+        return [{"type": "failed", "id": lost_id, "error": reason.to_dict(), "synthetic": True} for lost_id in lost]

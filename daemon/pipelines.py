@@ -32,7 +32,20 @@ class GenerationBackend(Protocol):
 
     def run(self, job: dict[str, Any], report: Report, should_stop: Callable[[], bool]) -> dict[str, Any]:
         """Generate the job's video into ``job['video_tmp']``; return the facts for the sidecar.
-        Raise JobInterrupted at the next step once ``should_stop()`` is true."""
+        Raise JobInterrupted at the next step once ``should_stop()`` is true.
+
+        A backend may also split this in two, ``generate`` (the device's part, returning a
+        :class:`Generated`) and ``finish`` (encoding and writing, on the CPU): the worker then starts the
+        next job on the device while the previous one is being encoded."""
+
+
+@dataclass
+class Generated:
+    """A job whose device work is done: its frames wait, on the CPU, to be encoded and written."""
+
+    job: dict[str, Any]
+    frames: Any  # numpy uint8 (frames, height, width, 3)
+    result: dict[str, Any]  # the sidecar's facts known so far; finish() adds the video's
 
 
 @dataclass
@@ -93,21 +106,33 @@ def raise_if_disk_full(folder: Path, cause: BaseException) -> None:
         raise OSError(exc.errno, f"no space left in {folder} while encoding ({cause})") from cause
 
 
-def write_poster_frame(frames: Any, path: Path, *, at: float = 0.5, quality: int = 85) -> None:
-    """Save the middle frame (float [0, 1], H x W x 3) as a JPEG, fsynced: the poster beside the video."""
+def as_uint8(frame: Any) -> Any:
+    """One frame as uint8 RGB: uint8 frames pass through, float frames in [0, 1] are rounded."""
     import numpy as np
+
+    if frame.dtype == np.uint8:
+        return frame
+    return (np.clip(frame, 0, 1) * 255).round().astype(np.uint8)
+
+
+def write_poster_frame(frames: Any, path: Path, *, at: float = 0.5, quality: int = 85) -> None:
+    """Save the middle frame (uint8, or float in [0, 1]; H x W x 3) as a JPEG, fsynced: the poster."""
     from PIL import Image
 
     frame = frames[min(len(frames) - 1, int(len(frames) * at))]
-    Image.fromarray((np.clip(frame, 0, 1) * 255).round().astype("uint8")).save(path, "JPEG", quality=quality)
+    Image.fromarray(as_uint8(frame)).save(path, "JPEG", quality=quality)
     fsync_file(path)
 
 
 def encode_mp4(frames: Any, path: Path, *, fps: int, quality: float) -> None:
-    """Encode float frames in [0, 1] (F, H, W, 3) to H.264 MP4 with diffusers' exporter; fsync it."""
-    from diffusers.utils import export_to_video
+    """Encode frames (F, H, W, 3; uint8, or float in [0, 1]) to H.264 MP4 through imageio's ffmpeg writer, as
+    diffusers' export_to_video does (same quality scale, sizes padded to 16), without its float copy of
+    every frame; fsync it."""
+    import imageio
 
-    export_to_video(list(frames), str(path), fps=fps, quality=quality)
+    with imageio.get_writer(str(path), fps=fps, quality=quality, macro_block_size=16) as writer:
+        for frame in frames:
+            writer.append_data(as_uint8(frame))
     fsync_file(path)
 
 
@@ -282,6 +307,13 @@ class DiffusersWanBackend:
 
     def run(self, job: dict[str, Any], report: Report,
             should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
+        """The whole job in one call: generate, then finish."""
+        return self.finish(self.generate(job, report, should_stop))
+
+    def generate(self, job: dict[str, Any], report: Report,
+                 should_stop: Callable[[], bool] = lambda: False) -> Generated:
+        """The device's part of a job: load (or reuse) the pipeline, denoise, decode to uint8 frames on
+        the CPU. Nothing of it stays on the device once this returns."""
         from .sampling import ResourceSampler
 
         sampler = ResourceSampler(gpu_index=0 if self.device == "cuda" else None)
@@ -291,11 +323,33 @@ class DiffusersWanBackend:
             report(event)
 
         with sampler:
-            result = self._run(job, tracked, should_stop)
-        result["resources"] = sampler.summary()
-        return result
+            generated = self._generate(job, tracked, should_stop)
+        generated.result["resources"] = sampler.summary()
+        return generated
 
-    def _run(self, job: dict[str, Any], report: Report, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    def finish(self, generated: Generated) -> dict[str, Any]:
+        """The CPU's part: encode the MP4 into the job's temp path and read it back, write the poster;
+        every file fsynced. Runs while the device already works on the next job."""
+        job, frames, result = generated.job, generated.frames, generated.result
+        params = job["params"]
+        t0 = time.perf_counter()
+        video_tmp = Path(job["video_tmp"])
+        try:
+            encode_mp4(frames, video_tmp, fps=params["fps"], quality=params["quality"])
+            t1 = time.perf_counter()
+            video = probe_video(video_tmp)
+        except Exception as exc:
+            raise_if_disk_full(video_tmp.parent, exc)
+            raise
+        t2 = time.perf_counter()
+        poster_tmp = video_tmp.with_name(video_tmp.stem + ".poster.jpg")
+        write_poster_frame(frames, poster_tmp)
+        video.pop("path")
+        result["timings"].update(encode=round(t1 - t0, 4), verify=round(t2 - t1, 4),
+                                 poster=round(time.perf_counter() - t2, 4))
+        return {**result, "video_tmp": str(video_tmp), "poster_tmp": str(poster_tmp), "video": video}
+
+    def _generate(self, job: dict[str, Any], report: Report, should_stop: Callable[[], bool]) -> Generated:
         torch = self.torch
         model, params = job["model"], job["params"]
         if self.device == "cpu" and not model.get("tiny_random_weights") and not self.allow_cpu_for_real_models:
@@ -368,7 +422,12 @@ class DiffusersWanBackend:
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
-                out = pipe(**kwargs, callback_on_step_end=on_step_end)
+                # "pt": the decoded video stays a tensor on the device, where the conversion to uint8 is
+                # cheap; the CPU receives a quarter of the bytes that float frames would be.
+                out = pipe(**kwargs, output_type="pt", callback_on_step_end=on_step_end)
+                video = out.frames[0]  # (frames, 3, height, width), float in [0, 1]
+                frames = video.mul(255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+                del out, video
         finally:
             if speed.cache:
                 # Cache hooks hold the job's residuals and step count: the next job starts without them.
@@ -380,29 +439,10 @@ class DiffusersWanBackend:
         # diffusers decodes right after the last step's callback: split the call there.
         timings["denoise"] = (last_step_at[0] or t1) - t0
         timings["vae_decode"] = t1 - (last_step_at[0] or t1)
-        frames = out.frames[0]
-
-        if should_stop():
-            raise JobInterrupted()
+        # An interrupt that lands now is too late to save anything: the video is made, it gets written.
         report({"type": "phase", "phase": "encoding"})
-        t2 = time.perf_counter()
-        video_tmp = Path(job["video_tmp"])
-        try:
-            encode_mp4(frames, video_tmp, fps=params["fps"], quality=params["quality"])
-            video = probe_video(video_tmp)
-        except Exception as exc:
-            raise_if_disk_full(video_tmp.parent, exc)
-            raise
-        timings["encode"] = time.perf_counter() - t2
-        poster_tmp = video_tmp.with_name(video_tmp.stem + ".poster.jpg")
-        write_poster_frame(frames, poster_tmp)
-        video.pop("path")
-
         peak_vram = torch.cuda.max_memory_allocated() // (1 << 20) if self.device == "cuda" else None
-        return {
-            "video_tmp": str(video_tmp),
-            "poster_tmp": str(poster_tmp),
-            "video": video,
+        return Generated(job, frames, {
             "timings": {k: round(v, 4) for k, v in timings.items()},
             "model_cache": cache_state,
             "models_evicted": list(self.evicted),
@@ -412,4 +452,4 @@ class DiffusersWanBackend:
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "optimizations_applied": optimizations,
             "frames_generated": int(frames.shape[0]),
-        }
+        })

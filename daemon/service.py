@@ -96,7 +96,9 @@ class Daemon:
                                  for r in self.records.values()))
         # Every job with a folder in the spool (active, or terminal but its file not yet released).
         self.records: dict[str, JobRecord] = {}
-        self.running: dict[str, dict[str, Any]] = {}  # worker name -> the job it runs
+        # Job id -> what it is doing and where. A worker holds at most one job on its device ("on_device")
+        # and may still be encoding the one before.
+        self.running: dict[str, dict[str, Any]] = {}
         self.done = 0
         self.failed = 0
         self.results: list[dict[str, Any]] = []  # what this run produced, for the CLI's summary
@@ -197,8 +199,8 @@ class Daemon:
         Drop it without publishing anything, and start again with an empty spool."""
         logger.error("lease.lost owner={}: another daemon took over our jobs; dropping {} records without "
                      "publishing", self.settings.owner, len(self.records))
-        for name, info in list(self.running.items()):
-            self.workers[name].kill()
+        for info in list(self.running.values()):
+            self.workers[info["worker"]].kill()
             self._discard_temp(info)
         self.running.clear()
         self.records.clear()
@@ -220,18 +222,20 @@ class Daemon:
         self.notifier.extend_timeout(self.settings.shutdown.timeout_seconds + 15)
         self.watcher.stop()
         if self.running:
-            logger.info("daemon.draining interrupting={} timeout={}s", sorted(i["id"] for i in self.running.values()),
+            logger.info("daemon.draining interrupting={} timeout={}s", sorted(self.running),
                         self.settings.shutdown.timeout_seconds)
-            for name in self.running:
-                self.workers[name].interrupt()
+            # Jobs on a device stop at their next step; jobs being encoded are finished and published.
+            for info in self.running.values():
+                if info["on_device"]:
+                    self.workers[info["worker"]].interrupt()
             deadline = self.clock() + self.settings.shutdown.timeout_seconds
             while self.running and self.clock() < deadline:
                 self._poll_workers(wait=0.1)
                 self._write_health()
                 self.notifier.maybe_watchdog(self.clock())
-            for name, info in list(self.running.items()):
+            for info in list(self.running.values()):
                 logger.warning("daemon.drain_timeout job={}: killing the worker", info["id"])
-                self.workers[name].kill()
+                self.workers[info["worker"]].kill()
                 rec = self.records.get(info["id"])
                 if rec is not None and rec.state is JobState.RUNNING:
                     self._requeue_interrupted(rec)
@@ -277,9 +281,8 @@ class Daemon:
     def _reconcile(self) -> None:
         """A record left RUNNING with no job in the worker (a write failed mid-way, e.g. on a full disk)
         goes back through the retry policy, so that no job is ever stuck."""
-        running_ids = {info["id"] for info in self.running.values()}
         for rec in list(self.records.values()):
-            if rec.state is JobState.RUNNING and rec.id not in running_ids:
+            if rec.state is JobState.RUNNING and rec.id not in self.running:
                 try:
                     if self._done_if_published(rec, "published; recorded late"):  # only DONE was not recorded
                         self._release_if_finished(rec.source)
@@ -376,7 +379,7 @@ class Daemon:
         return all(w.ready for w in self.workers.values())
 
     def progress(self, job_id: str) -> dict[str, Any] | None:
-        return next((info for info in self.running.values() if info["id"] == job_id), None)
+        return self.running.get(job_id)
 
     def _demand(self, rec: JobRecord) -> JobDemand:
         p = rec.params
@@ -389,9 +392,10 @@ class Daemon:
 
     def _slots(self) -> list[Slot]:
         free = {g.index: g.free_mb for g in self.inventory.gpus()} if self.gpus else {}
+        busy = {info["worker"] for info in self.running.values() if info["on_device"]}
         slots = []
         for name, worker in self.workers.items():
-            if name in self.running or not worker.ready:
+            if name in busy or not worker.ready:
                 continue
             gpu = worker.gpu
             slots.append(Slot(name, gpu.index if gpu else None, free.get(gpu.index, gpu.free_mb) if gpu else None,
@@ -457,8 +461,9 @@ class Daemon:
             "params": params, "input_image": rec.input_image,
             "video_tmp": str(self.outbox.temp_video_path(basename)),
         }
-        self.running[worker_name] = {
-            "id": rec.id, "worker": worker_name, "model": rec.model["name"], "phase": "queued_in_worker", "step": 0,
+        self.running[rec.id] = {
+            "id": rec.id, "worker": worker_name, "on_device": True, "model": rec.model["name"],
+            "phase": "queued_in_worker", "step": 0,
             "total": rec.params["steps"], "attempt": rec.attempts, "started_at": now,
             "video_tmp": payload["video_tmp"], "estimate_mb": plan.estimate_mb if plan else None,
             "plan": optimizations(plan) if plan else [],
@@ -475,17 +480,22 @@ class Daemon:
                                      f" plan={plan.mode}~{plan.estimate_mb}MiB" if plan else "")
 
     def _poll_workers(self, wait: float) -> None:
+        active = {info["worker"] for info in self.running.values()}
         for name, worker in self.workers.items():
-            for event in worker.poll(timeout=wait if name in self.running else 0):
+            for event in worker.poll(timeout=wait if name in active else 0):
                 self._on_event(name, event)
 
     def _on_event(self, worker_name: str, ev: dict[str, Any]) -> None:
         kind = ev["type"]
         job_id = ev.get("id")
-        info = self.running.get(worker_name)
-        if info is None or job_id != info["id"]:
+        info = self.running.get(job_id or "")
+        if info is None or info["worker"] != worker_name:
             if kind not in ("ready", "fatal"):
                 logger.debug("worker.event_ignored type={} id={}", kind, job_id)
+            return
+        if kind == "device_free":
+            # Its frames are off the device: the worker takes the next job while this one is encoded.
+            info.update(on_device=False, phase="encoding")
             return
         if kind in ("phase", "progress", "started"):
             info.update({k: v for k, v in ev.items() if k in ("phase", "step", "total")})
@@ -515,7 +525,7 @@ class Daemon:
         except OSError as exc:  # the record could not be written: _reconcile retries it
             self._on_write_error(exc)
         finally:
-            self.running.pop(worker_name, None)
+            self.running.pop(job_id, None)
 
     # ---- models being downloaded --------------------------------------------------------------
 
@@ -558,10 +568,10 @@ class Daemon:
                 self._cancel(rec, "before it started")
             elif rec.state is JobState.RUNNING:
                 self._cancel_requested.add(job_id)
-                for name, info in self.running.items():
-                    if info["id"] == job_id:
-                        logger.info("job.cancelling id={} worker={}", job_id, name)
-                        self.workers[name].interrupt()
+                info = self.running.get(job_id)
+                if info is not None and info["on_device"]:  # one being encoded is finished: too late
+                    logger.info("job.cancelling id={} worker={}", job_id, info["worker"])
+                    self.workers[info["worker"]].interrupt()
 
     def _cancel(self, rec: JobRecord, when: str) -> None:
         self._cancel_requested.discard(rec.id)

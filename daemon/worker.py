@@ -1,9 +1,14 @@
-"""The worker process: owns the device, keeps pipelines warm, runs one job at a time.
+"""The worker process: owns the device, keeps pipelines warm, runs one job at a time on it.
 
 Started with the ``spawn`` method (CUDA cannot survive ``fork``), long-lived, and disposable: the
 daemon kills and respawns it when it dies or stalls, and retries its job. It talks to the daemon
 only through two queues: jobs in, events out (``ready``, ``started``, ``phase``, ``progress``,
-``done``, ``failed``).
+``device_free``, ``done``, ``failed``, ``interrupted``).
+
+The end of a job that needs only the CPU (MP4 encoding, reading it back, the poster) runs on a finisher
+thread: as soon as a job's frames are off the device the worker says ``device_free`` and takes the next
+job, while the previous one is encoded. At most one job is finishing at a time, so at most two decoded
+videos are held in memory.
 """
 
 from __future__ import annotations
@@ -43,6 +48,39 @@ class _Events:
 
     def put(self, event: dict[str, Any]) -> None:
         self.queue.put(json.loads(json.dumps(event, default=str)))
+
+
+class _Finisher:
+    """One thread that finishes jobs (encode, verify, poster) one at a time, in order."""
+
+    def __init__(self, backend, events: _Events) -> None:
+        self.backend = backend
+        self.events = events
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job_id: str, generated) -> None:
+        self.wait()  # the previous job's finish first: bounded memory, results in order
+        self._thread = threading.Thread(target=self._finish, args=(job_id, generated), name="finisher", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _finish(self, job_id: str, generated) -> None:
+        from loguru import logger
+
+        try:
+            result = self.backend.finish(generated)
+        except BaseException as exc:
+            err = classify_exception(exc)
+            logger.error("worker.job_failed id={} category={} error={} (while encoding)", job_id,
+                         err.category.value, err.message)
+            self.events.put({"type": "failed", "id": job_id, "error": err.to_dict(),
+                             "traceback": traceback.format_exc()})
+            return
+        self.events.put({"type": "done", "id": job_id, "result": result})
 
 
 def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
@@ -95,14 +133,22 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
         events.put({"type": "fatal", "error": classify_exception(exc).to_dict(), "traceback": traceback.format_exc()})
         return
     logger.info("worker.ready pid={} device={}", os.getpid(), backend.device)
+    # Backends that split a job (generate on the device, finish on the CPU) overlap the two across jobs.
+    finisher = _Finisher(backend, events) if hasattr(backend, "generate") and hasattr(backend, "finish") else None
     while True:
         job = jobs.get()
         if job is None:
             break
         job_id = job["id"]
         events.put({"type": "started", "id": job_id})
+        report = lambda ev, job_id=job_id: events.put({**ev, "id": job_id})  # noqa: E731
         try:
-            result = backend.run(job, lambda ev: events.put({**ev, "id": job_id}), interrupt.is_set)
+            if finisher is not None:
+                generated = backend.generate(job, report, interrupt.is_set)
+                events.put({"type": "device_free", "id": job_id})
+                finisher.submit(job_id, generated)
+                continue
+            result = backend.run(job, report, interrupt.is_set)
         except JobInterrupted:
             logger.info("worker.job_interrupted id={}", job_id)
             events.put({"type": "interrupted", "id": job_id})
@@ -115,4 +161,6 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
                 raise
             continue
         events.put({"type": "done", "id": job_id, "result": result})
+    if finisher is not None:
+        finisher.wait()  # the last job's video is written before the worker goes
     logger.info("worker.exit pid={}", os.getpid())

@@ -10,7 +10,11 @@ Cues are read from the job's prompt, e.g. ``"sleep=0.2 oom_above=4096 crash_once
 - ``oom_unless_tiled``: raise out-of-memory until VAE tiling is on;
 - ``crash_once``: kill the worker process the first time the job runs (a marker file remembers);
 - ``crash_always``: kill the worker process every time;
-- ``hang=S``: go silent (no progress) for S seconds before working, the first time the job runs.
+- ``hang=S``: go silent (no progress) for S seconds before working, the first time the job runs;
+- ``encode_sleep=S``: the CPU-side finish (the real backend's MP4 encoding) takes S seconds;
+- ``crash_encoding_once``: kill the worker while the job is being finished, the first time.
+Like the real backend it splits a job into ``generate`` (device) and ``finish`` (CPU), so the worker
+overlaps one job's finish with the next job's generation here too.
 """
 
 from __future__ import annotations
@@ -33,8 +37,16 @@ class CueBackend:
                 "versions": {"torch": "n/a", "diffusers": "n/a", "transformers": "n/a", "python": "n/a"}}
 
     def run(self, job: dict[str, Any], report: Callable[[dict], None], should_stop: Callable[[], bool]) -> dict:
+        return self.finish(self.generate(job, report, should_stop))
+
+    @staticmethod
+    def _cues(job: dict[str, Any]) -> dict[str, str]:
+        return dict(c.partition("=")[::2] for c in job["params"]["prompt"].split())
+
+    def generate(self, job: dict[str, Any], report: Callable[[dict], None], should_stop: Callable[[], bool]):
+        """The device's part (sleeps, fails or dies on cue); like the real backend's, it writes nothing."""
         params = job["params"]
-        cues = dict(c.partition("=")[::2] for c in params["prompt"].split())
+        cues = self._cues(job)
         if "crash_always" in cues:
             os._exit(3)
         if "crash_once" in cues:
@@ -58,6 +70,18 @@ class CueBackend:
                 raise JobInterrupted()
             time.sleep(seconds / steps)
             report({"type": "progress", "phase": "denoising", "step": i + 1, "total": steps})
+        return job, seconds
+
+    def finish(self, generated) -> dict:
+        """The CPU's part: "encoding" (encode_sleep=S), dying in it once on cue (crash_encoding_once)."""
+        job, seconds = generated
+        params, cues = job["params"], self._cues(job)
+        if "crash_encoding_once" in cues:
+            marker = self.models_dir / f".crashed-encoding-{job['id']}-{job['token']}"
+            if not marker.exists():
+                marker.touch()
+                os._exit(3)
+        time.sleep(float(cues.get("encode_sleep", 0)))
         out = Path(job["video_tmp"])
         out.write_bytes(f"cue-backend output for {job['id']} token {job['token']}\n".encode())
         with open(out, "rb") as fh:
