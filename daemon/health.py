@@ -17,6 +17,9 @@ from .fsutil import atomic_write_json
 
 
 class HealthWriter:
+    # Progress changes the document at every denoising step; readers poll it every second or so.
+    MIN_GAP_SECONDS = 0.25
+
     def __init__(self, path: Path, *, interval: float, clock=time.time) -> None:
         self.path = Path(path)
         self.interval = interval
@@ -26,14 +29,19 @@ class HealthWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def maybe_write(self, payload: dict[str, Any], *, force: bool = False) -> bool:
+        """Write when forced (a job changed state), when the content changed and the last write is at
+        least MIN_GAP_SECONDS old, or every ``interval`` anyway (the heartbeat monitors check)."""
         now = self.clock()
-        changed = payload != self._last_payload
-        if not (force or changed or now - self._last_written >= self.interval):
+        since = now - self._last_written
+        changed = payload != self._last_payload and since >= self.MIN_GAP_SECONDS
+        if not (force or changed or since >= self.interval):
             return False
         self._last_payload = payload
         self._last_written = now
+        # Atomic (readers never see half a file) but not fsynced: a snapshot that is rewritten within
+        # seconds need not survive a power loss, and the daemon never reads it back.
         atomic_write_json(self.path, {**payload, "pid": os.getpid(), "host": socket.gethostname(),
-                                      "updated_at": now, "updated_at_iso": iso(now)})
+                                      "updated_at": now, "updated_at_iso": iso(now)}, durable=False)
         return True
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 
@@ -143,3 +144,27 @@ def test_fifo_and_oversized_files_are_refused(roots):
     (root / "big.png").write_bytes(b"x" * 2000)
     with pytest.raises(ValueError, match="limit"):
         read("big.png", root)
+
+
+def test_the_health_snapshot_is_throttled_and_not_fsynced_while_state_changes_are_written_at_once(tmp_path,
+                                                                                                   monkeypatch):
+    # Progress changes the health document at every denoising step: writing (and fsyncing) it each time
+    # cost the daemon more CPU than anything else it does per job.
+    from daemon.health import HealthWriter
+
+    now = [1000.0]
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd)))
+    writer = HealthWriter(tmp_path / "health.json", interval=10.0, clock=lambda: now[0])
+    assert writer.maybe_write({"step": 1})
+    now[0] += 0.05
+    assert not writer.maybe_write({"step": 2})  # changed, but only 50 ms after the last write
+    assert writer.maybe_write({"step": 2, "state": "done"}, force=True)  # a change of state: at once
+    now[0] += 0.3
+    assert writer.maybe_write({"step": 3})
+    assert not writer.maybe_write({"step": 3})  # unchanged
+    now[0] += 10
+    assert writer.maybe_write({"step": 3})  # the heartbeat
+    assert json.loads((tmp_path / "health.json").read_text())["step"] == 3
+    assert fsyncs == []
