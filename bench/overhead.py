@@ -4,7 +4,7 @@
   (b) through the daemon (files dropped into its inbox, worker already up, until every sidecar is there),
   (c) one process per job, as users of one-shot scripts do.
 
-    .venv/bin/python bench/overhead.py [--jobs 10] [--steps 4]
+    .venv/bin/python bench/overhead.py [--jobs 10] [--steps 4] [--rounds 3]
 
 Prints the wall time of each, the ratios, the per-job overhead of (b) over (a) in ms, and the share of (b)'s
 wall time the worker's device was busy (model load + denoise + decode, from the sidecars), with the time the
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,24 +98,52 @@ def through_daemon(models_dir: Path, jobs: int, steps: int, root: Path) -> tuple
     return wall, device, finish
 
 
+def _in_fresh_process(variant: str, args: argparse.Namespace, root: Path, tag: str) -> list[float]:
+    """(a) and (b) each run in a process of their own: torch's idle OpenMP threads in a process that has
+    just computed keep spinning for a while and slow a worker beside them by about a quarter."""
+    out = subprocess.run([sys.executable, __file__, "--variant", variant, "--jobs", str(args.jobs), "--steps",
+                          str(args.steps), "--root", str(root), "--tag", tag],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=10)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of (a) and (b), alternated; medians reported")
+    ap.add_argument("--variant", choices=["plain", "daemon"], help=argparse.SUPPRESS)
+    ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     from daemon.tiny import build_tiny
 
+    if args.variant:  # one measurement, in this fresh process
+        folder = args.root / "models" / MODEL
+        if args.variant == "plain":
+            plain_loop(folder, 1, args.steps, args.root / "out")  # imports and disk cache, as the daemon's are
+            print(json.dumps([plain_loop(folder, args.jobs, args.steps, args.root / "out")]))
+        else:
+            print(json.dumps(list(through_daemon(args.root / "models", args.jobs, args.steps,
+                                                 args.root / f"daemon-{args.tag}"))))
+        return 0
     root = Path(tempfile.mkdtemp(prefix="wan-overhead-"))
-    models_dir = root / "models"
-    folder = build_tiny(MODEL, models_dir)
+    build_tiny(MODEL, root / "models")
     (root / "out").mkdir()
-    plain_loop(folder, 1, args.steps, root / "out")  # warm the imports and the disk cache for everyone
-    a = plain_loop(folder, args.jobs, args.steps, root / "out")
-    b, device, finish = through_daemon(models_dir, args.jobs, args.steps, root)
-    c = one_process_per_job(folder, args.jobs, args.steps, root / "out")
+    # Alternated rounds, median of each: on a small shared machine one round's noise is larger than the
+    # difference being measured.
+    plain_runs, daemon_runs = [], []
+    for r in range(args.rounds):
+        plain_runs.append(_in_fresh_process("plain", args, root, str(r))[0])
+        daemon_runs.append(_in_fresh_process("daemon", args, root, str(r)))
+    a = statistics.median(plain_runs)
+    b, device, finish = sorted(daemon_runs)[len(daemon_runs) // 2]
+    c = one_process_per_job(root / "models" / MODEL, args.jobs, args.steps, root / "out")
     n = args.jobs
     print(f"wan-daemon overhead benchmark: {n} jobs, {MODEL} 64x64x9, {args.steps} steps, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
+    print(f"  rounds: (a) {', '.join(f'{x:.2f}' for x in plain_runs)} s; "
+          f"(b) {', '.join(f'{x[0]:.2f}' for x in daemon_runs)} s; medians below")
     print(f"  (a) plain diffusers loop (load once)     {a:7.2f} s   {a / n * 1000:7.1f} ms/job")
     print(f"  (b) through the daemon (inbox -> outbox) {b:7.2f} s   {b / n * 1000:7.1f} ms/job   "
           f"{b / a:5.2f}x (a), overhead {(b - a) / n * 1000:+.1f} ms/job")

@@ -127,6 +127,12 @@ class Executor:
         return self.status.state == "ready"
 
     @property
+    def event_handle(self):
+        """The connection this worker's events arrive on, for multiprocessing.connection.wait (None when
+        it has no process)."""
+        return getattr(self._events, "_reader", None) if self._events is not None else None
+
+    @property
     def worker_pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
 

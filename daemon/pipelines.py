@@ -78,19 +78,35 @@ def fit_image(image: Any, width: int, height: int) -> Any:
 
 
 def probe_video(path: Path) -> dict[str, Any]:
-    """Read an MP4 back: frame count, fps and size as a player sees them, plus bytes and sha256."""
-    import imageio_ffmpeg
+    """Read an MP4 back: frame count, fps and size as a player sees them, plus bytes and sha256.
 
-    reader = imageio_ffmpeg.read_frames(str(path))
-    meta = next(reader)
-    reader.close()
-    frames, _secs = imageio_ffmpeg.count_frames_and_secs(str(path))
+    One ffmpeg run decodes every frame (the check that the file plays) and prints the stream header on
+    the way: both are read from its output, instead of one process for the header and one to count."""
+    import subprocess
+
+    import imageio_ffmpeg
+    from imageio_ffmpeg._parsing import parse_ffmpeg_header
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0",
+           "-vf", "null", "-f", "null", "-"]
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    text = done.stdout.decode(errors="ignore")
+    if done.returncode != 0:
+        raise RuntimeError(f"ffmpeg could not read {path.name} back (exit {done.returncode}): {text[-500:]}")
+    frames = None
+    for line in reversed(text.splitlines()):
+        if line.lstrip().startswith("frame="):
+            frames = int(line.split("frame=", 1)[1].split()[0])
+            break
+    meta = parse_ffmpeg_header(text)
+    if frames is None or "size" not in meta:
+        raise RuntimeError(f"ffmpeg's output for {path.name} has no frame count or size: {text[-500:]}")
     width, height = meta["size"]
     return {
         "path": str(path),
         "bytes": os.path.getsize(path),
         "sha256": sha256_file(path),
-        "frames": int(frames),
+        "frames": frames,
         "fps": float(meta["fps"]),
         "width": int(width),
         "height": int(height),

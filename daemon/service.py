@@ -333,12 +333,11 @@ class Daemon:
                 self._take_in(claimed)
         self._process_cancels()
         self._models_arrived()
-        self._poll_workers(wait=0.05 if len(self.running) == 1 else 0)
+        self._poll_workers()
         self._reconcile()
         if not paused:
             self._dispatch()
-        if len(self.running) != 1:
-            self.watcher.wait_for_hint(0.02 if self.running or self.watcher.pending else 0.2)
+        self._wait_for_something()
         self._write_health()
 
     # ---- steps ---------------------------------------------------------------------------------
@@ -369,6 +368,8 @@ class Daemon:
                     "instance": self.settings.owner})
         self.results.extend({"id": r, "status": "failed"} for r in result.rejected)
         self._release_if_finished(claimed.name)
+        if result.queued or result.rejected:
+            self._write_health(force=True)  # new jobs show at once, like every other change of state
 
     @property
     def executor(self) -> Executor:
@@ -479,10 +480,22 @@ class Daemon:
                                      rec.model["name"], rec.attempts, worker_name,
                                      f" plan={plan.mode}~{plan.estimate_mb}MiB" if plan else "")
 
-    def _poll_workers(self, wait: float) -> None:
+    def _wait_for_something(self) -> None:
+        """The loop's idle wait. While jobs run it wakes at their workers' first event, so a device that
+        reports itself free gets its next job at once, not at the end of a sleep; otherwise it waits for
+        the watcher's next hint."""
+        from multiprocessing.connection import wait
+
         active = {info["worker"] for info in self.running.values()}
+        handles = [h for name in active if (h := self.workers[name].event_handle) is not None]
+        if handles:
+            wait(handles, timeout=0.02)
+        else:
+            self.watcher.wait_for_hint(0.02 if self.running or self.watcher.pending else 0.2)
+
+    def _poll_workers(self, wait: float = 0.0) -> None:
         for name, worker in self.workers.items():
-            for event in worker.poll(timeout=wait if name in active else 0):
+            for event in worker.poll(timeout=wait):
                 self._on_event(name, event)
 
     def _on_event(self, worker_name: str, ev: dict[str, Any]) -> None:
