@@ -4,7 +4,7 @@
   (b) through the daemon (files dropped into its inbox, worker already up, until every sidecar is there),
   (c) one process per job, as users of one-shot scripts do.
 
-    .venv/bin/python bench/overhead.py [--jobs 10] [--steps 4] [--rounds 3]
+    .venv/bin/python bench/overhead.py [--jobs 10] [--steps 4] [--side 64] [--frames 9] [--rounds 3]
 
 Prints the wall time of each, the ratios, the per-job overhead of (b) over (a) in ms, and the share of (b)'s
 wall time the worker's device was busy (model load + denoise + decode, from the sidecars), with the time the
@@ -28,12 +28,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 MODEL = "tiny-ti2v-5b"
+SIDE, FRAMES = 64, 9  # --side, --frames
 ONE_JOB = """
 import sys, torch
 from diffusers import WanPipeline
 from diffusers.utils import export_to_video
 pipe = WanPipeline.from_pretrained(sys.argv[1]); pipe.set_progress_bar_config(disable=True)
-out = pipe(prompt=sys.argv[2], height=64, width=64, num_frames=9, num_inference_steps=int(sys.argv[3]),
+side, frames = int(sys.argv[6]), int(sys.argv[7])
+out = pipe(prompt=sys.argv[2], height=side, width=side, num_frames=frames, num_inference_steps=int(sys.argv[3]),
            guidance_scale=5.0, generator=torch.Generator().manual_seed(int(sys.argv[4]))).frames[0]
 export_to_video(list(out), sys.argv[5], fps=24)
 """
@@ -48,7 +50,7 @@ def plain_loop(folder: Path, jobs: int, steps: int, out: Path) -> float:
     pipe = WanPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     for n in range(jobs):
-        frames = pipe(prompt=f"job {n}", height=64, width=64, num_frames=9, num_inference_steps=steps,
+        frames = pipe(prompt=f"job {n}", height=SIDE, width=SIDE, num_frames=FRAMES, num_inference_steps=steps,
                       guidance_scale=5.0, generator=torch.Generator().manual_seed(n)).frames[0]
         export_to_video(list(frames), str(out / f"plain-{n}.mp4"), fps=24)
     return time.perf_counter() - t0
@@ -58,7 +60,7 @@ def one_process_per_job(folder: Path, jobs: int, steps: int, out: Path) -> float
     t0 = time.perf_counter()
     for n in range(jobs):
         subprocess.run([sys.executable, "-c", ONE_JOB, str(folder), f"job {n}", str(steps), str(n),
-                        str(out / f"proc-{n}.mp4")], check=True, capture_output=True)
+                        str(out / f"proc-{n}.mp4"), str(SIDE), str(FRAMES)], check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
@@ -81,8 +83,8 @@ def through_daemon(models_dir: Path, jobs: int, steps: int, root: Path) -> tuple
     t0 = time.perf_counter()
     for n in range(jobs):
         tmp = settings.paths.inbox / f".j{n}.tmp"
-        tmp.write_text(f"id: j{n}\nmodel: {MODEL}\nprompt: job {n}\nsteps: {steps}\nseed: {n}\nsize: 64x64\n"
-                       f"frames: 9\n")
+        tmp.write_text(f"id: j{n}\nmodel: {MODEL}\nprompt: job {n}\nsteps: {steps}\nseed: {n}\nsize: {SIDE}x{SIDE}\n"
+                       f"frames: {FRAMES}\n")
         os.rename(tmp, settings.paths.inbox / f"j{n}.yaml")
     sidecars = [settings.paths.outbox / f"j{n}.json" for n in range(jobs)]
     while not all(p.exists() for p in sidecars):
@@ -102,7 +104,8 @@ def _in_fresh_process(variant: str, args: argparse.Namespace, root: Path, tag: s
     """(a) and (b) each run in a process of their own: torch's idle OpenMP threads in a process that has
     just computed keep spinning for a while and slow a worker beside them by about a quarter."""
     out = subprocess.run([sys.executable, __file__, "--variant", variant, "--jobs", str(args.jobs), "--steps",
-                          str(args.steps), "--root", str(root), "--tag", tag],
+                          str(args.steps), "--side", str(args.side), "--frames", str(args.frames), "--root", str(root),
+                          "--tag", tag],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -111,11 +114,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=10)
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--side", type=int, default=64, help="width = height, a multiple of 32")
+    ap.add_argument("--frames", type=int, default=9, help="4n+1")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of (a) and (b), alternated; medians reported")
     ap.add_argument("--variant", choices=["plain", "daemon"], help=argparse.SUPPRESS)
     ap.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--tag", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global SIDE, FRAMES
+    SIDE, FRAMES = args.side, args.frames
     from daemon.tiny import build_tiny
 
     if args.variant:  # one measurement, in this fresh process
@@ -140,7 +147,7 @@ def main() -> int:
     b, device, finish = sorted(daemon_runs)[len(daemon_runs) // 2]
     c = one_process_per_job(root / "models" / MODEL, args.jobs, args.steps, root / "out")
     n = args.jobs
-    print(f"wan-daemon overhead benchmark: {n} jobs, {MODEL} 64x64x9, {args.steps} steps, "
+    print(f"wan-daemon overhead benchmark: {n} jobs, {MODEL} {SIDE}x{SIDE}x{FRAMES}, {args.steps} steps, "
           f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
     print(f"  rounds: (a) {', '.join(f'{x:.2f}' for x in plain_runs)} s; "
           f"(b) {', '.join(f'{x[0]:.2f}' for x in daemon_runs)} s; medians below")

@@ -13,6 +13,7 @@ videos are held in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -99,9 +100,19 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
     logger.add(sys.stderr, level=config.get("log_level", "INFO"),
                format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | worker[{process}] | {message}")
     import diffusers
+    import imageio
     import transformers
 
     import huggingface_hub.utils
+
+    # The encoder's ffmpeg lookup and its probe for an H.264 encoder (two ffmpeg runs, cached per process):
+    # now, rather than in the first job, where they cost a third of a second. An ffmpeg without H.264
+    # fails that job with the reason instead.
+    with contextlib.suppress(Exception):
+        from imageio_ffmpeg._io import get_first_available_h264_encoder
+
+        imageio.plugins.ffmpeg.get_exe()
+        get_first_available_h264_encoder()
 
     # Progress bars are for terminals; the worker reports progress as events and log lines instead.
     diffusers.utils.logging.set_verbosity_error()
