@@ -34,7 +34,8 @@ def daemon_config(root: Path, instance: str, models_dir: Path) -> dict:
     return {
         "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(models_dir)},
         "watch": {"settle_seconds": 0.2, "rescan_interval_seconds": 1.0},
-        "worker": {"max_attempts": 12, "retry_base_seconds": 0.2, "retry_cap_seconds": 2.0},
+        "worker": {"max_attempts": 12, "retry_base_seconds": 0.2, "retry_cap_seconds": 2.0,
+                   "overlap_encoding": "on"},  # so that kills land while a job is being encoded, too
         "instance": {"id": instance, "heartbeat_seconds": 0.5, "lease_grace_seconds": 3.0,
                      "takeover_check_seconds": 0.5},
         "models": {"default": "tiny-ti2v-5b"},

@@ -122,6 +122,10 @@ class WorkerConfig(_Frozen):
         None, gt=0, description="Memory warm pipelines may hold; the least recently used are evicted when a new "
         "one would not fit. Default: 90% of the GPU's memory, or half the host's RAM on a CPU."
     )
+    overlap_encoding: Literal["auto", "on", "off"] = Field(
+        "auto", description="Encode a finished job's MP4 on a worker thread while the device generates the next "
+        "job. auto: on for a GPU; off on a CPU, where the encoder would take cores from the generation."
+    )
     cpu_threads: int | None = Field(
         None, ge=1, description="Torch threads of a worker that computes on the CPU. Default: the host's cores "
         "shared equally among the daemon's workers (OpenMP threads of two workers on the same cores slow both "

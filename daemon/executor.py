@@ -58,6 +58,7 @@ class Executor:
             "max_cached_pipelines": w.max_cached_pipelines,
             "cache_budget_mb": w.cache_budget_mb,
             "cpu_threads": w.cpu_threads or self.cpu_threads,
+            "overlap_encoding": w.overlap_encoding,
             "models_dir": str(self.settings.paths.models),
             "log_level": self.settings.logging.level,
             "backend": self.backend,

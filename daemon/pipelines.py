@@ -80,15 +80,16 @@ def fit_image(image: Any, width: int, height: int) -> Any:
 def probe_video(path: Path) -> dict[str, Any]:
     """Read an MP4 back: frame count, fps and size as a player sees them, plus bytes and sha256.
 
-    One ffmpeg run decodes every frame (the check that the file plays) and prints the stream header on
-    the way: both are read from its output, instead of one process for the header and one to count."""
+    One ffmpeg run reads every packet of the video stream (stream copy: a truncated or corrupt container
+    fails it; no decoding, which would cost as much again as a fast encode) and prints the stream header on
+    the way: both are read from its output."""
     import subprocess
 
     import imageio_ffmpeg
     from imageio_ffmpeg._parsing import parse_ffmpeg_header
 
     cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0",
-           "-vf", "null", "-f", "null", "-"]
+           "-c", "copy", "-f", "null", "-"]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     text = done.stdout.decode(errors="ignore")
     if done.returncode != 0:

@@ -144,8 +144,13 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
         events.put({"type": "fatal", "error": classify_exception(exc).to_dict(), "traceback": traceback.format_exc()})
         return
     logger.info("worker.ready pid={} device={}", os.getpid(), backend.device)
-    # Backends that split a job (generate on the device, finish on the CPU) overlap the two across jobs.
-    finisher = _Finisher(backend, events) if hasattr(backend, "generate") and hasattr(backend, "finish") else None
+    # Backends that split a job (generate on the device, finish on the CPU) overlap the two across jobs,
+    # where the device is not the CPU itself: there the encoder and the generation would share its cores,
+    # and overlapping them measured slower than taking turns (bench/RESULTS.md).
+    overlap = config.get("overlap_encoding", "auto")
+    split = hasattr(backend, "generate") and hasattr(backend, "finish")
+    finisher = _Finisher(backend, events) if split and (
+        overlap == "on" or (overlap == "auto" and backend.device != "cpu")) else None
     while True:
         job = jobs.get()
         if job is None:

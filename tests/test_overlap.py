@@ -17,6 +17,7 @@ from daemon.worker import worker_main
 from conftest import wait_for
 
 CUE = "fakes:CueBackend"
+ON = {"overlap_encoding": "on"}  # the stand-in and these CPUs say "cpu": overlap is on for GPUs by default
 
 
 def _payload(job_id: str, models_dir: Path, out: Path, steps: int = 3) -> dict:
@@ -28,17 +29,17 @@ def _payload(job_id: str, models_dir: Path, out: Path, steps: int = 3) -> dict:
             "input_image": None, "video_tmp": str(out / f".{job_id}.tmp.mp4")}
 
 
-def test_the_real_worker_starts_the_next_job_before_the_previous_one_is_encoded(models_dir, tmp_path):
+def _run_two_jobs_in_a_real_worker(models_dir: Path, out: Path, overlap: str) -> tuple[list, dict, int]:
     ctx = mp.get_context("spawn")
     jobs, events, interrupt = ctx.Queue(), ctx.Queue(), ctx.Event()
     config = {"device": "cpu", "allow_cpu_for_real_models": False, "max_cached_pipelines": 1,
               "cache_budget_mb": None, "models_dir": str(models_dir), "log_level": "INFO", "backend": None,
-              "visible_device": None, "worker_name": "cpu", "cpu_threads": 1}
+              "visible_device": None, "worker_name": "cpu", "cpu_threads": 1, "overlap_encoding": overlap}
     proc = ctx.Process(target=worker_main, args=(config, jobs, events, interrupt), daemon=True)
     proc.start()
     try:
         for job_id in ("one", "two"):
-            jobs.put(_payload(job_id, models_dir, tmp_path))
+            jobs.put(_payload(job_id, models_dir, out))
         jobs.put(None)
         seen: list[tuple[str, str]] = []
         results = {}
@@ -56,6 +57,11 @@ def test_the_real_worker_starts_the_next_job_before_the_previous_one_is_encoded(
     finally:
         if proc.is_alive():
             proc.kill()
+    return seen, results, proc.exitcode
+
+
+def test_the_real_worker_starts_the_next_job_before_the_previous_one_is_encoded(models_dir, tmp_path):
+    seen, results, exitcode = _run_two_jobs_in_a_real_worker(models_dir, tmp_path, "on")
     assert {r["type"] for r in results.values()} == {"done"}, results
     # The device was handed the second job as soon as the first one's frames were off it, while the first
     # one was still being encoded; results still come in order.
@@ -65,11 +71,18 @@ def test_the_real_worker_starts_the_next_job_before_the_previous_one_is_encoded(
         r = ev["result"]
         assert Path(r["video_tmp"]).stat().st_size > 0 and r["video"]["frames"] == r["frames_generated"]
         assert {"encode", "verify", "poster", "denoise", "vae_decode"} <= set(r["timings"])
-    assert proc.exitcode == 0  # it finished the last video before leaving
+    assert exitcode == 0  # it finished the last video before leaving
+
+
+def test_a_worker_computing_on_the_cpu_takes_turns_by_default(models_dir, tmp_path):
+    # On a CPU the encoder would take the cores the generation needs: auto keeps the two apart.
+    seen, results, _ = _run_two_jobs_in_a_real_worker(models_dir, tmp_path, "auto")
+    assert {r["type"] for r in results.values()} == {"done"}, results
+    assert seen == [("started", "one"), ("done", "one"), ("started", "two"), ("done", "two")], seen
 
 
 def test_the_daemon_dispatches_the_next_job_while_the_last_one_encodes(harness_factory):
-    h = harness_factory(backend=CUE).start()
+    h = harness_factory(backend=CUE, worker=ON).start()
     wait_for(h.daemon.workers_ready, 60, what="worker")
     h.drop("slow.yaml", "prompt: sleep=0.2 encode_sleep=3\n")
     wait_for(lambda: (h.daemon.running.get("slow") or {}).get("phase") == "encoding", 30, interval=0.01,
@@ -84,7 +97,7 @@ def test_the_daemon_dispatches_the_next_job_while_the_last_one_encodes(harness_f
 
 
 def test_a_worker_that_dies_while_encoding_loses_neither_job(harness_factory):
-    h = harness_factory(backend=CUE).start()
+    h = harness_factory(backend=CUE, worker=ON).start()
     wait_for(h.daemon.workers_ready, 60, what="worker")
     h.drop("enc.yaml", "prompt: sleep=0.1 encode_sleep=1 crash_encoding_once\n")
     wait_for(lambda: "enc" in h.daemon.running and not h.daemon.running["enc"]["on_device"], 30, interval=0.01,
@@ -96,7 +109,7 @@ def test_a_worker_that_dies_while_encoding_loses_neither_job(harness_factory):
 
 
 def test_shutdown_publishes_the_job_being_encoded_and_requeues_the_one_on_the_device(harness_factory):
-    h = harness_factory(backend=CUE).start()
+    h = harness_factory(backend=CUE, worker=ON).start()
     wait_for(h.daemon.workers_ready, 60, what="worker")
     h.drop("enc.yaml", "prompt: sleep=0.1 encode_sleep=2\n")
     wait_for(lambda: "enc" in h.daemon.running and not h.daemon.running["enc"]["on_device"], 30, interval=0.01,
@@ -106,5 +119,5 @@ def test_shutdown_publishes_the_job_being_encoded_and_requeues_the_one_on_the_de
     h.stop()
     assert (h.outbox / "enc.mp4").exists() and (h.outbox / "enc.json").exists()
     assert not (h.outbox / "dev.json").exists()
-    restarted = harness_factory(backend=CUE).start()  # the interrupted one comes back from the spool
+    restarted = harness_factory(backend=CUE, worker=ON).start()  # the interrupted one comes back from the spool
     assert restarted.sidecar("dev", timeout=90)["status"] == "done"
