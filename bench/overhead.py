@@ -158,7 +158,8 @@ def main() -> int:
     print(f"  (c) one process per job                  {c:7.2f} s   {c / n * 1000:7.1f} ms/job   "
           f"{c / b:5.2f}x (b)")
     print(f"  (b) device busy (model load + denoise + VAE decode): {device / b * 100:.0f}% of its wall time; "
-          f"CPU-side finish (encode + read-back + poster, overlapped with the next job): {finish:.2f} s in all")
+          f"CPU-side finish (encode + read-back + poster; overlapped with the next job on a GPU, in turn on a "
+          f"CPU, see worker.overlap_encoding): {finish:.2f} s in all")
     return 0
 
 
