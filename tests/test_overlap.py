@@ -96,12 +96,18 @@ def test_the_daemon_dispatches_the_next_job_while_the_last_one_encodes(harness_f
     assert h.sidecar("slow")["status"] == "done" and h.sidecar("next")["status"] == "done"
 
 
-def test_a_worker_that_dies_while_encoding_loses_neither_job(harness_factory):
+def _daemon_encoding(harness_factory, cues: str):
+    """A daemon (stand-in backend, overlap on) whose job "enc" is being encoded."""
     h = harness_factory(backend=CUE, worker=ON).start()
     wait_for(h.daemon.workers_ready, 60, what="worker")
-    h.drop("enc.yaml", "prompt: sleep=0.1 encode_sleep=1 crash_encoding_once\n")
+    h.drop("enc.yaml", f"prompt: {cues}\n")
     wait_for(lambda: "enc" in h.daemon.running and not h.daemon.running["enc"]["on_device"], 30, interval=0.01,
              what="enc to be encoding")
+    return h
+
+
+def test_a_worker_that_dies_while_encoding_loses_neither_job(harness_factory):
+    h = _daemon_encoding(harness_factory, "sleep=0.1 encode_sleep=1 crash_encoding_once")
     h.drop("after.yaml", "prompt: sleep=2\n")
     enc, after = h.sidecar("enc"), h.sidecar("after")
     assert enc["attempts"] == 2 and after["status"] == "done"
@@ -109,11 +115,7 @@ def test_a_worker_that_dies_while_encoding_loses_neither_job(harness_factory):
 
 
 def test_shutdown_publishes_the_job_being_encoded_and_requeues_the_one_on_the_device(harness_factory):
-    h = harness_factory(backend=CUE, worker=ON).start()
-    wait_for(h.daemon.workers_ready, 60, what="worker")
-    h.drop("enc.yaml", "prompt: sleep=0.1 encode_sleep=2\n")
-    wait_for(lambda: "enc" in h.daemon.running and not h.daemon.running["enc"]["on_device"], 30, interval=0.01,
-             what="enc to be encoding")
+    h = _daemon_encoding(harness_factory, "sleep=0.1 encode_sleep=2")
     h.drop("dev.yaml", "prompt: sleep=8\n")
     wait_for(lambda: (h.daemon.running.get("dev") or {}).get("on_device"), 30, interval=0.01, what="dev running")
     h.stop()
