@@ -68,3 +68,28 @@ def test_rescan_finds_files_that_produced_no_event(tmp_path):
     w = InboxWatcher(tmp_path, WatchConfig(settle_seconds=0.1, rescan_interval_seconds=0.2), clock=time.monotonic)
     # Not started: no events at all. The periodic rescan alone must find the file.
     wait_for(w.ready_files, 5, interval=0.05, what="file found by rescan")
+
+
+def test_a_file_dropped_right_after_a_claim_is_seen_at_once(tmp_path):
+    # A claim renames a job file out of the inbox: an IN_MOVED_FROM that never gets its pair. watchdog
+    # held it (and every event behind it) for 0.5 s, so the next file was seen 450 ms late; the rescan
+    # is the only other way in, and it is minutes away here.
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    w = InboxWatcher(inbox, WatchConfig(mode="inotify", rescan_interval_seconds=600), clock=time.monotonic)
+    w.start()
+    w.scan()
+    try:
+        for n in range(3):
+            (inbox / f".{n}.tmp").write_text("prompt: a\n")
+            os.rename(inbox / f".{n}.tmp", inbox / f"{n}.yaml")
+            deadline = time.monotonic() + 0.3
+            ready = []
+            while not ready and time.monotonic() < deadline:
+                w.wait_for_hint(0.05)
+                ready = w.ready_files()
+            assert ready == [inbox / f"{n}.yaml"], f"file {n} not seen within 0.3 s of its rename"
+            os.rename(inbox / f"{n}.yaml", tmp_path / f"claimed-{n}.yaml")  # the claim
+            w.forget(inbox / f"{n}.yaml")
+    finally:
+        w.stop()
