@@ -230,7 +230,8 @@ class Daemon:
                     self.workers[info["worker"]].interrupt()
             deadline = self.clock() + self.settings.shutdown.timeout_seconds
             while self.running and self.clock() < deadline:
-                self._poll_workers(wait=0.1)
+                self._wait_for_something()
+                self._poll_workers()
                 self._write_health()
                 self.notifier.maybe_watchdog(self.clock())
             for info in list(self.running.values()):
@@ -493,9 +494,9 @@ class Daemon:
         else:
             self.watcher.wait_for_hint(0.02 if self.running or self.watcher.pending else 0.2)
 
-    def _poll_workers(self, wait: float = 0.0) -> None:
+    def _poll_workers(self) -> None:
         for name, worker in self.workers.items():
-            for event in worker.poll(timeout=wait):
+            for event in worker.poll():
                 self._on_event(name, event)
 
     def _on_event(self, worker_name: str, ev: dict[str, Any]) -> None:
