@@ -147,7 +147,7 @@ def main() -> int:
     models_dir = Path(os.path.expanduser("~/.cache/wan-daemon/models"))
     if args.backend == "real":
         sys.path.insert(0, str(ROOT))
-        from daemon.tiny import build_tiny
+        from daemon.worker.tiny import build_tiny
 
         build_tiny("tiny-ti2v-5b", models_dir)
     fleet = Fleet(root, args.daemons, args.backend, models_dir)

@@ -16,9 +16,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from daemon import logs  # noqa: E402
+from daemon import logs# noqa: E402
 from daemon.config import load_settings  # noqa: E402
-from daemon.service import Daemon  # noqa: E402
+from daemon.runtime.daemon import Daemon  # noqa: E402
 
 
 def main() -> int:

@@ -330,7 +330,7 @@ def attention_missing(name: str, device: str) -> str | None:
 
 def resolved_params(located: Any, args: argparse.Namespace, size: str, frames: int) -> tuple[dict, list[str]]:
     """The params dict the daemon sends for this job, plus the speed keys this daemon version does not resolve."""
-    from daemon.spec import JobSpec, resolve_params
+    from daemon.jobspec.spec import JobSpec, resolve_params
 
     spec = JobSpec(id="bench", prompt=PROMPT, size=size, frames=frames, steps=args.steps, guidance_scale=5.0, seed=0)
     params = resolve_params(spec, located.info, max_side=4096, max_frames=1000, max_steps=1000).model_dump(mode="json")
@@ -343,7 +343,7 @@ def resolved_params(located: Any, args: argparse.Namespace, size: str, frames: i
 
 def run_sections(bench: Bench, folder: Path, models_dir: Path) -> None:
     from daemon.models import locate
-    from daemon.pipelines import DiffusersWanBackend
+    from daemon.worker.backend import DiffusersWanBackend
 
     args, device, cuda = bench.args, bench.device, bench.device == "cuda"
     located = locate(str(folder), models_dir=models_dir, model_roots=[folder.parent])
@@ -424,7 +424,7 @@ def run_sections(bench: Bench, folder: Path, models_dir: Path) -> None:
 def run_a14b(bench: Bench, work: Path) -> None:
     """One A14B expert alone (the 5B folder is deleted first: both do not fit the device's disk comfortably)."""
     from daemon.models import locate
-    from daemon.pipelines import DiffusersWanBackend
+    from daemon.worker.backend import DiffusersWanBackend
 
     args, smoke = bench.args, bench.args.smoke
     left = args.budget_s - (time.perf_counter() - bench.started)

@@ -68,7 +68,7 @@ def one_process_per_job(folder: Path, jobs: int, steps: int, out: Path) -> float
 def through_daemon(models_dir: Path, jobs: int, steps: int, root: Path) -> tuple[float, float]:
     from daemon import logs
     from daemon.config import load_settings
-    from daemon.service import Daemon
+    from daemon.runtime.daemon import Daemon
 
     logs.setup("WARNING")
     settings = load_settings(None, {
@@ -124,7 +124,7 @@ def main() -> int:
     args = ap.parse_args()
     global SIDE, FRAMES
     SIDE, FRAMES = args.side, args.frames
-    from daemon.tiny import build_tiny
+    from daemon.worker.tiny import build_tiny
 
     if args.variant:  # one measurement, in this fresh process
         folder = args.root / "models" / MODEL

@@ -32,7 +32,7 @@ from daemon.scheduler import Slot, assign, pick_next  # noqa: E402
 
 def pickup_latency(mode: str, drops: int) -> list[float]:
     from daemon import logs
-    from daemon.service import Daemon
+    from daemon.runtime.daemon import Daemon
 
     logs.setup("WARNING")
     root = Path(tempfile.mkdtemp(prefix=f"wan-pickup-{mode}-"))

@@ -24,7 +24,7 @@ DEFAULT_CONFIG_NAMES = ("configs/local.yaml",)
 
 
 def _settings(args: argparse.Namespace):
-    from .config import load_settings
+    from daemon.config import load_settings
 
     overrides: dict[str, Any] = {}
     paths: dict[str, Any] = {}
@@ -41,16 +41,16 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import logs
-    from .service import Daemon
+    from daemon import logs
+    from daemon.runtime.daemon import Daemon
 
-    from .notify import SystemdNotifier
+    from daemon.runtime.notify import SystemdNotifier
 
     settings = _settings(args)
     logs.setup(settings.logging.level)
     # systemd's notify socket is for the main process only: the worker must not inherit it.
     notifier = SystemdNotifier(os.environ.pop("NOTIFY_SOCKET", None), os.environ.get("WATCHDOG_USEC"))
-    from .inventory import NvmlInventory
+    from daemon.ops.inventory import NvmlInventory
 
     inventory = NvmlInventory(visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                               allowed=settings.hardware.gpus, vram_limit_gb=settings.hardware.vram_limit_gb)
@@ -85,9 +85,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _validate_file(path: Path, settings) -> list[str]:
     """Problems with one job file, as the daemon would report them (empty: valid)."""
-    from .errors import JobError
-    from .models import REGISTRY, locate
-    from .spec import parse_job_file, resolve_params
+    from daemon.errors import JobError
+    from daemon.models import REGISTRY, locate
+    from daemon.jobspec.spec import parse_job_file, resolve_params
 
     try:
         data = path.read_bytes()
@@ -129,7 +129,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from .fsutil import atomic_copy
+    from daemon.fsutil import atomic_copy
 
     settings = _settings(args)
     inbox = settings.paths.inbox
@@ -156,7 +156,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .health import format_status, read_health
+    from daemon.runtime.health import format_status, read_health
 
     settings = _settings(args)
     h = read_health(settings.health_path)
@@ -168,7 +168,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check_health(args: argparse.Namespace) -> int:
-    from .health import health_age, read_health
+    from daemon.runtime.health import health_age, read_health
 
     settings = _settings(args)
     h = read_health(settings.health_path)
@@ -189,15 +189,15 @@ def cmd_check_health(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.models_cmd == "build-tiny":
-        from .tiny import build_all
+        from daemon.worker.tiny import build_all
 
         for path in build_all(settings.paths.models):
             print(f"built {path}  (random weights: test model, the videos are noise)")
         return EXIT_OK
     if args.models_cmd == "list":
         return _models_list(settings)
-    from .downloads import DownloadError, download, needed_patterns, remove, verify
-    from .models import REGISTRY
+    from daemon.hub.downloads import DownloadError, download, needed_patterns, remove, verify
+    from daemon.models import REGISTRY
 
     info = REGISTRY.get(args.name)
     repo = info.repo_id if info is not None else args.name
@@ -245,9 +245,9 @@ def _print_progress(p: dict) -> None:
 
 
 def _models_list(settings) -> int:
-    from .downloads import list_cached
-    from .models import REGISTRY, hub_snapshot, tiny_model_dir
-    from .tiny import is_built
+    from daemon.hub.downloads import list_cached
+    from daemon.models import REGISTRY, hub_snapshot, tiny_model_dir
+    from daemon.worker.tiny import is_built
 
     cached = {c["repo_id"]: c for c in list_cached()}
     for info in REGISTRY.values():
@@ -273,7 +273,7 @@ def _models_list(settings) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     """Ask the daemon holding each job to cancel it: a queued job at once, a running one at its next step."""
-    from .fsutil import atomic_write_json
+    from daemon.fsutil import atomic_write_json
 
     settings = _settings(args)
     cancel_dir = settings.paths.state / "cancel"
@@ -291,7 +291,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def _history(settings):
-    from .history import History
+    from daemon.ops.history import History
 
     if not settings.history.path.exists():
         print(f"no job history at {settings.history.path} yet (the daemon writes it as jobs run)", file=sys.stderr)
@@ -302,7 +302,7 @@ def _history(settings):
 def cmd_tasks(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .analysis import render_tasks
+    from daemon.ops.analysis import render_tasks
 
     history = _history(_settings(args))
     if history is None:
@@ -319,7 +319,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def cmd_analysis(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from .analysis import analyse, render_analysis
+    from daemon.ops.analysis import analyse, render_analysis
 
     history = _history(_settings(args))
     if history is None:
@@ -336,7 +336,7 @@ def cmd_analysis(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import exit_code, format_checks, run_checks
+    from daemon.ops.doctor import exit_code, format_checks, run_checks
 
     settings = _settings(args)
     checks = run_checks(settings)
@@ -348,7 +348,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import build_report
+    from daemon.ops.report import build_report
 
     settings = _settings(args)
     output = Path(args.output) if args.output else settings.paths.outbox / "report.html"
@@ -358,7 +358,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from . import monitor
+    from daemon.ops import monitor
 
     settings = _settings(args)
     monitor.run(settings.health_path.parent, args.interval, iterations=args.iterations)
@@ -366,7 +366,7 @@ def cmd_monitor(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from .spec import json_schema
+    from daemon.jobspec.spec import json_schema
 
     text = json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
     if args.output:
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
+    from daemon.config import ConfigError
 
     args = build_parser().parse_args(argv)
     try:

@@ -12,8 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .schedules import Schedule
-from .speed import SpeedConfig
+from daemon.runtime.schedules import Schedule
+from daemon.speed import SpeedConfig
 
 
 class _Frozen(BaseModel):
@@ -192,7 +192,7 @@ class Settings(_Frozen):
     logging: LoggingConfig = LoggingConfig()
     instance: InstanceConfig = InstanceConfig()
     shutdown: ShutdownConfig = ShutdownConfig()
-    schedules: list[Schedule] = Field(default_factory=list, description="Cron batches (daemon.schedules).")
+    schedules: list[Schedule] = Field(default_factory=list, description="Cron batches (daemon.runtime.schedules).")
     metrics: MetricsConfig = MetricsConfig()
     history: HistoryConfig = HistoryConfig()
     hardware: HardwareConfig = HardwareConfig()
@@ -201,7 +201,7 @@ class Settings(_Frozen):
 
     def resolved(self) -> "Settings":
         """Absolute paths everywhere (relative ones are taken from the current directory); the instance id."""
-        from .leases import default_owner_id
+        from daemon.runtime.leases import default_owner_id
 
         paths = self.paths.resolved()
         instance = self.instance

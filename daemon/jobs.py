@@ -18,7 +18,7 @@
 - ``DONE``: the video and then its sidecar are durable in the outbox. Terminal.
 - ``FAILED``: the failure record is durable in ``outbox/failed/``. Terminal.
 
-The only way to change a state is :meth:`daemon.spool.Spool.transition`, which checks this table,
+The only way to change a state is :meth:`daemon.runtime.spool.Spool.transition`, which checks this table,
 persists the record atomically, then logs a fixed event name (``job.<state>``).
 """
 
@@ -75,7 +75,7 @@ class JobRecord(BaseModel):
     seq: int = Field(description="Intake order: FIFO within a priority.")
     priority: int = 0
     spec: dict[str, Any] = Field(description="The job exactly as given (batch defaults merged).")
-    params: dict[str, Any] = Field(description="Every resolved generation parameter (daemon.spec.ResolvedParams).")
+    params: dict[str, Any] = Field(description="Every resolved generation parameter (daemon.jobspec.spec.ResolvedParams).")
     model: dict[str, Any] = Field(description="The located model (daemon.models.LocatedModel.to_dict()).")
     input_image: str | None = Field(None, description="Copy of the input image inside the job's spool folder.")
     attempts: int = 0

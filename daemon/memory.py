@@ -51,8 +51,8 @@ from typing import Any
 
 from loguru import logger
 
-from .fsutil import atomic_write_json, read_json
-from .models import I2V_A14B, T2V_A14B, T2V_SINGLE, TI2V_5B
+from daemon.fsutil import atomic_write_json, read_json
+from daemon.models import I2V_A14B, T2V_A14B, T2V_SINGLE, TI2V_5B
 
 MODES = ("resident", "model", "group", "sequential")  # fastest first
 MODE_ALIASES = {"none": "resident"}  # daemon/policy.py's OFFLOAD_LADDER calls resident "none"

@@ -18,8 +18,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import Category, JobError, Outcome
-from .models import REGISTRY, TI2V_5B, TINY_FOR
+from daemon.errors import Category, JobError, Outcome
+from daemon.models import REGISTRY, TI2V_5B, TINY_FOR
 
 OFFLOAD_LADDER = ("none", "model", "group", "sequential")
 SMALLER_MODEL = {"wan2.2-t2v-a14b": TI2V_5B, "wan2.2-i2v-a14b": TI2V_5B,

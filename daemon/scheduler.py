@@ -34,8 +34,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple
 
-from .jobs import JobRecord, JobState
-from .memory import MODES, JobDemand, Plan
+from daemon.jobs import JobRecord, JobState
+from daemon.memory import MODES, JobDemand, Plan
 
 PRIORITY_MIN, PRIORITY_MAX = -1000, 1000  # daemon/spec.py JobSpec.priority bounds
 PRIORITY_SPAN = PRIORITY_MAX - PRIORITY_MIN

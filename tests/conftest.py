@@ -16,13 +16,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from daemon.config import load_settings  # noqa: E402
-from daemon.service import Daemon  # noqa: E402
+from daemon.runtime.daemon import Daemon  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The three tiny models, built once per test session (the worker would build them on first use too)."""
-    from daemon.tiny import build_all
+    from daemon.worker.tiny import build_all
 
     folder = tmp_path_factory.mktemp("models")
     build_all(folder)

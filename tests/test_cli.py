@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import EXIT_CONFIG, EXIT_FAIL, EXIT_INVALID, EXIT_OK, main
-from daemon.health import HealthWriter
+from daemon.runtime.health import HealthWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from daemon.config import load_settings
-from daemon.doctor import (
+from daemon.ops.doctor import (
     NETWORK_FS_TYPES,
     Check,
     check_disk,
@@ -82,7 +82,7 @@ def test_this_machine(machine_checks):
     assert c["torch"].status == ("ok" if torch.cuda.is_available() else "warn")
     if not torch.cuda.is_available():
         assert "tiny" in c["torch"].advice
-    from daemon.inventory import NvmlInventory
+    from daemon.ops.inventory import NvmlInventory
 
     if not NvmlInventory().gpus():
         assert c["nvml"].status == "warn" and "CPU-only host" in c["nvml"].advice
@@ -191,7 +191,7 @@ def test_default_model_not_present_fails(tmp_path: Path):
 
     if hub_snapshot(REGISTRY["wan2.2-t2v-a14b"].repo_id) is not None:
         pytest.skip("the real T2V-A14B weights are in this machine's Hugging Face cache")
-    from daemon.doctor import check_models
+    from daemon.ops.doctor import check_models
 
     checks = by_name(check_models(settings.paths.models, settings.models.default))
     assert checks["model: default"].status == "fail"
@@ -199,7 +199,7 @@ def test_default_model_not_present_fails(tmp_path: Path):
 
 
 def test_a_crashing_check_is_reported_not_raised(tmp_path: Path, monkeypatch):
-    import daemon.doctor as doctor
+    import daemon.ops.doctor as doctor
 
     def boom():
         raise RuntimeError("kaboom")
@@ -256,8 +256,8 @@ class FakeNVML:
 def test_nvml_with_gpus(monkeypatch):
     import sys
 
-    from daemon.doctor import check_nvml
-    from daemon.metrics import read_gpus
+    from daemon.ops.doctor import check_nvml
+    from daemon.runtime.metrics import read_gpus
 
     fake = FakeNVML(["NVIDIA H100 80GB HBM3", b"NVIDIA H100 80GB HBM3"], driver=b"570.124.06")  # old pynvml: bytes
     monkeypatch.setitem(sys.modules, "pynvml", fake)

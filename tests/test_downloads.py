@@ -1,4 +1,4 @@
-"""daemon.downloads against a local fake hub (tests/hubserver.py) serving the tiny TI2V-5B model folder as
+"""daemon.hub.downloads against a local fake hub (tests/hubserver.py) serving the tiny TI2V-5B model folder as
 ``Wan-AI/Tiny-Test-Diffusers``, plus files a real repo has and the daemon must not fetch. No internet.
 
 How huggingface_hub 2.4 is pointed at the fake hub. It reads its settings from the environment *once, at
@@ -37,8 +37,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import downloads
-from daemon.downloads import DownloadError, download, list_cached, needed_patterns, remove, verify, verify_local
+from daemon.hub import downloads
+from daemon.hub.downloads import DownloadError, download, list_cached, needed_patterns, remove, verify, verify_local
 from daemon.models import I2V_A14B, T2V_A14B, TI2V_5B
 from hubserver import HubServer
 
@@ -218,7 +218,7 @@ import sys
 from pathlib import Path
 from huggingface_hub import constants
 constants.DOWNLOAD_CHUNK_SIZE = 16 * 1024
-from daemon.downloads import download, needed_patterns
+from daemon.hub.downloads import download, needed_patterns
 download(sys.argv[1], cache_dir=Path(sys.argv[2]), allow_patterns=needed_patterns("wan2.2-ti2v-5b"))
 print("child finished the download", flush=True)
 """

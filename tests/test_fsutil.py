@@ -150,7 +150,7 @@ def test_the_health_snapshot_is_throttled_and_not_fsynced_while_state_changes_ar
                                                                                                    monkeypatch):
     # Progress changes the health document at every denoising step: writing (and fsyncing) it each time
     # cost the daemon more CPU than anything else it does per job.
-    from daemon.health import HealthWriter
+    from daemon.runtime.health import HealthWriter
 
     now = [1000.0]
     fsyncs = []

@@ -10,8 +10,8 @@ import time
 from datetime import datetime, timedelta, timezone
 
 from daemon.cli import main
-from daemon.history import History
-from daemon.inventory import GpuInfo, StaticInventory
+from daemon.ops.history import History
+from daemon.ops.inventory import GpuInfo, StaticInventory
 
 from conftest import wait_for
 

@@ -1,5 +1,5 @@
-"""The job history database (daemon.history) and the analysis behind `wan-daemon tasks` / `analysis`
-(daemon.analysis), on real SQLite files. Rows are built from real JobRecord dumps and sidecar-shaped dicts."""
+"""The job history database (daemon.ops.history) and the analysis behind `wan-daemon tasks` / `analysis`
+(daemon.ops.analysis), on real SQLite files. Rows are built from real JobRecord dumps and sidecar-shaped dicts."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import pytest
 from loguru import logger
 from rich.console import Console
 
-from daemon.analysis import analyse, analyse_rows, percentile, render_analysis, render_tasks
+from daemon.ops.analysis import analyse, analyse_rows, percentile, render_analysis, render_tasks
 from daemon.errors import Category, JobError
-from daemon.history import COLUMNS, MIGRATIONS, History, HistoryError, SchemaTooNew, row_from_record
+from daemon.ops.history import COLUMNS, MIGRATIONS, History, HistoryError, SchemaTooNew, row_from_record
 from daemon.jobs import JobRecord, JobState
 from daemon.models import REGISTRY, LocatedModel
-from daemon.spec import JobSpec, resolve_params
+from daemon.jobspec.spec import JobSpec, resolve_params
 
 ROOT = Path(__file__).resolve().parents[1]
 T2V, TI2V, I2V = "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.2-i2v-a14b"
@@ -204,7 +204,7 @@ def test_several_processes_opening_a_fresh_file_at_once_all_succeed(tmp_path):
     path = tmp_path / "fresh.sqlite3"
     code = textwrap.dedent("""
         import sys
-        from daemon.history import History
+        from daemon.ops.history import History
         h = History(sys.argv[1])
         assert h.record({"id": sys.argv[2], "token": sys.argv[2], "status": "queued", "queued_at": 1.0})
         h.close()
@@ -306,7 +306,7 @@ def test_record_never_raises(tmp_path, errors_logged):
 
 WRITER = textwrap.dedent("""
     import sys
-    from daemon.history import History
+    from daemon.ops.history import History
     h = History(sys.argv[1])
     for i in range(int(sys.argv[2])):
         assert h.record({"id": f"job-{i}", "token": f"tok-{i}", "status": "running", "queued_at": 1000.0 + i,

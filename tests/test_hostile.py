@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.errors import Category
-from daemon.spec import parse_job_file
+from daemon.jobspec.spec import parse_job_file
 
 LIMIT = 1 << 20
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from daemon.inventory import (
+from daemon.ops.inventory import (
     GpuInfo,
     GpuInventory,
     NvmlInventory,

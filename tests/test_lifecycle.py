@@ -10,7 +10,7 @@ from daemon.errors import Category, JobError, classify_exception
 from daemon.jobs import TRANSITIONS, InvalidTransition, JobRecord, JobState
 from daemon.policy import decide
 from daemon.scheduler import next_wakeup, pick_next
-from daemon.spool import Spool
+from daemon.runtime.spool import Spool
 
 
 def record(job_id="j", **kw) -> JobRecord:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from daemon import lora as L
+from daemon.jobspec import lora as L
 from daemon.errors import Category, JobError
 
 RANK = 4
@@ -114,7 +114,7 @@ def lora_root(models_dir, tmp_path_factory) -> Path:
 
 
 def test_parent_half_imports_no_torch():
-    code = "import sys, daemon.lora; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    code = "import sys, daemon.jobspec.lora; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from daemon.fsutil import TEMP_PREFIX
-from daemon.metrics import DURATION_BUCKETS, KNOWN_STATES, MetricsWriter, escape_label_value, render
+from daemon.runtime.metrics import DURATION_BUCKETS, KNOWN_STATES, MetricsWriter, escape_label_value, render
 
 HOSTILE = 'we"ird\\inst\nance'
 
@@ -234,7 +234,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch):
     MetricsWriter(path).write(health(), COUNTERS, DURATIONS)
     before = path.read_text()
 
-    import daemon.metrics as metrics
+    import daemon.runtime.metrics as metrics
 
     real_replace = os.replace
 

@@ -9,7 +9,7 @@ import pytest
 
 from daemon.errors import Category, JobError
 from daemon.models import I2V_A14B, REGISTRY, T2V_A14B, T2V_SINGLE, TI2V_5B, inspect_folder, locate
-from daemon.tiny import build_tiny
+from daemon.worker.tiny import build_tiny
 
 
 @pytest.mark.parametrize("name,arch", [("tiny-t2v-a14b", T2V_A14B), ("tiny-i2v-a14b", I2V_A14B),
@@ -110,7 +110,7 @@ def test_small_model_and_its_tiny_twin(harness):
 def test_input_images_are_resized_and_centre_cropped_never_stretched():
     from PIL import Image
 
-    from daemon.pipelines import fit_image
+    from daemon.worker.backend import fit_image
 
     img = Image.new("RGB", (100, 50), (0, 0, 255))
     for x in range(48, 52):
@@ -124,7 +124,7 @@ def test_input_images_are_resized_and_centre_cropped_never_stretched():
 
 
 def test_warm_cache_evicts_the_least_recently_used_pipeline_over_its_memory_budget(harness_factory, models_dir):
-    from daemon.pipelines import weights_mb
+    from daemon.worker.backend import weights_mb
 
     one = max(weights_mb(models_dir / n) for n in ("tiny-t2v-a14b", "tiny-ti2v-5b"))
     h = harness_factory(worker={"max_cached_pipelines": 5, "cache_budget_mb": one * 1.2}).start()

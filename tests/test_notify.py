@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from daemon.notify import SystemdNotifier
+from daemon.runtime.notify import SystemdNotifier
 
 UNITS_DIR = Path(__file__).resolve().parent.parent / "systemd"
 UNITS = ("wan-daemon.service", "wan-daemon@.service")

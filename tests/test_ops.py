@@ -100,7 +100,7 @@ def test_doctor_report_and_monitor_on_a_real_outbox(harness_factory, tmp_path, c
 
 def test_history_is_filled_by_real_runs_and_read_by_tasks_and_analysis(harness_factory, capsys, monkeypatch):
     from daemon.cli import main
-    from daemon.history import History
+    from daemon.ops.history import History
 
     h = harness_factory().start()
     h.drop("ok.yaml", "defaults: {steps: 2}\njobs:\n  - prompt: one\n  - prompt: two\n")

@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 
 from daemon.models import locate
-from daemon.spec import JobSpec, resolve_params
-from daemon.worker import worker_main
+from daemon.jobspec.spec import JobSpec, resolve_params
+from daemon.worker.main import worker_main
 
 from conftest import wait_for
 

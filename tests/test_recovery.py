@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from daemon.jobs import JobState
-from daemon.service import Daemon
+from daemon.runtime.daemon import Daemon
 
 from conftest import fast_settings, spool_root, wait_for
 

@@ -17,10 +17,10 @@ from PIL import Image
 
 from daemon.errors import Category, JobError
 from daemon.fsutil import TEMP_PREFIX, atomic_write_json
-from daemon.outbox import Outbox
-from daemon.pipelines import encode_mp4, probe_video
-from daemon.report import TITLE, build_report, write_poster
-from daemon.service import TINY_NOTE
+from daemon.runtime.outbox import Outbox
+from daemon.worker.backend import encode_mp4, probe_video
+from daemon.ops.report import TITLE, build_report, write_poster
+from daemon.runtime.daemon import TINY_NOTE
 
 HOSTILE_PROMPT = "<script>alert(1)</script> a fox & a \"hound\" in the snow"
 HOSTILE_FILE = "<img src=x onerror=alert(2)>.yaml"

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon import outbox as outbox_module
+from daemon.runtime import outbox as outbox_module
 from daemon.errors import Category, JobError
 from daemon.jobs import JobState
 from daemon.policy import decide
-from daemon.service import Daemon
-from daemon.spool import Spool
+from daemon.runtime.daemon import Daemon
+from daemon.runtime.spool import Spool
 
 from conftest import fast_settings, spool_root, wait_for
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from daemon.schedules import CronSubmitter, Schedule, substitute
+from daemon.runtime.schedules import CronSubmitter, Schedule, substitute
 
 
 def ts(text: str) -> float:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from daemon.models import REGISTRY
-from daemon.spec import JobSpec, resolve_params
+from daemon.jobspec.spec import JobSpec, resolve_params
 from daemon.speed import SpeedConfig, plan_speed
 
 from conftest import wait_for
@@ -63,7 +63,7 @@ def test_job_fields_win_over_the_config_defaults():
 
 
 def test_bad_speed_options_are_rejected_at_intake_with_what_is_allowed():
-    from daemon.spec import parse_job_file
+    from daemon.jobspec.spec import parse_job_file
 
     cases = {
         "cache: {type: mag}": "mag needs mag_ratios",

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from daemon.config import WatchConfig
-from daemon.watch import InboxWatcher, is_job_file_name
+from daemon.runtime.watch import InboxWatcher, is_job_file_name
 
 from conftest import wait_for
 

@@ -19,27 +19,27 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from . import __version__
-from .config import Settings
-from .errors import Category, JobError
-from .executor import Executor
-from .health import HealthWriter, iso
-from .intake import Intake
-from .jobs import JobRecord, JobState
-from .leases import Lease
-from .models import default_model
-from .autodownload import ModelDownloads
-from .disk import DiskGuard
-from .metrics import MetricsWriter, read_gpus
-from .inventory import GpuInventory, StaticInventory
-from .memory import JobDemand, PeakBook, book_key, optimizations, plan_for
-from .notify import SystemdNotifier
-from .outbox import Outbox
-from .policy import decide
-from .scheduler import Slot, assign, fits_nowhere, insufficient_vram_message
-from .schedules import CronSubmitter
-from .spool import Spool
-from .watch import InboxWatcher
+from daemon import __version__
+from daemon.config import Settings
+from daemon.errors import Category, JobError
+from daemon.worker.process import Executor
+from daemon.runtime.health import HealthWriter, iso
+from daemon.runtime.intake import Intake
+from daemon.jobs import JobRecord, JobState
+from daemon.runtime.leases import Lease
+from daemon.models import default_model
+from daemon.runtime.autodownload import ModelDownloads
+from daemon.runtime.disk import DiskGuard
+from daemon.runtime.metrics import MetricsWriter, read_gpus
+from daemon.ops.inventory import GpuInventory, StaticInventory
+from daemon.memory import JobDemand, PeakBook, book_key, optimizations, plan_for
+from daemon.runtime.notify import SystemdNotifier
+from daemon.runtime.outbox import Outbox
+from daemon.policy import decide
+from daemon.scheduler import Slot, assign, fits_nowhere, insufficient_vram_message
+from daemon.runtime.schedules import CronSubmitter
+from daemon.runtime.spool import Spool
+from daemon.runtime.watch import InboxWatcher
 
 TINY_NOTE = "tiny random-weight test model: this video is noise, made only to exercise the real pipeline"
 
@@ -139,7 +139,7 @@ class Daemon:
         inbox, state = self.settings.paths.inbox, self.settings.paths.state
         state.mkdir(parents=True, exist_ok=True)
         if inbox.stat().st_dev != state.stat().st_dev:
-            from .config import ConfigError
+            from daemon.config import ConfigError
 
             raise ConfigError(f"paths.state ({state}) must be on the same filesystem as the inbox ({inbox}): "
                               "claiming a job is an atomic rename between them")
@@ -303,7 +303,7 @@ class Daemon:
         return True
 
     def _on_write_error(self, exc: OSError) -> None:
-        from .errors import classify_exception
+        from daemon.errors import classify_exception
 
         err = classify_exception(exc)
         logger.error("daemon.write_failed category={} error={}", err.category.value, exc)
@@ -415,7 +415,7 @@ class Daemon:
                 self._vram_checked.add(rec.token)
                 demand = self._demand(rec)
                 if fits_nowhere(demand, totals, self._plan):
-                    from .memory import strongest_estimate_mb
+                    from daemon.memory import strongest_estimate_mb
 
                     msg = insufficient_vram_message(demand, totals, strongest_estimate_mb(demand))
                     self._fail_or_retry(rec, JobError(Category.INSUFFICIENT_VRAM, msg))
@@ -443,7 +443,7 @@ class Daemon:
         params = dict(rec.params)
         if plan is not None:
             # The planner's mode, unless an out-of-memory retry already asked for a stronger one.
-            from .policy import OFFLOAD_LADDER
+            from daemon.policy import OFFLOAD_LADDER
 
             planned = plan.offload
             if OFFLOAD_LADDER.index(planned) > OFFLOAD_LADDER.index(params.get("offload", "none")):
@@ -549,7 +549,7 @@ class Daemon:
                        if r.state is JobState.WAITING_FOR_MODEL and r.model.get("repo_id") == repo]
             for rec in waiting:
                 if error is None:
-                    from .models import locate
+                    from daemon.models import locate
 
                     try:
                         located = locate(rec.model["name"], models_dir=self.settings.paths.models,
@@ -611,7 +611,7 @@ class Daemon:
             poster = Path(result["poster_tmp"]) if result.get("poster_tmp") else None
             published = self.outbox.publish_result(basename, Path(result["video_tmp"]), sidecar, poster)
         except OSError as exc:
-            from .errors import classify_exception
+            from daemon.errors import classify_exception
 
             self._discard_temp(info)
             err = classify_exception(exc)
@@ -681,8 +681,8 @@ class Daemon:
         params = {**rec.params, **{k: v for k, v in changes.items() if k != "model"}}
         if "model" not in changes:
             return {"params": params}
-        from .models import locate
-        from .spec import JobSpec, resolve_params
+        from daemon.models import locate
+        from daemon.jobspec.spec import JobSpec, resolve_params
 
         located = locate(changes["model"], models_dir=self.settings.paths.models,
                          model_roots=self.settings.paths.model_roots)
@@ -703,7 +703,7 @@ class Daemon:
     def _open_history(self):
         if not self.settings.history.enabled:
             return None
-        from .history import History, HistoryError
+        from daemon.ops.history import History, HistoryError
 
         try:
             return History(self.settings.history.path)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .fsutil import atomic_write_json
+from daemon.fsutil import atomic_write_json
 
 
 class HealthWriter:

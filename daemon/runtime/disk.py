@@ -14,7 +14,7 @@ from typing import Callable
 
 from loguru import logger
 
-from .fsutil import probe_write
+from daemon.fsutil import probe_write
 
 CHECK_INTERVAL_SECONDS = 1.0
 

@@ -17,9 +17,9 @@ from typing import Any
 
 from loguru import logger
 
-from . import __version__
-from .errors import JobError
-from .fsutil import TEMP_PREFIX, atomic_write_json, fsync_dir, publish, read_json, remove_stale_temps, temp_path_for
+from daemon import __version__
+from daemon.errors import JobError
+from daemon.fsutil import TEMP_PREFIX, atomic_write_json, fsync_dir, publish, read_json, remove_stale_temps, temp_path_for
 
 
 class Outbox:

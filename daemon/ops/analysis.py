@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
-    from .history import History
+    from daemon.ops.history import History
 
 SUCCESS_RATE_TARGET = 0.9
 QUEUE_WAIT_P95_LIMIT_SECONDS = 300.0
@@ -63,7 +63,7 @@ def _minutes(seconds: float) -> str:
 def _download_hint(model: str) -> str:
     if "/" in model:
         return model
-    from .models import REGISTRY  # no torch: cheap
+    from daemon.models import REGISTRY  # no torch: cheap
 
     info = REGISTRY.get(model)
     return info.repo_id if info and info.repo_id else "<repo>"

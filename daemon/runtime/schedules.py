@@ -28,7 +28,7 @@ from typing import Any, Callable, Literal
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .fsutil import atomic_write_bytes, fsync_dir
+from daemon.fsutil import atomic_write_bytes, fsync_dir
 
 MAX_CATCH_UP = 100
 _FIELDS = re.compile(r"\{(date|time|datetime|name|timestamp|year|month|day|hour|minute)\}")

@@ -26,7 +26,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
-from .config import WatchConfig
+from daemon.config import WatchConfig
 
 JOB_SUFFIXES = (".yaml", ".yml")
 

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from loguru import logger
 
-from .fsutil import atomic_write_json, read_json
+from daemon.fsutil import atomic_write_json, read_json
 
 MANIFEST_NAME = ".wan-daemon-manifest.json"
 MANIFEST_VERSION = 1
@@ -98,7 +98,7 @@ def needed_patterns(architecture: str) -> list[str]:
     """
     arch = architecture
     if arch not in _KNOWN_ARCHS:
-        from .models import REGISTRY
+        from daemon.models import REGISTRY
 
         info = REGISTRY.get(arch)
         if info is None:

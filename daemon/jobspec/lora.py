@@ -44,8 +44,8 @@ from typing import Any, Iterable, Literal, Mapping, NamedTuple, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import Category, JobError, classify_exception
-from .fsutil import open_confined
+from daemon.errors import Category, JobError, classify_exception
+from daemon.fsutil import open_confined
 
 Expert = Literal["high", "low", "both"]
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Protocol
 
 from loguru import logger
 
-from .errors import Category, JobError, JobInterrupted
-from .fsutil import fsync_file, probe_write, sha256_file
+from daemon.errors import Category, JobError, JobInterrupted
+from daemon.fsutil import fsync_file, probe_write, sha256_file
 
 Report = Callable[[dict[str, Any]], None]
 
@@ -53,7 +53,7 @@ class _Loaded:
     pipes: dict[str, Any]  # "t2v" / "i2v" -> pipeline sharing the same components
     load_seconds: float
     size_mb: float = 0.0  # weights on disk: what it holds in memory, near enough for eviction
-    loras: Any = None  # daemon.lora.LoraManager: adapters stay loaded with the pipeline, switched per job
+    loras: Any = None  # daemon.worker.lora.LoraManager: adapters stay loaded with the pipeline, switched per job
     compiled: bool = False  # its transformer blocks were torch.compiled (in place: every later job runs them)
     attention: str = "native"  # the attention backend its transformers are set to
 
@@ -222,7 +222,7 @@ class DiffusersWanBackend:
                   offload: str = "none", fp8: bool = False) -> tuple[Any, str, float, str]:
         path = model.get("path")
         if model.get("tiny_random_weights") and not path:
-            from .tiny import build_tiny
+            from daemon.worker.tiny import build_tiny
 
             report({"type": "phase", "phase": "building_tiny_model"})
             path = str(build_tiny(model["name"], self.models_dir))
@@ -290,7 +290,7 @@ class DiffusersWanBackend:
 
     def _apply_speed(self, pipe: Any, entry: _Loaded | None, params: dict[str, Any]):
         """Set the run's attention backend, compile once per warm pipeline, enable the planned cache."""
-        from .speed import ATTENTION_BACKENDS, attention_available, cache_config, plan_speed
+        from daemon.speed import ATTENTION_BACKENDS, attention_available, cache_config, plan_speed
 
         modules = self._transformers(pipe)
         wanted = params.get("attention_backend") or "native"
@@ -331,7 +331,7 @@ class DiffusersWanBackend:
                  should_stop: Callable[[], bool] = lambda: False) -> Generated:
         """The device's part of a job: load (or reuse) the pipeline, denoise, decode to uint8 frames on
         the CPU. Nothing of it stays on the device once this returns."""
-        from .sampling import ResourceSampler
+        from daemon.worker.sampling import ResourceSampler
 
         sampler = ResourceSampler(gpu_index=0 if self.device == "cuda" else None)
 
@@ -389,7 +389,7 @@ class DiffusersWanBackend:
         entry = next((e for e in self._cache.values() if pipe in e.pipes.values()), None)
         if entry is not None:
             if entry.loras is None:
-                from .lora import LoraManager
+                from daemon.jobspec.lora import LoraManager
 
                 entry.loras = LoraManager()
             applied = entry.loras.apply(pipe, params.get("loras") or [])

@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .errors import JobInterrupted, classify_exception
+from daemon.errors import JobInterrupted, classify_exception
 
 
 def _exit_with_parent() -> None:
@@ -136,7 +136,7 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
             module, _, attr = config["backend"].partition(":")
             backend = getattr(importlib.import_module(module), attr)(**backend_kwargs)
         else:
-            from .pipelines import DiffusersWanBackend
+            from daemon.worker.backend import DiffusersWanBackend
 
             backend = DiffusersWanBackend(**backend_kwargs)
         events.put({"type": "ready", "pid": os.getpid(), **backend.describe()})

@@ -18,15 +18,15 @@ from typing import Callable
 from loguru import logger
 from PIL import Image
 
-from .config import Settings
-from .errors import Category, JobError
-from .fsutil import open_confined
-from .jobs import JobRecord, JobState
-from .models import REGISTRY, LocatedModel, locate
-from .outbox import Outbox
-from .spec import SpecEntry, parse_job_file, resolve_params, safe_stem
-from .spool import Spool
-from .spool import original_name as spool_original_name
+from daemon.config import Settings
+from daemon.errors import Category, JobError
+from daemon.fsutil import open_confined
+from daemon.jobs import JobRecord, JobState
+from daemon.models import REGISTRY, LocatedModel, locate
+from daemon.runtime.outbox import Outbox
+from daemon.jobspec.spec import SpecEntry, parse_job_file, resolve_params, safe_stem
+from daemon.runtime.spool import Spool
+from daemon.runtime.spool import original_name as spool_original_name
 
 def _epoch(when) -> float:
     from datetime import timezone
@@ -142,7 +142,7 @@ class Intake:
                                 max_steps=limits.max_steps, vae_tiling=self.settings.models.vae_tiling,
                                 speed=self.settings.speed)
         if spec.loras:
-            from .lora import validate as validate_loras
+            from daemon.jobspec.lora import validate as validate_loras
 
             resolved = validate_loras(spec.loras, self.settings.paths.lora_roots, located.path,
                                       located.info.two_experts)

@@ -2,7 +2,7 @@
 
 ```
 <state>/owners/<id>/lease        this daemon's heartbeat: its mtime is refreshed while it runs
-<state>/owners/<id>/files, jobs  its spool (daemon.spool)
+<state>/owners/<id>/files, jobs  its spool (daemon.runtime.spool)
 <state>/takeover/<me>~<dead>~<n> a dead owner's spool, renamed here by the one daemon that won it
 ```
 
@@ -31,7 +31,7 @@ from typing import Callable
 
 from loguru import logger
 
-from .fsutil import atomic_write_json, fsync_dir
+from daemon.fsutil import atomic_write_json, fsync_dir
 
 
 class LeaseError(Exception):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from .fsutil import TEMP_PREFIX
+from daemon.fsutil import TEMP_PREFIX
 
 Status = Literal["ok", "warn", "fail"]
 
@@ -210,7 +210,7 @@ def check_video_encoding() -> Check:
     if not exe or not os.path.isfile(exe) or not os.access(exe, os.X_OK):
         return Check("video encoding", "fail", f"ffmpeg {exe!r} is not an executable file",
                      "Reinstall imageio-ffmpeg, or set IMAGEIO_FFMPEG_EXE to a working ffmpeg.")
-    from .pipelines import encode_mp4, probe_video
+    from daemon.worker.backend import encode_mp4, probe_video
 
     try:
         with tempfile.TemporaryDirectory(prefix="wan-doctor-") as tmp:
@@ -281,8 +281,8 @@ def check_writable(label: str, path: Path) -> Check:
 
 
 def check_models(models_dir: Path, default: str) -> list[Check]:
-    from .models import REGISTRY, TINY_FOR, hub_snapshot, tiny_model_dir
-    from .tiny import is_built
+    from daemon.models import REGISTRY, TINY_FOR, hub_snapshot, tiny_model_dir
+    from daemon.worker.tiny import is_built
 
     checks: list[Check] = []
     present: set[str] = set()

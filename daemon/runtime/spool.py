@@ -8,7 +8,7 @@
 
 The state folder is on the inbox's filesystem, so a claim is one atomic ``rename()``; several daemons
 sharing an inbox each claim into their own folder, and exactly one of them wins each file. Claimed
-names carry the owner, so they stay unique when a dead owner's spool is adopted (daemon.leases).
+names carry the owner, so they stay unique when a dead owner's spool is adopted (daemon.runtime.leases).
 
 Invariants (each survives ``kill -9`` at any instant):
 - a job file is in the inbox, or in a spool's ``files``, never lost in between (claim is one rename);
@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 
 from loguru import logger
 
-from .fsutil import atomic_write_json, fsync_dir, read_json
-from .jobs import JobRecord, JobState, check_transition
+from daemon.fsutil import atomic_write_json, fsync_dir, read_json
+from daemon.jobs import JobRecord, JobState, check_transition
 
 def original_name(claimed_name: str) -> str:
     """The name a claimed file had in the inbox (``<seq>.<owner>.<name>`` -> ``<name>``)."""

@@ -15,10 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import Category, JobError
-from .lora import LoraSpec
-from .models import WAN_NEGATIVE_PROMPT, ModelInfo
-from .speed import ATTENTION_BACKENDS, CacheOptions, SpeedConfig
+from daemon.errors import Category, JobError
+from daemon.jobspec.lora import LoraSpec
+from daemon.models import WAN_NEGATIVE_PROMPT, ModelInfo
+from daemon.speed import ATTENTION_BACKENDS, CacheOptions, SpeedConfig
 
 ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -446,7 +446,7 @@ class ResolvedParams(_Strict):
     offload: Literal["none", "model", "group", "sequential"] = "none"
     vae_tiling: bool = False
     timeout_seconds: float | None = None
-    loras: list[dict[str, Any]] = Field(default_factory=list, description="Resolved LoRAs (daemon.lora.ResolvedLora).")
+    loras: list[dict[str, Any]] = Field(default_factory=list, description="Resolved LoRAs (daemon.jobspec.lora.ResolvedLora).")
     preset: str | None = None
     compile: bool = False
     cache: dict[str, Any] | None = None
@@ -485,7 +485,7 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
         raise JobError(Category.INVALID_SPEC, "; ".join(problems))
     preset: dict[str, Any] = {}
     if spec.preset:
-        from .lora import apply_preset
+        from daemon.jobspec.lora import apply_preset
 
         explicit = {k: getattr(spec, k) for k in ("steps", "guidance_scale", "guidance_scale_2", "flow_shift")}
         preset, _ = apply_preset(spec.preset, spec.loras, explicit, two_experts=info.two_experts)

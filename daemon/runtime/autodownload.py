@@ -13,7 +13,7 @@ from typing import Any
 
 from loguru import logger
 
-from .downloads import DownloadError, download, needed_patterns
+from daemon.hub.downloads import DownloadError, download, needed_patterns
 
 
 class ModelDownloads:

@@ -12,7 +12,7 @@ from rich.console import Group
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-from .health import health_age
+from daemon.runtime.health import health_age
 
 
 def read_all(health_dir: Path) -> list[dict[str, Any]]:
@@ -26,7 +26,7 @@ def read_all(health_dir: Path) -> list[dict[str, Any]]:
 
 
 def gpu_rows() -> list[dict[str, Any]]:
-    from .inventory import NvmlInventory
+    from daemon.ops.inventory import NvmlInventory
 
     return [{"index": g.index, "name": g.name, "used_mb": g.used_mb, "total_mb": g.total_mb,
              "util": g.utilization_percent if g.utilization_percent is not None else "?"}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .fsutil import atomic_write_bytes
+from daemon.fsutil import atomic_write_bytes
 
 TITLE = "wan-daemon report"
 POSTER_QUALITY = 85

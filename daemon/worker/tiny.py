@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .models import I2V_A14B, REGISTRY, T2V_A14B, T2V_SINGLE, TI2V_5B, tiny_model_dir
+from daemon.models import I2V_A14B, REGISTRY, T2V_A14B, T2V_SINGLE, TI2V_5B, tiny_model_dir
 
 # Bump when the recipe changes so that stale builds are rebuilt.
 BUILD_VERSION = 1

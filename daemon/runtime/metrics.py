@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .fsutil import atomic_write_bytes, fsync_dir, temp_path_for
+from daemon.fsutil import atomic_write_bytes, fsync_dir, temp_path_for
 
 # Every value Daemon.state takes (service.py); one 0/1 series each, so a missing series never means "not busy".
 KNOWN_STATES: tuple[str, ...] = ("starting", "idle", "busy", "draining", "stopped")
@@ -141,8 +141,8 @@ def _prio_key(prio: str) -> tuple[int, float | str]:
 
 
 def read_gpus(inventory: Any = None) -> list[dict[str, Any]]:
-    """GPUs from a GPU inventory (default: NVML, daemon.inventory) as render() takes them; [] without a driver."""
-    from .inventory import NvmlInventory
+    """GPUs from a GPU inventory (default: NVML, daemon.ops.inventory) as render() takes them; [] without a driver."""
+    from daemon.ops.inventory import NvmlInventory
 
     return [{"index": g.index, "name": g.name, "memory_total_mb": g.total_mb, "memory_used_mb": g.used_mb}
             for g in (inventory or NvmlInventory()).gpus()]

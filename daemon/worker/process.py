@@ -11,10 +11,10 @@ from typing import Any, Callable
 
 from loguru import logger
 
-from .config import Settings
-from .errors import Category, JobError
-from .inventory import GpuInfo
-from .worker import worker_main
+from daemon.config import Settings
+from daemon.errors import Category, JobError
+from daemon.ops.inventory import GpuInfo
+from daemon.worker.main import worker_main
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Hugging Face cache inspection and downloads. No torch."""
