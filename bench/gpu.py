@@ -330,7 +330,8 @@ def attention_missing(name: str, device: str) -> str | None:
 
 def resolved_params(located: Any, args: argparse.Namespace, size: str, frames: int) -> tuple[dict, list[str]]:
     """The params dict the daemon sends for this job, plus the speed keys this daemon version does not resolve."""
-    from daemon.jobspec.spec import JobSpec, resolve_params
+    from daemon.jobspec.params import resolve_params
+    from daemon.jobspec.spec import JobSpec
 
     spec = JobSpec(id="bench", prompt=PROMPT, size=size, frames=frames, steps=args.steps, guidance_scale=5.0, seed=0)
     params = resolve_params(spec, located.info, max_side=4096, max_frames=1000, max_steps=1000).model_dump(mode="json")

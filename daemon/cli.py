@@ -87,7 +87,8 @@ def _validate_file(path: Path, settings) -> list[str]:
     """Problems with one job file, as the daemon would report them (empty: valid)."""
     from daemon.errors import JobError
     from daemon.models import REGISTRY, locate
-    from daemon.jobspec.spec import parse_job_file, resolve_params
+    from daemon.jobspec.params import resolve_params
+    from daemon.jobspec.spec import parse_job_file
 
     try:
         data = path.read_bytes()

@@ -1,7 +1,7 @@
 """Which models exist, what they are, where their weights live, and their per-model job defaults.
 
 Pure bookkeeping: no torch import, so the daemon's main process stays light. The worker loads what
-:func:`locate` returns through ``from_pretrained``; the tiny models are built by :mod:`daemon.tiny`.
+:func:`locate` returns through ``from_pretrained``; the tiny models are built by :mod:`daemon.worker.tiny`.
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
-from .errors import Category, JobError
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from daemon.errors import Category, JobError
 
 # Architectures we know how to drive. Each maps to its diffusers pipelines and the tasks it can do.
 T2V_A14B = "wan2.2-t2v-a14b"
@@ -95,16 +98,52 @@ TINY_FOR: dict[str, str] = {T2V_A14B: "tiny-t2v-a14b", I2V_A14B: "tiny-i2v-a14b"
                              T2V_SINGLE: "tiny-t2v-1.3b"}
 
 
-@dataclass(frozen=True)
-class LocatedModel:
-    """A model resolved to something the worker can load."""
+class LocatedModel(BaseModel):
+    """A model resolved to something the worker can load; persisted in every job record and sent to the
+    worker with each job. Records written before this was typed held only the flat summary
+    (:meth:`to_dict`); they still load (the model's defaults then come from the registry, or stay unknown)."""
+
+    model_config = ConfigDict(frozen=True)
 
     info: ModelInfo
-    path: Path | None  # None: a tiny model not built yet (the worker builds it)
-    source: str  # "tiny" | "hub-cache" | "local"
+    path: Path | None = None  # None: a tiny model not built yet (the worker builds it), or not downloaded yet
+    source: Literal["tiny", "hub-cache", "local"]
     revision: str | None = None
 
-    def to_dict(self) -> dict:
+    @model_validator(mode="before")
+    @classmethod
+    def _from_flat_summary(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "info" not in data and "name" in data:
+            known = REGISTRY.get(data["name"])
+            info = known if known is not None and known.architecture == data.get("architecture") else ModelInfo(
+                data["name"], data.get("architecture", ""), data.get("repo_id"), 0, 0, 0, 0, 0, 0.0, None, 0.0,
+                int(data.get("multiple") or 16), tiny=bool(data.get("tiny_random_weights")))
+            return {"info": info, "path": data.get("path"), "source": data.get("source", "local"),
+                    "revision": data.get("revision")}
+        return data
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def architecture(self) -> str:
+        return self.info.architecture
+
+    @property
+    def repo_id(self) -> str | None:
+        return self.info.repo_id
+
+    @property
+    def tiny(self) -> bool:
+        return self.info.tiny
+
+    @property
+    def multiple(self) -> int:
+        return self.info.multiple
+
+    def to_dict(self) -> dict[str, Any]:
+        """The summary users read in sidecars and failure records."""
         return {
             "name": self.info.name,
             "architecture": self.info.architecture,
@@ -123,7 +162,7 @@ def tiny_model_dir(models_dir: Path, name: str) -> Path:
 
 def hub_snapshot(repo_id: str) -> tuple[Path, str] | None:
     """The local Hugging Face cache snapshot of ``repo_id`` (path, revision), or None. Never downloads."""
-    from .downloads import snapshot_path
+    from daemon.hub.downloads import snapshot_path
 
     path = snapshot_path(repo_id)  # finds snapshots fetched with allow_patterns too (wan-daemon's own)
     if path is None:
@@ -182,7 +221,7 @@ def locate(model: str, *, models_dir: Path, model_roots: list[Path]) -> LocatedM
     info = REGISTRY.get(model)
     if info is not None and info.tiny:
         folder = tiny_model_dir(models_dir, info.name)
-        return LocatedModel(info, folder if (folder / "model_index.json").is_file() else None, "tiny")
+        return LocatedModel(info=info, path=folder if (folder / "model_index.json").is_file() else None, source="tiny")
     if info is not None:
         snap = hub_snapshot(info.repo_id)
         if snap is None:
@@ -194,18 +233,19 @@ def locate(model: str, *, models_dir: Path, model_roots: list[Path]) -> LocatedM
                  f"Or set `model:` to {TINY_FOR[info.architecture]!r} to test the daemon with a tiny random model."],
                 {"repo_id": info.repo_id},
             )
-        return LocatedModel(info, snap[0], "hub-cache", snap[1])
+        return LocatedModel(info=info, path=snap[0], source="hub-cache", revision=snap[1])
     # A local folder: absolute, or relative to one of the configured model roots.
     raw = Path(os.path.expanduser(model))
     candidates = [raw] if raw.is_absolute() else [Path(r) / raw for r in model_roots]
     for cand in candidates:
         if (cand / "model_index.json").is_file():
             cand = cand.resolve()
-            return LocatedModel(info_for_folder(model, cand), cand, "local")
+            return LocatedModel(info=info_for_folder(model, cand), path=cand, source="local")
     if "/" in model and not raw.is_absolute() and model.count("/") == 1:
         snap = hub_snapshot(model)
         if snap is not None:
-            return LocatedModel(info_for_folder(model, snap[0], repo_id=model), snap[0], "hub-cache", snap[1])
+            return LocatedModel(info=info_for_folder(model, snap[0], repo_id=model), path=snap[0], source="hub-cache",
+                                revision=snap[1])
         raise JobError(
             Category.MODEL_NOT_FOUND,
             f"model {model!r} is neither a registry name, a local diffusers folder, nor a repo in the local "

@@ -19,7 +19,8 @@ from daemon.errors import Category, JobError
 from daemon.ops.history import COLUMNS, MIGRATIONS, History, HistoryError, SchemaTooNew, row_from_record
 from daemon.jobs import JobRecord, JobState
 from daemon.models import REGISTRY, LocatedModel
-from daemon.jobspec.spec import JobSpec, resolve_params
+from daemon.jobspec.params import resolve_params
+from daemon.jobspec.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 T2V, TI2V, I2V = "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.2-i2v-a14b"

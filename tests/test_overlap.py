@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 from daemon.models import locate
-from daemon.jobspec.spec import JobSpec, resolve_params
+from daemon.jobspec.params import resolve_params
+from daemon.jobspec.spec import JobSpec
 from daemon.worker.main import worker_main
 
 from conftest import wait_for

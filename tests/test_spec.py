@@ -11,7 +11,8 @@ import yaml
 
 from daemon.errors import Category, JobError
 from daemon.models import REGISTRY, WAN_NEGATIVE_PROMPT
-from daemon.jobspec.spec import json_schema, parse_job_file, resolve_params
+from daemon.jobspec.params import resolve_params
+from daemon.jobspec.spec import json_schema, parse_job_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 1 << 20

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from daemon.models import REGISTRY
-from daemon.jobspec.spec import JobSpec, resolve_params
+from daemon.jobspec.params import resolve_params
+from daemon.jobspec.spec import JobSpec
 from daemon.speed import SpeedConfig, plan_speed
 
 from conftest import wait_for

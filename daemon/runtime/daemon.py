@@ -682,7 +682,8 @@ class Daemon:
         if "model" not in changes:
             return {"params": params}
         from daemon.models import locate
-        from daemon.jobspec.spec import JobSpec, resolve_params
+        from daemon.jobspec.params import resolve_params
+        from daemon.jobspec.spec import JobSpec
 
         located = locate(changes["model"], models_dir=self.settings.paths.models,
                          model_roots=self.settings.paths.model_roots)

@@ -24,7 +24,8 @@ from daemon.fsutil import open_confined
 from daemon.jobs import JobRecord, JobState
 from daemon.models import REGISTRY, LocatedModel, locate
 from daemon.runtime.outbox import Outbox
-from daemon.jobspec.spec import SpecEntry, parse_job_file, resolve_params, safe_stem
+from daemon.jobspec.params import resolve_params
+from daemon.jobspec.spec import SpecEntry, parse_job_file, safe_stem
 from daemon.runtime.spool import Spool
 from daemon.runtime.spool import original_name as spool_original_name
 
@@ -133,7 +134,7 @@ class Intake:
                     and info is not None and info.repo_id):
                 raise
             # Known architecture, weights absent: the job waits while the daemon downloads them.
-            located, waiting = LocatedModel(info, None, "hub-cache"), True
+            located, waiting = LocatedModel(info=info, source="hub-cache"), True
         if spec.model is None and located.info.tiny:
             logger.warning("job.default_model id={} model={}: the job names no model and no real weights are "
                            "present; the tiny random-weight test model makes a noise video", spec.id, model_name)

@@ -1,0 +1,308 @@
+"""What crosses the boundary between the daemon and a worker: typed messages, and the two interfaces.
+
+```
+daemon (runtime/)                                   worker process (worker/main.py)
+  ExecutorProtocol.submit(JobPayload)   ── jobs ──►   Backend.generate(payload, report, should_stop)
+  ExecutorProtocol.poll() -> [WorkerEvent] ◄─ events ─ Ready | Fatal | Started | Phase | Progress
+                                                     | DeviceFree | Done(JobResult) | Failed | Interrupted
+```
+
+Every message is a dataclass. At the pipe it is plain JSON (:func:`to_wire`) and it is parsed back in one
+place (:func:`event_from_wire`, :func:`payload_from_wire`): nothing on the daemon side unpickles an object
+that could make it import torch, and nothing reads a message through string keys.
+
+This module imports no torch, no diffusers: the daemon process imports it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, Protocol, Union
+
+from pydantic import Field, TypeAdapter
+from pydantic.dataclasses import dataclass
+
+from daemon.errors import Category, JobError
+from daemon.jobspec.params import ResolvedParams
+from daemon.models import LocatedModel
+
+# ---- configuration and jobs (daemon -> worker) -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker process needs to start, fixed for its life."""
+
+    worker_name: str
+    device: str  # auto | cuda | cpu
+    models_dir: str
+    allow_cpu_for_real_models: bool = False
+    max_cached_pipelines: int = 2
+    cache_budget_mb: float | None = None
+    cpu_threads: int | None = None
+    overlap_encoding: str = "auto"  # auto | on | off
+    log_level: str = "INFO"
+    # "module:Factory" of a stand-in backend (daemon.testing), injected by code for tests and benchmarks,
+    # never by configuration. None: the real diffusers backend.
+    backend: str | None = None
+    # The worker sees only its own GPU (CUDA_VISIBLE_DEVICES, set before it imports torch).
+    visible_device: str | None = None
+
+
+@dataclass(frozen=True)
+class JobPayload:
+    """One attempt of one job, as the worker runs it: every parameter resolved, the plan applied."""
+
+    id: str
+    token: str
+    attempt: int
+    model: LocatedModel
+    params: ResolvedParams  # the record's parameters with this attempt's offload plan applied
+    video_tmp: str  # where the finished MP4 goes (a temp name in the outbox's folder)
+    input_image: str | None = None
+
+    @property
+    def poster_tmp(self) -> str:
+        video = Path(self.video_tmp)
+        return str(video.with_name(video.stem + ".poster.jpg"))
+
+
+# ---- events (worker -> daemon) ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A classified error on the wire (daemon.errors.JobError without the exception)."""
+
+    error_category: Category
+    message: str
+    recovery_suggestions: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, err: JobError) -> ErrorInfo:
+        return cls(**err.to_dict())
+
+    def to_error(self) -> JobError:
+        return JobError(self.error_category, self.message, list(self.recovery_suggestions), dict(self.details))
+
+
+@dataclass(frozen=True)
+class VideoFacts:
+    """The MP4 as a player reads it back (daemon.worker.media.probe_video)."""
+
+    bytes: int
+    sha256: str
+    frames: int
+    fps: float
+    width: int
+    height: int
+    codec: str | None = None
+
+
+@dataclass
+class JobResult:
+    """What a finished job reports for its sidecar. The video and poster are in their temp paths, fsynced."""
+
+    device: str
+    model_path: str
+    model_cache: str  # loaded | cached
+    timings: dict[str, float]
+    optimizations_applied: list[str]
+    peak_vram_usage_mb: int | None = None
+    peak_rss_mb: float | None = None
+    models_evicted: list[str] = field(default_factory=list)
+    frames_generated: int = 0
+    resources: dict[str, Any] = field(default_factory=dict)
+    video_tmp: str | None = None
+    poster_tmp: str | None = None
+    video: VideoFacts | None = None
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a backend says about its device once it is up."""
+
+    device: str
+    device_name: str | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    cpu_threads: int | None = None
+    vram_total_mb: int | None = None
+    vram_free_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker is up and takes jobs."""
+
+    pid: int
+    info: DeviceInfo
+    type: Literal["ready"] = "ready"
+
+
+@dataclass(frozen=True)
+class Fatal:
+    """The worker could not start; it exits after this."""
+
+    error: ErrorInfo
+    traceback: str = ""
+    type: Literal["fatal"] = "fatal"
+
+
+@dataclass(frozen=True)
+class Started:
+    id: str
+    type: Literal["started"] = "started"
+
+
+@dataclass(frozen=True)
+class Phase:
+    """The job entered a phase (building_tiny_model, loading_model, encoding, ...)."""
+
+    id: str
+    phase: str
+    type: Literal["phase"] = "phase"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A denoising step finished."""
+
+    id: str
+    phase: str
+    step: int
+    total: int
+    type: Literal["progress"] = "progress"
+
+
+@dataclass(frozen=True)
+class DeviceFree:
+    """The job's frames are off the device: the worker takes the next job while this one is encoded."""
+
+    id: str
+    type: Literal["device_free"] = "device_free"
+
+
+@dataclass(frozen=True)
+class Done:
+    id: str
+    result: JobResult
+    type: Literal["done"] = "done"
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job failed. ``synthetic``: made up by the executor because the worker died or went silent."""
+
+    id: str
+    error: ErrorInfo
+    traceback: str = ""
+    synthetic: bool = False
+    type: Literal["failed"] = "failed"
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    """The job stopped at a denoising step because the daemon asked (shutdown, cancel)."""
+
+    id: str
+    type: Literal["interrupted"] = "interrupted"
+
+
+WorkerEvent = Union[Ready, Fatal, Started, Phase, Progress, DeviceFree, Done, Failed, Interrupted]
+JobEvent = Union[Started, Phase, Progress, DeviceFree, Done, Failed, Interrupted]
+
+_EVENT = TypeAdapter(Annotated[WorkerEvent, Field(discriminator="type")])
+_PAYLOAD = TypeAdapter(JobPayload)
+_CONFIG = TypeAdapter(WorkerConfig)
+
+
+def to_wire(message: Any) -> dict[str, Any]:
+    """A message as plain JSON values (what goes into the pipe)."""
+    return json.loads(json.dumps(asdict(message), default=str))
+
+
+def event_from_wire(data: dict[str, Any]) -> WorkerEvent:
+    """The one place an event from a worker is parsed (and checked)."""
+    return _EVENT.validate_python(data)
+
+
+def payload_from_wire(data: dict[str, Any]) -> JobPayload:
+    return _PAYLOAD.validate_python(data)
+
+
+def config_from_wire(data: dict[str, Any]) -> WorkerConfig:
+    return _CONFIG.validate_python(data)
+
+
+# ---- the two interfaces -------------------------------------------------------------------------
+
+
+class Report(Protocol):
+    """How a backend reports what it is doing; the worker turns each call into a Phase or Progress event."""
+
+    def __call__(self, phase: str, step: int | None = None, total: int | None = None) -> None: ...
+
+
+class Generated(Protocol):
+    """A job whose device work is done (its frames wait on the CPU); opaque to the worker loop."""
+
+    payload: JobPayload
+
+
+class Backend(Protocol):
+    """Runs jobs on one device inside the worker process. The real one is
+    daemon.worker.backend.DiffusersWanBackend; daemon.testing.CueBackend stands in for a GPU in tests.
+
+    A job is split in two so the worker can overlap them across jobs: ``generate`` (the device's part:
+    load, denoise, decode to frames on the CPU) and ``finish`` (the CPU's part: encode the MP4 into
+    ``payload.video_tmp``, read it back, write the poster, fsync all). Both raise what
+    daemon.errors.classify_exception understands; ``generate`` raises JobInterrupted at the next step once
+    ``should_stop()`` is true."""
+
+    device: str
+
+    def describe(self) -> DeviceInfo: ...
+
+    def generate(self, payload: JobPayload, report: Report, should_stop: Callable[[], bool]) -> Generated: ...
+
+    def finish(self, generated: Generated) -> JobResult: ...
+
+
+class ExecutorProtocol(Protocol):
+    """The daemon's handle on one worker (a local process today; a Ray actor can implement the same).
+    It forwards and watches; it decides nothing about jobs."""
+
+    name: str
+    warm: list[str]  # models the worker holds, least recently used first
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+    def submit(self, payload: JobPayload, silence_limit: float | None = None) -> None: ...
+
+    def poll(self) -> list[WorkerEvent]:
+        """Events since the last poll, plus synthetic Failed events for jobs lost when the worker died or
+        went silent (it is then respawned with a backoff)."""
+        ...
+
+    def interrupt(self) -> None:
+        """Ask the worker to stop the job on its device at the next denoising step."""
+        ...
+
+    def kill(self) -> None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def failing_to_start(self) -> bool: ...
+
+    @property
+    def event_handle(self) -> Any:
+        """Something multiprocessing.connection.wait() can wait on for this worker's next event, or None."""
+        ...
