@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if len(signals_seen) == 1:
             daemon.request_stop()  # drain: stop intake, requeue the running job, exit
         else:
-            daemon.executor.kill()  # second signal: leave now; the spool still holds every job
+            daemon.kill_workers()  # second signal: leave now; the spool still holds every job
             os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -77,17 +78,44 @@ def cmd_run(args: argparse.Namespace) -> int:
         if daemon.worker_unavailable:
             print(f"stopped: the worker cannot start: {daemon.worker_unavailable}", file=sys.stderr)
             return EXIT_FAIL
-        if not daemon.results:
+        if not daemon.done and not daemon.failed:
             print(f"nothing to do: no job files in {settings.paths.inbox}")
-        return EXIT_INVALID if any(r["status"] == "failed" for r in daemon.results) else EXIT_OK
+        return EXIT_INVALID if daemon.failed else EXIT_OK
     return EXIT_OK
 
 
-def _validate_file(path: Path, settings) -> list[str]:
-    """Problems with one job file, as the daemon would report them (empty: valid)."""
+def _inventory(settings):
+    """The GPUs this daemon may use, as NVML reports them through CUDA_VISIBLE_DEVICES and the config
+    (what ``run`` passes the daemon)."""
+    from daemon.ops.inventory import NvmlInventory
+
+    return NvmlInventory(visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+                         allowed=settings.hardware.gpus, vram_limit_gb=settings.hardware.vram_limit_gb)
+
+
+def _default_model(settings) -> Callable[[], str]:
+    """The model for jobs that name none, as the daemon resolves ``models.default`` (looked up once, and only
+    when a job names no model: ``auto`` asks NVML for a GPU only when the real TI2V-5B weights are here)."""
+    chosen: list[str] = []
+
+    def name() -> str:
+        if not chosen:
+            from daemon.models import REGISTRY, TI2V_5B, default_model, hub_snapshot
+
+            configured = settings.models.default
+            cuda = (configured == "auto" and hub_snapshot(REGISTRY[TI2V_5B].repo_id) is not None
+                    and bool(_inventory(settings).gpus()))
+            chosen.append(default_model(configured, cuda_available=cuda))
+        return chosen[0]
+
+    return name
+
+
+def _validate_file(path: Path, settings, default_model: Callable[[], str]) -> list[str]:
+    """Problems with one job file, exactly as the daemon's intake would reject it (empty: valid). Checks
+    that depend on what the daemon holds (an id already queued, a video already published) are not made."""
     from daemon.errors import JobError
-    from daemon.models import REGISTRY, locate
-    from daemon.jobspec.params import resolve_params
+    from daemon.jobspec.resolve import resolve_job, unusable_path
     from daemon.jobspec.spec import parse_job_file
 
     try:
@@ -99,26 +127,21 @@ def _validate_file(path: Path, settings) -> list[str]:
         return [file_error.message]
     problems = []
     for e in entries:
-        if e.error:
-            problems.append(f"job {e.id}: {e.error.message}")
-            continue
-        assert e.spec is not None
-        model = e.spec.model or "tiny-ti2v-5b"
         try:
-            info = REGISTRY[model] if model in REGISTRY else locate(
-                model, models_dir=settings.paths.models, model_roots=settings.paths.model_roots).info
-            lim = settings.limits
-            resolve_params(e.spec, info, max_side=lim.max_side, max_frames=lim.max_frames, max_steps=lim.max_steps)
+            resolve_job(e, settings, default_model)
         except JobError as err:
             problems.append(f"job {e.id}: {err.message}")
+        except OSError as exc:  # the disk's fault (EIO): the daemon would try again later
+            problems.append(f"job {e.id}: {unusable_path(exc).message}")
     return problems
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    default_model = _default_model(settings)
     bad = 0
     for f in args.files:
-        problems = _validate_file(Path(f), settings)
+        problems = _validate_file(Path(f), settings, default_model)
         if problems:
             bad += 1
             print(f"INVALID {f}")
@@ -135,10 +158,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     settings = _settings(args)
     inbox = settings.paths.inbox
     inbox.mkdir(parents=True, exist_ok=True)
+    default_model = _default_model(settings)
     status = EXIT_OK
     for f in args.files:
         src = Path(f)
-        problems = [] if args.no_validate else _validate_file(src, settings)
+        problems = [] if args.no_validate else _validate_file(src, settings, default_model)
         if problems:
             print(f"not submitted (invalid): {f}", file=sys.stderr)
             for p in problems:
@@ -188,88 +212,10 @@ def cmd_check_health(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    if args.models_cmd == "build-tiny":
-        from daemon.worker.tiny import build_all
+    from daemon.hub.commands import models
+    from daemon.worker import tiny  # the tiny models are built with the worker's code (torch, lazily)
 
-        for path in build_all(settings.paths.models):
-            print(f"built {path}  (random weights: test model, the videos are noise)")
-        return EXIT_OK
-    if args.models_cmd == "list":
-        return _models_list(settings)
-    from daemon.hub.downloads import DownloadError, download, needed_patterns, remove, verify
-    from daemon.models import REGISTRY
-
-    info = REGISTRY.get(args.name)
-    repo = info.repo_id if info is not None else args.name
-    if info is not None and info.tiny:
-        print(f"{args.name} is a tiny test model built locally: `wan-daemon models build-tiny`", file=sys.stderr)
-        return EXIT_USAGE
-    patterns = needed_patterns(info.architecture) if info is not None else None
-    token = os.environ.get("HF_TOKEN")
-    try:
-        if args.models_cmd == "download":
-            path = download(repo, revision=args.revision, allow_patterns=patterns, token=token,
-                            progress=_print_progress, min_free_mb=settings.limits.min_free_mb)
-            print(f"downloaded {repo} to {path}")
-            return EXIT_OK
-        if args.models_cmd == "verify":
-            report = verify(repo, revision=args.revision, allow_patterns=patterns, token=token)
-            for problem in report.problems:
-                print(f"  - {problem}")
-            print(f"{'ok' if report.ok else 'BROKEN'}: {repo}, {report.checked} files checked ({report.source})")
-            return EXIT_OK if report.ok else EXIT_FAIL
-        if args.models_cmd == "remove":
-            freed = remove(repo)
-            print(f"removed {repo}: {freed / 1e9:.2f} GB freed")
-            return EXIT_OK
-    except DownloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAIL
-    return EXIT_USAGE
-
-
-_last_progress = [0.0]
-
-
-def _print_progress(p: dict) -> None:
-    """Progress lines for logs and pipes (a terminal also gets huggingface_hub's bar); at most one a second."""
-    now = time.time()
-    if now - _last_progress[0] < 1.0 and p.get("phase") == "downloading":
-        return
-    _last_progress[0] = now
-    total = p.get("total_bytes") or 0
-    done = p.get("downloaded_bytes") or 0
-    pct = f"{100 * done / total:5.1f}%" if total else "  ?  "
-    print(f"{p.get('phase', 'downloading'):11} {p.get('repo')}: {pct} {done / 1e9:.2f}/{total / 1e9:.2f} GB, "
-          f"{p.get('files_done', 0)}/{p.get('files_total', 0)} files", file=sys.stderr, flush=True)
-
-
-def _models_list(settings) -> int:
-    from daemon.hub.downloads import list_cached
-    from daemon.models import REGISTRY, hub_snapshot, tiny_model_dir
-    from daemon.worker.tiny import is_built
-
-    cached = {c["repo_id"]: c for c in list_cached()}
-    for info in REGISTRY.values():
-        if info.tiny:
-            folder = tiny_model_dir(settings.paths.models, info.name)
-            where = f"present  {folder}" if is_built(folder) else "absent   (built on first use)"
-        else:
-            snap = hub_snapshot(info.repo_id)
-            entry = cached.get(info.repo_id, {})
-            size = f"{entry.get('size_on_disk', 0) / 1e9:.1f} GB" if entry else ""
-            where = (f"present  {size} rev {snap[1][:12]} {snap[0]}" if snap
-                     else f"absent   (wan-daemon models download {info.name})")
-        print(f"{info.name:18} {info.width}x{info.height} {info.frames}f@{info.fps:<3} {where}")
-    for root in settings.paths.model_roots:
-        for index in sorted(Path(root).glob("*/model_index.json")):
-            print(f"{index.parent.name:18} local folder      present  {index.parent}")
-    known = {i.repo_id for i in REGISTRY.values() if i.repo_id}
-    for repo, entry in sorted(cached.items()):
-        if repo not in known:
-            print(f"{repo:18} hub cache         present  {entry.get('size_on_disk', 0) / 1e9:.1f} GB {entry.get('path')}")
-    return EXIT_OK
+    return models(args, _settings(args), build_tiny=tiny.build_all, tiny_is_built=tiny.is_built)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -291,83 +237,38 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return status
 
 
-def _history(settings):
-    from daemon.ops.history import History
-
-    if not settings.history.path.exists():
-        print(f"no job history at {settings.history.path} yet (the daemon writes it as jobs run)", file=sys.stderr)
-        return None
-    return History(settings.history.path)
-
-
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from daemon.ops.commands import tasks
 
-    from daemon.ops.analysis import render_tasks
-
-    history = _history(_settings(args))
-    if history is None:
-        return EXIT_FAIL
-    with history:
-        rows = history.tasks(last=args.last, status=args.status)
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-    else:
-        Console().print(render_tasks(rows))
-    return EXIT_OK
+    return tasks(args, _settings(args))
 
 
 def cmd_analysis(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from daemon.ops.commands import analysis
 
-    from daemon.ops.analysis import analyse, render_analysis
-
-    history = _history(_settings(args))
-    if history is None:
-        return EXIT_FAIL
-    with history:
-        result = analyse(history, args.hours, time.time())
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    else:
-        console = Console()
-        for part in render_analysis(result):
-            console.print(part)
-    return EXIT_OK
+    return analysis(args, _settings(args))
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from daemon.ops.doctor import exit_code, format_checks, run_checks
+    from daemon.ops.commands import doctor
 
-    settings = _settings(args)
-    checks = run_checks(settings)
-    if args.json:
-        print(json.dumps([c.__dict__ for c in checks], indent=2))
-    else:
-        print(format_checks(checks))
-    return exit_code(checks)
+    return doctor(args, _settings(args))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from daemon.ops.report import build_report
+    from daemon.ops.commands import report
 
-    settings = _settings(args)
-    output = Path(args.output) if args.output else settings.paths.outbox / "report.html"
-    path = build_report(settings.paths.outbox, output)
-    print(f"report written: {path}")
-    return EXIT_OK
+    return report(args, _settings(args))
 
 
 def cmd_monitor(args: argparse.Namespace) -> int:
-    from daemon.ops import monitor
+    from daemon.ops.commands import monitor
 
-    settings = _settings(args)
-    monitor.run(settings.health_path.parent, args.interval, iterations=args.iterations)
-    return EXIT_OK
+    return monitor(args, _settings(args))
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
-    from daemon.jobspec.spec import json_schema
+    from daemon.jobspec.schema import json_schema
 
     text = json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n"
     if args.output:

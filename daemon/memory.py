@@ -52,7 +52,7 @@ from typing import Any
 from loguru import logger
 
 from daemon.fsutil import atomic_write_json, read_json
-from daemon.models import I2V_A14B, T2V_A14B, T2V_SINGLE, TI2V_5B
+from daemon.models import ARCHITECTURES, I2V_A14B, T2V_A14B, T2V_SINGLE, TI2V_5B, TWO_EXPERT_ARCHITECTURES
 
 MODES = ("resident", "model", "group", "sequential")  # fastest first
 MODE_ALIASES = {"none": "resident"}  # daemon/policy.py's OFFLOAD_LADDER calls resident "none"
@@ -73,7 +73,7 @@ TRANSFORMER_MB = {
     I2V_A14B: 28 * GB,
     T2V_SINGLE: 2.8 * GB,  # Wan2.1 T2V-1.3B
 }
-EXPERTS = {TI2V_5B: 1, T2V_A14B: 2, I2V_A14B: 2, T2V_SINGLE: 1}
+EXPERTS = {arch: 2 if arch in TWO_EXPERT_ARCHITECTURES else 1 for arch in ARCHITECTURES}
 TRANSFORMER_BLOCKS = {TI2V_5B: 30, T2V_A14B: 40, I2V_A14B: 40, T2V_SINGLE: 30}  # num_layers in the configs
 TEXT_ENCODER_MB = 11 * GB  # UMT5-XXL encoder, ~11 GB bf16 [W]
 TEXT_ENCODER_EMBEDDING_MB = 256384 * 4096 * 2 / MIB  # its shared embedding table (vocab x d_model, bf16)
@@ -127,8 +127,6 @@ DTYPE_FACTOR = {"bf16": 1.0, "fp16": 1.0, "fp32": 2.0}  # weights and transforme
 TINY_WEIGHTS_MB = 16
 TINY_ACT_MB_PER_TOKEN = 0.002
 TINY_DECODE_MB_PER_PIXEL_FRAME = 1e-4
-
-ARCHITECTURES = tuple(TRANSFORMER_MB)
 
 
 def latent_tokens(architecture: str, width: int, height: int, frames: int) -> int:
@@ -279,14 +277,10 @@ class JobDemand:
     dtype: str = "bf16"
 
     @classmethod
-    def from_record(cls, record: Any) -> "JobDemand | None":
-        """From a :class:`daemon.jobs.JobRecord` (its ``model`` and ``params``); None if they lack the figures."""
-        model, params = record.model or {}, record.params or {}
-        try:
-            return cls(str(model["architecture"]), int(params["width"]), int(params["height"]), int(params["frames"]),
-                       tiny=bool(model.get("tiny_random_weights")))
-        except (KeyError, TypeError, ValueError):
-            return None
+    def from_record(cls, record: Any) -> JobDemand:
+        """From a :class:`daemon.jobs.JobRecord` (its located model and resolved parameters)."""
+        p = record.params
+        return cls(record.model.architecture, p.width, p.height, p.frames, tiny=record.model.tiny)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from daemon.errors import Category, JobError
+from daemon.hub.cache import snapshot_path
 
-# Architectures we know how to drive. Each maps to its diffusers pipelines and the tasks it can do.
+# Architectures we know how to drive: the one list of them (other modules key their own tables by these
+# names). Each maps to the tasks it can do.
 T2V_A14B = "wan2.2-t2v-a14b"
 I2V_A14B = "wan2.2-i2v-a14b"
 TI2V_5B = "wan2.2-ti2v-5b"
@@ -28,6 +30,9 @@ TASKS_BY_ARCH: dict[str, tuple[str, ...]] = {
     TI2V_5B: ("ti2v", "t2v", "i2v"),
     T2V_SINGLE: ("t2v",),
 }
+ARCHITECTURES: tuple[str, ...] = tuple(TASKS_BY_ARCH)
+#: Architectures whose pipeline has a second expert, ``transformer_2`` (the low-noise one).
+TWO_EXPERT_ARCHITECTURES: tuple[str, ...] = (T2V_A14B, I2V_A14B)
 
 # The standard Wan2.2 negative prompt (Wan2.2 repo, wan/configs/shared_config.py).
 WAN_NEGATIVE_PROMPT = (
@@ -66,7 +71,7 @@ class ModelInfo:
 
     @property
     def two_experts(self) -> bool:
-        return self.architecture in (T2V_A14B, I2V_A14B)
+        return self.architecture in TWO_EXPERT_ARCHITECTURES
 
 
 REGISTRY: dict[str, ModelInfo] = {
@@ -156,14 +161,40 @@ class LocatedModel(BaseModel):
         }
 
 
+def needed_patterns(architecture: str) -> list[str]:
+    """``allow_patterns`` for the files a diffusers Wan pipeline of ``architecture`` loads
+    (for :func:`daemon.hub.download.download`).
+
+    ``architecture`` is one of :data:`ARCHITECTURES` (``wan2.2-ti2v-5b``, ``wan2.2-t2v-a14b``,
+    ``wan2.2-i2v-a14b``, ``wan-t2v``) or a registry model name. The patterns keep ``model_index.json``, the
+    whole ``scheduler/`` and ``tokenizer/`` folders (small; the tokenizer needs ``spiece.model``), and for
+    each weight folder (``text_encoder``, ``transformer``, ``transformer_2`` for the two-expert A14B models,
+    ``vae``) only its ``*.json`` (config, safetensors index) and ``*.safetensors`` files. Anything else in the
+    repo — ``*.bin``/``*.pth``/``*.pt`` duplicates, original checkpoints, README and example media — is
+    not fetched. Patterns use fnmatch, as ``snapshot_download`` does (``*`` also matches ``/``).
+    """
+    arch = architecture
+    if arch not in ARCHITECTURES:
+        info = REGISTRY.get(arch)
+        if info is None:
+            raise ValueError(f"unknown architecture or model {architecture!r}; expected one of "
+                             f"{', '.join(ARCHITECTURES)} or a registry name")
+        arch = info.architecture
+    weights = ["text_encoder", "transformer", "vae"]
+    if arch in TWO_EXPERT_ARCHITECTURES:
+        weights.insert(2, "transformer_2")
+    patterns = ["model_index.json", "scheduler/*", "tokenizer/*"]
+    for folder in weights:
+        patterns += [f"{folder}/*.json", f"{folder}/*.safetensors"]
+    return patterns
+
+
 def tiny_model_dir(models_dir: Path, name: str) -> Path:
     return Path(models_dir) / name
 
 
 def hub_snapshot(repo_id: str) -> tuple[Path, str] | None:
     """The local Hugging Face cache snapshot of ``repo_id`` (path, revision), or None. Never downloads."""
-    from daemon.hub.downloads import snapshot_path
-
     path = snapshot_path(repo_id)  # finds snapshots fetched with allow_patterns too (wan-daemon's own)
     if path is None:
         try:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.cli import EXIT_CONFIG, EXIT_FAIL, EXIT_INVALID, EXIT_OK, main
+from daemon.cli import EXIT_CONFIG, EXIT_FAIL, EXIT_INVALID, EXIT_OK, EXIT_USAGE, main
 from daemon.runtime.health import HealthWriter
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,9 +31,26 @@ def test_validate_exit_codes_and_messages(tmp_path, capsys):
     assert "4n+1" in out and "multiple of 32" in out
 
 
-def test_examples_shipped_in_jobs_are_valid():
+def test_examples_shipped_in_jobs_are_valid(tmp_path, capsys):
+    """Valid as the daemon would take them in: the i2v example's image (relative to an input root, by default
+    the inbox) must exist, as it must for the daemon."""
+    from PIL import Image
+
+    inbox = tmp_path / "inbox"
     examples = [str(p) for p in sorted((ROOT / "jobs" / "examples").glob("*.yaml"))]
-    assert main(["validate", *examples]) == EXIT_OK
+    assert main(["validate", "--inbox", str(inbox), *examples]) == EXIT_INVALID
+    assert "inputs/astronaut.png" in capsys.readouterr().out
+    (inbox / "inputs").mkdir(parents=True)
+    Image.new("RGB", (128, 72), (20, 20, 30)).save(inbox / "inputs" / "astronaut.png")
+    assert main(["validate", "--inbox", str(inbox), *examples]) == EXIT_OK
+
+
+def test_the_command_modules_return_the_documented_exit_codes():
+    from daemon.hub import commands as hub_commands
+    from daemon.ops import commands as ops_commands
+
+    assert (hub_commands.EXIT_OK, hub_commands.EXIT_FAIL, hub_commands.EXIT_USAGE) == (EXIT_OK, EXIT_FAIL, EXIT_USAGE)
+    assert (ops_commands.EXIT_OK, ops_commands.EXIT_FAIL) == (EXIT_OK, EXIT_FAIL)
 
 
 def test_submit_validates_then_copies_atomically(tmp_path, capsys):
@@ -84,9 +101,9 @@ def test_bad_config_exits_with_the_config_code(tmp_path, capsys):
 
 
 def test_default_config_file_matches_the_built_in_defaults():
-    from daemon.config import Settings, load_settings
+    from daemon.config import SettingsFile, load_settings, resolve
 
-    assert load_settings(ROOT / "configs" / "default.yaml") == Settings().resolved()
+    assert load_settings(ROOT / "configs" / "default.yaml") == resolve(SettingsFile())
     load_settings(ROOT / "configs" / "production.yaml")
 
 

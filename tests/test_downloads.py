@@ -1,5 +1,6 @@
-"""daemon.hub.downloads against a local fake hub (tests/hubserver.py) serving the tiny TI2V-5B model folder as
-``Wan-AI/Tiny-Test-Diffusers``, plus files a real repo has and the daemon must not fetch. No internet.
+"""daemon.hub (download, verify, cache) against a local fake hub (tests/hubserver.py) serving the tiny TI2V-5B
+model folder as ``Wan-AI/Tiny-Test-Diffusers``, plus files a real repo has and the daemon must not fetch. No
+internet.
 
 How huggingface_hub 2.4 is pointed at the fake hub. It reads its settings from the environment *once, at
 import* (``huggingface_hub.constants``), and this test session imported it long before (conftest sets
@@ -37,9 +38,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.hub import downloads
-from daemon.hub.downloads import DownloadError, download, list_cached, needed_patterns, remove, verify, verify_local
-from daemon.models import I2V_A14B, T2V_A14B, TI2V_5B
+from daemon.hub.cache import MANIFEST_NAME, list_cached, remove, snapshot_path
+from daemon.hub.download import DownloadError, download
+from daemon.hub.remote import filter_files
+from daemon.hub.verify import verify, verify_local
+from daemon.models import I2V_A14B, T2V_A14B, TI2V_5B, needed_patterns
 from hubserver import HubServer
 
 REPO = "Wan-AI/Tiny-Test-Diffusers"
@@ -93,7 +96,7 @@ def hub(fake_repo, monkeypatch, tmp_path):
 def needed(server: HubServer) -> dict:
     """name -> FileEntry of the files the TI2V-5B pipeline needs, as the fake hub describes them."""
     files = server.files(REPO)
-    names = downloads._filter(files, needed_patterns(TI2V_5B))
+    names = filter_files(files, needed_patterns(TI2V_5B))
     return {n: files[n] for n in names}
 
 
@@ -128,9 +131,18 @@ REAL_REPO_FILES = [  # the layout of Wan-AI/Wan2.2-*-Diffusers, plus things a re
 ]
 
 
+def test_the_hub_imports_neither_the_model_registry_nor_torch():
+    """One direction: daemon.models looks snapshots up in the hub's cache; no hub module imports the registry
+    (or torch) when it is imported."""
+    code = ("import sys, daemon.hub.cache, daemon.hub.remote, daemon.hub.verify, daemon.hub.download, "
+            "daemon.hub.commands; bad = {'daemon.models', 'torch', 'diffusers'} & set(sys.modules); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
 def test_needed_patterns_keep_only_what_the_pipeline_loads():
-    five_b = set(downloads._filter(REAL_REPO_FILES, needed_patterns(TI2V_5B)))
-    a14b = set(downloads._filter(REAL_REPO_FILES, needed_patterns(T2V_A14B)))
+    five_b = set(filter_files(REAL_REPO_FILES, needed_patterns(TI2V_5B)))
+    a14b = set(filter_files(REAL_REPO_FILES, needed_patterns(T2V_A14B)))
     common = {
         "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
         "text_encoder/model-00001-of-00005.safetensors", "text_encoder/model.safetensors.index.json",
@@ -158,10 +170,10 @@ def test_download_gives_a_folder_diffusers_loads(hub, tmp_path):
     commit = hub.commit(REPO)
     assert path == (tmp_path / "hf-home" / "hub" / "models--Wan-AI--Tiny-Test-Diffusers" / "snapshots" / commit)
     got = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
-    assert got == set(needed(hub)) | {downloads.MANIFEST_NAME}
+    assert got == set(needed(hub)) | {MANIFEST_NAME}
     # The branch is recorded, so the snapshot is found again by name, without network.
     assert (path.parent.parent / "refs" / "main").read_text() == commit
-    assert downloads.snapshot_path(REPO) == path
+    assert snapshot_path(REPO) == path
 
     from diffusers import WanPipeline
 
@@ -218,7 +230,8 @@ import sys
 from pathlib import Path
 from huggingface_hub import constants
 constants.DOWNLOAD_CHUNK_SIZE = 16 * 1024
-from daemon.hub.downloads import download, needed_patterns
+from daemon.hub.download import download
+from daemon.models import needed_patterns
 download(sys.argv[1], cache_dir=Path(sys.argv[2]), allow_patterns=needed_patterns("wan2.2-ti2v-5b"))
 print("child finished the download", flush=True)
 """

@@ -1,6 +1,7 @@
-"""LoRA support (daemon/lora.py): the parent-side checks without torch, and the worker-side adapter manager on
-the real tiny Wan pipelines. The test LoRAs are made with peft on the tiny transformers and saved with
-diffusers' own ``save_lora_weights``, plus copies renamed to the original Wan / ComfyUI and musubi key names."""
+"""LoRA support: the daemon-side checks without torch (daemon/jobspec/lora.py, lora_files.py, lora_keys.py), and
+the worker-side adapter manager (daemon/worker/lora.py) on the real tiny Wan pipelines. The test LoRAs are made
+with peft on the tiny transformers and saved with diffusers' own ``save_lora_weights``, plus copies renamed to
+the original Wan / ComfyUI and musubi key names."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import numpy as np
 import pytest
 
 from daemon.jobspec import lora as L
+from daemon.jobspec import lora_files as F
+from daemon.jobspec import lora_keys as K
+from daemon.worker import lora as W
 from daemon.errors import Category, JobError
 
 RANK = 4
@@ -114,7 +118,8 @@ def lora_root(models_dir, tmp_path_factory) -> Path:
 
 
 def test_parent_half_imports_no_torch():
-    code = "import sys, daemon.jobspec.lora; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    code = ("import sys, daemon.jobspec.lora, daemon.jobspec.lora_files, daemon.jobspec.lora_keys, "
+            "daemon.jobspec.resolve; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -162,27 +167,27 @@ def test_resolve_lora_path_confinement(tmp_path):
 
 def test_read_safetensors_keys_rejects_garbage(tmp_path):
     good = write_safetensors(tmp_path / "ok.safetensors", {"a.lora_A.weight": [4, 32], "a.lora_B.weight": [32, 4]})
-    assert L.read_safetensors_keys(good) == ["a.lora_A.weight", "a.lora_B.weight"]
+    assert F.read_safetensors_keys(good) == ["a.lora_A.weight", "a.lora_B.weight"]
     (tmp_path / "short.safetensors").write_bytes(b"abc")
-    _invalid(L.read_safetensors_keys, tmp_path / "short.safetensors", match="not a safetensors file")
+    _invalid(F.read_safetensors_keys, tmp_path / "short.safetensors", match="not a safetensors file")
     (tmp_path / "garbage.safetensors").write_bytes(os.urandom(4096))
-    _invalid(L.read_safetensors_keys, tmp_path / "garbage.safetensors", match="not a safetensors file")
+    _invalid(F.read_safetensors_keys, tmp_path / "garbage.safetensors", match="not a safetensors file")
     (tmp_path / "huge.safetensors").write_bytes(struct.pack("<Q", 200 * 1024 * 1024) + b"{}" * 10)
-    _invalid(L.read_safetensors_keys, tmp_path / "huge.safetensors", match="not a safetensors file")
+    _invalid(F.read_safetensors_keys, tmp_path / "huge.safetensors", match="not a safetensors file")
     (tmp_path / "notjson.safetensors").write_bytes(struct.pack("<Q", 10) + b"not json!!" + b"\0" * 8)
-    _invalid(L.read_safetensors_keys, tmp_path / "notjson.safetensors", match="not JSON")
+    _invalid(F.read_safetensors_keys, tmp_path / "notjson.safetensors", match="not JSON")
     data = good.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[:-8])
-    _invalid(L.read_safetensors_keys, tmp_path / "cut.safetensors", match="truncated")
+    _invalid(F.read_safetensors_keys, tmp_path / "cut.safetensors", match="truncated")
     os.symlink(good, tmp_path / "link.safetensors")
-    _invalid(L.read_safetensors_keys, tmp_path / "link.safetensors", match="symlink")
-    _invalid(L.read_safetensors_keys, good, max_bytes=16, match="limit")
+    _invalid(F.read_safetensors_keys, tmp_path / "link.safetensors", match="symlink")
+    _invalid(F.read_safetensors_keys, good, max_bytes=16, match="limit")
 
 
 def test_transformer_keys_single_file_and_sharded_index(models_dir, tmp_path):
-    keys = L.transformer_keys(models_dir / "tiny-t2v-a14b")
+    keys = F.transformer_keys(models_dir / "tiny-t2v-a14b")
     assert "blocks.1.attn1.to_q.weight" in keys and not any(k.startswith("blocks.2.") for k in keys)
-    assert L.transformer_header(models_dir / "tiny-t2v-a14b", "transformer_2")["blocks.0.attn1.to_q.weight"] == [32, 32]
+    assert F.transformer_header(models_dir / "tiny-t2v-a14b", "transformer_2")["blocks.0.attn1.to_q.weight"] == [32, 32]
     sharded = tmp_path / "m" / "transformer"
     sharded.mkdir(parents=True)
     write_safetensors(sharded / "s1.safetensors", {"blocks.0.attn1.to_q.weight": [8, 8]})
@@ -190,37 +195,37 @@ def test_transformer_keys_single_file_and_sharded_index(models_dir, tmp_path):
     (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {"blocks.0.attn1.to_q.weight": "s1.safetensors",
                                         "proj_out.weight": "s2.safetensors"}}))
-    assert L.transformer_header(tmp_path / "m") == {"blocks.0.attn1.to_q.weight": [8, 8], "proj_out.weight": [4, 8]}
+    assert F.transformer_header(tmp_path / "m") == {"blocks.0.attn1.to_q.weight": [8, 8], "proj_out.weight": [4, 8]}
     with pytest.raises(JobError) as info:
-        L.transformer_keys(tmp_path / "nothing")
+        F.transformer_keys(tmp_path / "nothing")
     assert info.value.category is Category.MODEL_NOT_FOUND
 
 
 def test_check_lora_fits_names_and_shapes(models_dir):
-    model = L.transformer_header(models_dir / "tiny-t2v-a14b")
+    model = F.transformer_header(models_dir / "tiny-t2v-a14b")
     ok = {"transformer.blocks.0.attn1.to_q.lora_A.weight": [4, 32],
           "transformer.blocks.0.attn1.to_q.lora_B.weight": [32, 4],
           "transformer.blocks.1.ffn.net.2.lora_A.default.weight": [4, 64],
           "transformer.blocks.1.ffn.net.2.lora_B.default.weight": [32, 4]}
-    assert L.check_lora_fits(ok, model).modules == ["blocks.0.attn1.to_q", "blocks.1.ffn.net.2"]
-    L.check_lora_fits(list(ok), list(model))  # names only
+    assert K.check_lora_fits(ok, model).modules == ["blocks.0.attn1.to_q", "blocks.1.ffn.net.2"]
+    K.check_lora_fits(list(ok), list(model))  # names only
     # made for a deeper model: blocks 2..7 do not exist in the 2-block tiny model
     deep = [f"transformer.blocks.{b}.attn1.{p}.lora_{ab}.weight" for b in range(8) for p in ATTN for ab in "AB"]
-    err = _invalid(L.check_lora_fits, deep, model, match="24 of the 32 modules")
+    err = _invalid(K.check_lora_fits, deep, model, match="24 of the 32 modules")
     assert "blocks.2.attn1.to_k" in err.message and err.details["missing_count"] == 24
-    _invalid(L.check_lora_fits, ["transformer.blocks.0.attn1.to_qkv.lora_A.weight"], model,
+    _invalid(K.check_lora_fits, ["transformer.blocks.0.attn1.to_qkv.lora_A.weight"], model,
              match="blocks.0.attn1.to_qkv")
     # same names, other sizes (e.g. a LoRA for a model with a wider transformer)
     wide = {"transformer.blocks.0.attn1.to_q.lora_A.weight": [4, 64],
             "transformer.blocks.0.attn1.to_q.lora_B.weight": [64, 4]}
-    _invalid(L.check_lora_fits, wide, model, match="other sizes")
-    _invalid(L.check_lora_fits, ["transformer.blocks.0.attn1.to_q.alpha"], model, match="not a LoRA weight")
-    _invalid(L.check_lora_fits, ["text_encoder.encoder.lora_A.weight"], model, match="no LoRA weights")
-    _invalid(L.check_lora_fits, ["transformer.blocks.0.attn1.to_q.lokr_w1"], model, match="not a LoRA weight")
+    _invalid(K.check_lora_fits, wide, model, match="other sizes")
+    _invalid(K.check_lora_fits, ["transformer.blocks.0.attn1.to_q.alpha"], model, match="not a LoRA weight")
+    _invalid(K.check_lora_fits, ["text_encoder.encoder.lora_A.weight"], model, match="no LoRA weights")
+    _invalid(K.check_lora_fits, ["transformer.blocks.0.attn1.to_q.lokr_w1"], model, match="not a LoRA weight")
 
 
 def test_check_lora_fits_wan_and_musubi_names(models_dir):
-    model = L.transformer_header(models_dir / "tiny-t2v-a14b")
+    model = F.transformer_header(models_dir / "tiny-t2v-a14b")
     wan = ["blocks.0.self_attn.q.DOWN.weight", "blocks.0.self_attn.q.UP.weight", "blocks.0.self_attn.q.alpha",
            "blocks.1.cross_attn.o.DOWN.weight", "blocks.1.cross_attn.o.UP.weight", "blocks.1.cross_attn.o.diff_b",
            "blocks.1.ffn.0.DOWN.weight", "blocks.1.ffn.2.UP.weight", "head.head.DOWN.weight",
@@ -228,28 +233,28 @@ def test_check_lora_fits_wan_and_musubi_names(models_dir):
            "blocks.0.norm3.diff", "blocks.0.norm3.diff_b", "blocks.0.modulation.diff"]
     for down, up in (("lora_down", "lora_up"), ("lora_A", "lora_B")):  # ComfyUI / original Wan trainers
         keys = ["diffusion_model." + k.replace("DOWN", down).replace("UP", up) for k in wan]
-        analysis = L.check_lora_fits(keys, model)
+        analysis = K.check_lora_fits(keys, model)
         assert analysis.format == "wan"
         assert analysis.modules == ["blocks.0.attn1.to_q", "blocks.1.attn2.to_out.0", "blocks.1.ffn.net.0.proj",
                                     "blocks.1.ffn.net.2", "condition_embedder.time_embedder.linear_1", "proj_out"]
         assert len(analysis.ignored) == 3  # norm diffs and a full-weight diff: diffusers drops them
-    _invalid(L.check_lora_fits, ["diffusion_model.blocks.0.self_attn.q.lora_down.weight",
+    _invalid(K.check_lora_fits, ["diffusion_model.blocks.0.self_attn.q.lora_down.weight",
                                  "diffusion_model.blocks.0.self_attn.k.lora_A.weight"], model, match="mixes")
-    _invalid(L.check_lora_fits, ["diffusion_model.blocks.7.self_attn.q.lora_down.weight"], model,
+    _invalid(K.check_lora_fits, ["diffusion_model.blocks.7.self_attn.q.lora_down.weight"], model,
              match="blocks.7.attn1.to_q")
-    _invalid(L.check_lora_fits, ["diffusion_model.blocks.0.self_attn.norm_q.lora_down.weight"], model,
+    _invalid(K.check_lora_fits, ["diffusion_model.blocks.0.self_attn.norm_q.lora_down.weight"], model,
              match="no mapping")
     # image-to-video projections (Wan2.1 I2V) do not exist in Wan2.2's transformers
-    _invalid(L.check_lora_fits, ["diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight",
+    _invalid(K.check_lora_fits, ["diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight",
                                  "diffusion_model.blocks.0.cross_attn.v_img.lora_down.weight"], model,
              match="add_k_proj")
     musubi = [f"lora_unet_blocks_{b}_{p}.{s}" for b in range(2)
               for p in ["self_attn_q", "self_attn_k", "self_attn_v", "self_attn_o", "cross_attn_q", "cross_attn_k",
                         "cross_attn_v", "cross_attn_o", "ffn_0", "ffn_2"]
               for s in ("lora_down.weight", "lora_up.weight", "alpha")]
-    assert L.check_lora_fits(musubi, model).format == "musubi"
-    _invalid(L.check_lora_fits, musubi[3:], model, match="keys are missing")  # diffusers' converter would crash
-    _invalid(L.check_lora_fits, [k.replace("blocks_1_", "blocks_7_") for k in musubi], model,
+    assert K.check_lora_fits(musubi, model).format == "musubi"
+    _invalid(K.check_lora_fits, musubi[3:], model, match="keys are missing")  # diffusers' converter would crash
+    _invalid(K.check_lora_fits, [k.replace("blocks_1_", "blocks_7_") for k in musubi], model,
              match="numbered 0..1")
 
 
@@ -305,7 +310,7 @@ def test_validate(lora_root, models_dir):
 class _Loaded:
     def __init__(self, pipe, two_experts: bool, loads: list[int]) -> None:
         self.pipe, self.two_experts, self.loads = pipe, two_experts, loads
-        self.manager = L.LoraManager()
+        self.manager = W.LoraManager()
         self.transformer_id = id(pipe.transformer)
         self.base = self.generate()
 
@@ -320,7 +325,7 @@ class _Loaded:
         with torch.inference_mode():
             return self.pipe(**kwargs).frames[0]
 
-    def run(self, loras) -> tuple[np.ndarray, L.LoraApplied]:
+    def run(self, loras) -> tuple[np.ndarray, W.LoraApplied]:
         applied = self.manager.apply(self.pipe, loras)
         return self.generate(), applied
 
@@ -404,7 +409,7 @@ def test_switching_loras_keeps_base_model_and_caches_adapters(a14b, lora_root, m
     assert applied_ab.active == [L.adapter_name(a["sha256"]), L.adapter_name(b["sha256"])]
     assert calls.count(L.adapter_name(a["sha256"])) <= 1 and calls.count(L.adapter_name(b["sha256"])) == 1
     assert a14b.loads == [1] and id(a14b.pipe.transformer) == a14b.transformer_id
-    names = L.LoraManager.adapters_on(a14b.pipe)["transformer"]
+    names = W.LoraManager.adapters_on(a14b.pipe)["transformer"]
     assert {L.adapter_name(a["sha256"]), L.adapter_name(b["sha256"])} <= set(names)
     assert np.array_equal(a14b.run([])[0], a14b.base)
 
@@ -413,13 +418,13 @@ def test_expert_low_and_both_go_to_the_right_transformer(a14b, lora_root, models
     model = models_dir / "tiny-t2v-a14b"
     low = _resolved(lora_root, "low.safetensors", model, expert="low")
     out, applied = a14b.run([low])
-    on = L.LoraManager.adapters_on(a14b.pipe)
+    on = W.LoraManager.adapters_on(a14b.pipe)
     assert applied.loaded and L.adapter_name(low["sha256"]) in on["transformer_2"]
     assert L.adapter_name(low["sha256"]) not in on["transformer"]
     assert np.abs(out - a14b.base).max() > 1e-3  # the low-noise expert runs the last step
     both = _resolved(lora_root, "both.safetensors", model, expert="both")
     out_both, _ = a14b.run([both])
-    on = L.LoraManager.adapters_on(a14b.pipe)
+    on = W.LoraManager.adapters_on(a14b.pipe)
     assert L.adapter_name(both["sha256"]) in on["transformer"] and L.adapter_name(both["sha256"]) in on["transformer_2"]
     out_high, _ = a14b.run([{**both, "expert": "high"}])
     assert not np.array_equal(out_both, out_high)
@@ -458,10 +463,10 @@ def test_worker_refuses_changed_file_and_missing_expert(ti2v, lora_root, models_
 
 def test_least_recently_used_adapters_are_evicted(a14b, lora_root, models_dir):
     model = models_dir / "tiny-t2v-a14b"
-    manager = L.LoraManager(max_adapters=1)
+    manager = W.LoraManager(max_adapters=1)
     evict, a = _resolved(lora_root, "evict.safetensors", model), _resolved(lora_root, "a.safetensors", model)
     manager.apply(a14b.pipe, [evict])
     manager.apply(a14b.pipe, [a])
-    assert L.LoraManager.adapters_on(a14b.pipe)["transformer"] == [L.adapter_name(a["sha256"])]
+    assert W.LoraManager.adapters_on(a14b.pipe)["transformer"] == [L.adapter_name(a["sha256"])]
     manager.apply(a14b.pipe, [])
     assert np.array_equal(a14b.generate(), a14b.base)

@@ -12,7 +12,8 @@ import yaml
 from daemon.errors import Category, JobError
 from daemon.models import REGISTRY, WAN_NEGATIVE_PROMPT
 from daemon.jobspec.params import resolve_params
-from daemon.jobspec.spec import json_schema, parse_job_file
+from daemon.jobspec.schema import json_schema
+from daemon.jobspec.spec import parse_job_file
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 1 << 20
@@ -203,3 +204,32 @@ def test_committed_schema_is_current_and_examples_validate_against_it():
 def test_schema_rejects_unknown_fields():
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"prompt": "a", "colour": "blue"}, json_schema())
+
+
+def test_resolve_retry_switches_the_model_keeping_seed_frames_and_the_snapped_size(models_dir, tmp_path):
+    """The out-of-memory fallback to a smaller model resolves the job again for it, through the same code as
+    intake: seed, frames and the size (snapped to the new model's multiple) of this attempt are kept, the job's
+    guidance_scale_2 is dropped (one transformer), offload / VAE tiling / seed_was_drawn carry over."""
+    from daemon.config import load_settings
+    from daemon.jobspec.resolve import resolve_job, resolve_retry
+
+    settings = load_settings(None, {"paths": {"inbox": str(tmp_path / "in"), "models": str(models_dir)},
+                                    "models": {"default": "tiny-t2v-a14b"}})
+    raw = {"prompt": "a", "size": "112x80", "frames": 17, "guidance_scale_2": 2.0, "fallback": ["smaller_model"]}
+    entry = one(yaml.safe_dump(raw))
+    job = resolve_job(entry, settings, "tiny-t2v-a14b")
+    assert (job.model.name, job.params.width, job.params.guidance_scale_2, job.waiting) == ("tiny-t2v-a14b", 112,
+                                                                                           2.0, False)
+    before = job.params.model_copy(update={"offload": "model", "vae_tiling": True})
+    params, model = resolve_retry(raw, "job", before, {"model": "tiny-ti2v-5b"}, settings)
+    assert model.name == "tiny-ti2v-5b" and model.path == models_dir / "tiny-ti2v-5b"
+    assert (params.width, params.height, params.frames) == (96, 64, 17)  # 112x80 snapped to multiples of 32
+    assert params.seed == before.seed and params.seed_was_drawn == before.seed_was_drawn is True
+    assert (params.offload, params.vae_tiling, params.guidance_scale_2) == ("model", True, None)
+    assert params.basename == "job" and params.steps == REGISTRY["tiny-ti2v-5b"].steps
+    from daemon.models import hub_snapshot
+
+    if hub_snapshot(REGISTRY["wan2.2-ti2v-5b"].repo_id) is None:
+        with pytest.raises(JobError) as info:  # the new model must be on this machine: no download on a retry
+            resolve_retry(raw, "job", before, {"model": "wan2.2-ti2v-5b"}, settings)
+        assert info.value.category is Category.MODEL_NOT_FOUND

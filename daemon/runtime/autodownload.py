@@ -13,7 +13,8 @@ from typing import Any
 
 from loguru import logger
 
-from daemon.hub.downloads import DownloadError, download, needed_patterns
+from daemon.hub.download import DownloadError, download
+from daemon.models import needed_patterns
 
 
 class ModelDownloads:

@@ -6,36 +6,29 @@ records that are missing and rewrites the same failure records.
 
 from __future__ import annotations
 
-import errno
-import io
 import os
 import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from loguru import logger
-from PIL import Image
 
 from daemon.config import Settings
 from daemon.errors import Category, JobError
 from daemon.fsutil import open_confined
 from daemon.jobs import JobRecord, JobState
-from daemon.models import REGISTRY, LocatedModel, locate
-from daemon.runtime.outbox import Outbox
-from daemon.jobspec.params import resolve_params
+from daemon.jobspec.resolve import DISK_ERRNOS, InputImage, resolve_job, unusable_path
 from daemon.jobspec.spec import SpecEntry, parse_job_file, safe_stem
+from daemon.runtime.outbox import Outbox
 from daemon.runtime.spool import Spool
 from daemon.runtime.spool import original_name as spool_original_name
+
 
 def _epoch(when) -> float:
     from datetime import timezone
 
     return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
-
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
 @dataclass
@@ -90,12 +83,10 @@ class Intake:
                 self._reject_entry(entry, original_name, err, source, result)
                 continue
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                if exc.errno in DISK_ERRNOS:
                     raise  # the disk, not the job: the daemon pauses and retries the whole file
-                # e.g. ENAMETOOLONG from probing a hostile model or image path: the entry is at fault
-                self._reject_entry(entry, original_name, JobError(
-                    Category.INVALID_SPEC, f"a path in this job cannot be used: {exc.strerror} ({exc.filename!r:.80})"),
-                    source, result)
+                # e.g. ENAMETOOLONG from a hostile path: the entry is at fault
+                self._reject_entry(entry, original_name, unusable_path(exc), source, result)
                 continue
             result.queued.append(record)
         if not result.queued and not any(r.source == source for r in self.spool.iter_records()):
@@ -123,31 +114,11 @@ class Intake:
         if self.is_active_basename(basename):
             raise JobError(Category.DUPLICATE_JOB,
                            f"another queued or running job already writes {basename}.mp4 (output.basename)")
-        model_name = spec.model or self.default_model()
-        waiting = False
-        try:
-            located: LocatedModel = locate(model_name, models_dir=self.settings.paths.models,
-                                           model_roots=self.settings.paths.model_roots)
-        except JobError as err:
-            info = REGISTRY.get(model_name)
-            if not (err.category is Category.MODEL_NOT_FOUND and self.settings.models.auto_download
-                    and info is not None and info.repo_id):
-                raise
-            # Known architecture, weights absent: the job waits while the daemon downloads them.
-            located, waiting = LocatedModel(info=info, source="hub-cache"), True
-        if spec.model is None and located.info.tiny:
+        job = resolve_job(spec, self.settings, self.default_model)
+        if spec.model is None and job.model.tiny:
             logger.warning("job.default_model id={} model={}: the job names no model and no real weights are "
-                           "present; the tiny random-weight test model makes a noise video", spec.id, model_name)
-        limits = self.settings.limits
-        params = resolve_params(spec, located.info, max_side=limits.max_side, max_frames=limits.max_frames,
-                                max_steps=limits.max_steps, vae_tiling=self.settings.models.vae_tiling,
-                                speed=self.settings.speed)
-        if spec.loras:
-            from daemon.jobspec.lora import validate as validate_loras
-
-            resolved = validate_loras(spec.loras, self.settings.paths.lora_roots, located.path,
-                                      located.info.two_experts)
-            params = params.model_copy(update={"loras": [r.model_dump(mode="json") for r in resolved]})
+                           "present; the tiny random-weight test model makes a noise video", spec.id, job.model.name)
+        params = job.params
         if self.outbox.is_published(params.basename):
             raise JobError(
                 Category.DUPLICATE_JOB,
@@ -157,51 +128,24 @@ class Intake:
         record = JobRecord(
             id=spec.id, token=secrets.token_hex(8), source=source, source_name=original_name,
             seq=self.spool.next_seq(), priority=spec.priority,
-            spec=entry.raw if isinstance(entry.raw, dict) else {}, params=params.model_dump(mode="json"),
-            model=located.to_dict(), received_at=now, queued_at=now,
-            not_before=_epoch(spec.not_before) if spec.not_before else 0.0,
+            spec=entry.raw if isinstance(entry.raw, dict) else {}, params=params, model=job.model,
+            received_at=now, queued_at=now, not_before=_epoch(spec.not_before) if spec.not_before else 0.0,
         )
         folder = self.spool.job_dir(spec.id)
         folder.mkdir(exist_ok=True)
-        if spec.image:
-            record.input_image = str(self._copy_input(spec.image, folder))
-        if waiting:
+        if job.image is not None:
+            record.input_image = str(self._write_input(job.image, folder))
+        if job.waiting:
             return self.spool.transition(record, JobState.WAITING_FOR_MODEL,
-                                         note=f"from {original_name}; downloading {located.info.repo_id}")
+                                         note=f"from {original_name}; downloading {job.model.repo_id}")
         return self.spool.transition(record, JobState.QUEUED, note=f"from {original_name}")
 
-    def _copy_input(self, image: str, folder: Path) -> Path:
-        suffix = Path(image).suffix.lower()
-        if suffix not in IMAGE_SUFFIXES:
-            raise JobError(Category.INVALID_INPUT, f"image {image!r}: unsupported type {suffix or '(none)'!r} "
-                           f"(allowed: {', '.join(sorted(IMAGE_SUFFIXES))})")
-        roots = list(self.settings.paths.input_roots)
-        try:
-            with open_confined(Path(image), roots, max_bytes=self.settings.limits.max_input_bytes) as fh:
-                data = fh.read()
-        except ValueError as exc:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise JobError(Category.INVALID_INPUT, f"image: {exc}") from None
-        except OSError as exc:  # ENAMETOOLONG and friends: the path itself is unusable
-            shutil.rmtree(folder, ignore_errors=True)
-            raise JobError(Category.INVALID_INPUT, f"image: cannot use {image[:80]!r}...: {exc.strerror}") from None
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                pixels = img.size[0] * img.size[1]
-                if pixels > self.settings.limits.max_input_pixels:
-                    raise JobError(Category.INVALID_INPUT, f"image {image!r} is {img.size[0]}x{img.size[1]} = "
-                                   f"{pixels:,} pixels, more than limits.max_input_pixels "
-                                   f"({self.settings.limits.max_input_pixels:,})")
-                img.verify()
-        except JobError:
-            shutil.rmtree(folder, ignore_errors=True)
-            raise
-        except Exception as exc:  # PIL raises many types for broken files
-            shutil.rmtree(folder, ignore_errors=True)
-            raise JobError(Category.INVALID_INPUT, f"image {image!r} is not a readable image: {exc}") from None
-        dest = folder / f"input{suffix}"
+    @staticmethod
+    def _write_input(image: InputImage, folder: Path) -> Path:
+        """The checked input image, copied durably into the job's spool folder."""
+        dest = folder / f"input{image.suffix}"
         with open(dest, "wb") as fh:
-            fh.write(data)
+            fh.write(image.data)
             fh.flush()
             os.fsync(fh.fileno())
         return dest

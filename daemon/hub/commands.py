@@ -1,0 +1,104 @@
+"""``wan-daemon models ...``: build the tiny test models, list, download, verify and remove models.
+
+The command-line layer of the hub: it reads the registry (daemon.models, imported inside the functions so
+that no module of daemon.hub imports it at import time) and ``HF_TOKEN``. Building the tiny models is the
+worker side's code (daemon.worker.tiny), which daemon.cli hands in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # daemon.cli's exit codes
+
+
+def models(args: argparse.Namespace, settings, *, build_tiny: Callable[[Path], list[Path]],
+           tiny_is_built: Callable[[Path], bool]) -> int:
+    """``wan-daemon models build-tiny|list|download|verify|remove``. ``build_tiny`` builds the tiny models
+    into a folder (daemon.worker.tiny.build_all); ``tiny_is_built`` says whether one is built there."""
+    if args.models_cmd == "build-tiny":
+        for path in build_tiny(settings.paths.models):
+            print(f"built {path}  (random weights: test model, the videos are noise)")
+        return EXIT_OK
+    if args.models_cmd == "list":
+        return _models_list(settings, tiny_is_built)
+    from daemon.hub.cache import remove
+    from daemon.hub.download import DownloadError, download
+    from daemon.hub.verify import verify
+    from daemon.models import REGISTRY, needed_patterns
+
+    info = REGISTRY.get(args.name)
+    repo = info.repo_id if info is not None else args.name
+    if info is not None and info.tiny:
+        print(f"{args.name} is a tiny test model built locally: `wan-daemon models build-tiny`", file=sys.stderr)
+        return EXIT_USAGE
+    patterns = needed_patterns(info.architecture) if info is not None else None
+    token = os.environ.get("HF_TOKEN")
+    try:
+        if args.models_cmd == "download":
+            path = download(repo, revision=args.revision, allow_patterns=patterns, token=token,
+                            progress=_print_progress, min_free_mb=settings.limits.min_free_mb)
+            print(f"downloaded {repo} to {path}")
+            return EXIT_OK
+        if args.models_cmd == "verify":
+            report = verify(repo, revision=args.revision, allow_patterns=patterns, token=token)
+            for problem in report.problems:
+                print(f"  - {problem}")
+            print(f"{'ok' if report.ok else 'BROKEN'}: {repo}, {report.checked} files checked ({report.source})")
+            return EXIT_OK if report.ok else EXIT_FAIL
+        if args.models_cmd == "remove":
+            freed = remove(repo)
+            print(f"removed {repo}: {freed / 1e9:.2f} GB freed")
+            return EXIT_OK
+    except DownloadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    return EXIT_USAGE
+
+
+_last_progress = [0.0]
+
+
+def _print_progress(p: dict) -> None:
+    """Progress lines for logs and pipes (a terminal also gets huggingface_hub's bar); at most one a second."""
+    now = time.time()
+    if now - _last_progress[0] < 1.0 and p.get("phase") == "downloading":
+        return
+    _last_progress[0] = now
+    total = p.get("total_bytes") or 0
+    done = p.get("downloaded_bytes") or 0
+    pct = f"{100 * done / total:5.1f}%" if total else "  ?  "
+    print(f"{p.get('phase', 'downloading'):11} {p.get('repo')}: {pct} {done / 1e9:.2f}/{total / 1e9:.2f} GB, "
+          f"{p.get('files_done', 0)}/{p.get('files_total', 0)} files", file=sys.stderr, flush=True)
+
+
+def _models_list(settings, is_built: Callable[[Path], bool]) -> int:
+    from daemon.hub.cache import list_cached
+    from daemon.models import REGISTRY, hub_snapshot, tiny_model_dir
+
+    cached = {c["repo_id"]: c for c in list_cached()}
+    for info in REGISTRY.values():
+        if info.tiny:
+            folder = tiny_model_dir(settings.paths.models, info.name)
+            where = f"present  {folder}" if is_built(folder) else "absent   (built on first use)"
+        else:
+            snap = hub_snapshot(info.repo_id)
+            entry = cached.get(info.repo_id, {})
+            size = f"{entry.get('size_on_disk', 0) / 1e9:.1f} GB" if entry else ""
+            where = (f"present  {size} rev {snap[1][:12]} {snap[0]}" if snap
+                     else f"absent   (wan-daemon models download {info.name})")
+        print(f"{info.name:18} {info.width}x{info.height} {info.frames}f@{info.fps:<3} {where}")
+    for root in settings.paths.model_roots:
+        for index in sorted(Path(root).glob("*/model_index.json")):
+            print(f"{index.parent.name:18} local folder      present  {index.parent}")
+    known = {i.repo_id for i in REGISTRY.values() if i.repo_id}
+    for repo, entry in sorted(cached.items()):
+        if repo not in known:
+            print(f"{repo:18} hub cache         present  {entry.get('size_on_disk', 0) / 1e9:.1f} GB {entry.get('path')}")
+    return EXIT_OK
+

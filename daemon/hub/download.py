@@ -1,0 +1,353 @@
+"""Download real Wan2.2 weights into the standard Hugging Face cache.
+
+Pure I/O around ``huggingface_hub`` (no torch import). What this module adds to ``snapshot_download``:
+
+* **Only what the pipeline loads.** :func:`daemon.models.needed_patterns` gives the ``allow_patterns`` for a
+  Wan architecture: configs, tokenizer, scheduler and ``*.safetensors`` weights (with their index), never
+  ``*.bin``/``*.pth``/``*.pt``, original checkpoints, README or example media.
+* **Refusal up front.** Sizes come from ``HfApi.model_info(files_metadata=True)``; when the bytes still
+  missing from the cache (plus ``min_free_mb``) exceed the free space of the cache's filesystem,
+  :func:`download` raises :class:`DownloadError` before fetching anything.
+* **Progress without a terminal.** A background thread measures the repo's ``blobs/`` folder (finished
+  blobs and ``*.incomplete`` partial files) every ``progress_interval`` seconds and calls ``progress``
+  with a dict, so a service whose stderr is not a TTY still reports progress. huggingface_hub's own bars
+  are passed a ``tqdm_class`` that shows them only when stderr is a terminal.
+* **Resume.** huggingface_hub resumes a transfer cut off *during* a call (it retries with ``Range``), but
+  since 1.x it writes each download to a process-unique ``<etag>.<random>.incomplete`` file and deletes it
+  when the call fails, so a *new* call starts that file from zero. Partial files survive only when the
+  process is killed (SIGKILL, OOM killer, power loss). Before each download, :func:`download` continues
+  such orphaned partial files itself with an HTTP ``Range`` request (plain HTTP only, i.e. when Xet is
+  disabled or ``hf_xet`` is not installed: a file Xet was writing need not be a prefix of the real one),
+  checks the result against the hub's sha256 and moves it into place. It never deletes a partial file that
+  could still be continued.
+* **Checksums.** After a download the new files are hashed (sha256 for LFS files, the git blob id for the
+  others) against the hub's metadata; corrupted ones are removed from the cache and reported. A manifest
+  (``<snapshot>/.wan-daemon-manifest.json``: name, size, sha256 of each file) is written next to the files
+  so that :func:`daemon.hub.verify.verify_local` (and :func:`daemon.hub.verify.verify` when the hub cannot be
+  reached) works offline later.
+
+``HF_HOME`` / ``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_HUB_OFFLINE`` and ``HF_TOKEN`` are honoured by
+huggingface_hub itself (read when it is imported); this module never reads the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from loguru import logger
+
+from daemon.hub.cache import (cache_root, discard, read_manifest, repo_storage, scan_blobs, write_manifest,
+                              write_ref)
+from daemon.hub.remote import DownloadError, RemoteFile, model_info, remote_files, translate_error
+from daemon.hub.verify import check_file, file_digests
+
+_GB = 1e9
+_MIB = 1 << 20
+
+
+def download(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    allow_patterns: list[str] | str | None = None,
+    progress: Callable[[dict], None] | None = None,
+    token: str | None = None,
+    min_free_mb: int = 0,
+    endpoint: str | None = None,
+    progress_interval: float = 0.5,
+    max_workers: int = 8,
+    disk_usage: Callable[[Path], Any] = shutil.disk_usage,
+) -> Path:
+    """Download ``repo_id`` (the files matching ``allow_patterns``; all when None) into the HF cache.
+
+    Returns the snapshot folder (``<cache>/models--org--name/snapshots/<commit>``), which diffusers'
+    ``from_pretrained`` loads. ``cache_dir`` None means huggingface_hub's default (``HF_HUB_CACHE`` /
+    ``HF_HOME``). ``token`` None lets huggingface_hub use ``HF_TOKEN`` or the saved login; ``endpoint`` None
+    means ``HF_ENDPOINT`` (as read when huggingface_hub was imported).
+
+    ``progress`` is called from a background thread about every ``progress_interval`` seconds while bytes
+    arrive, and once more at the end, with ``{"repo", "downloaded_bytes", "total_bytes", "files_done",
+    "files_total", "phase"}`` (bytes already in the cache count as downloaded). ``phase`` is
+    ``"downloading"``, then ``"verifying"`` while the new files are hashed (minutes for tens of GB), and
+    ``"done"`` in the last call.
+
+    Raises :class:`DownloadError` (with ``suggestions``) when the hub cannot be reached or refuses, when the
+    free space of the cache's filesystem (``disk_usage``, default ``shutil.disk_usage``) is less than the
+    bytes still missing plus ``min_free_mb`` MiB, or when downloaded files fail their checksum (they are
+    removed from the cache so that the next call fetches them again). Files finished before a failure stay in
+    the cache; calling again continues from there.
+    """
+    from huggingface_hub import snapshot_download
+
+    cache = cache_root(cache_dir)
+    info = model_info(repo_id, revision, token, endpoint)
+    commit = info.sha
+    if not commit:
+        raise DownloadError(f"the hub did not say which commit {repo_id}@{revision or 'main'} is",
+                            ["Check HF_ENDPOINT: it must point at a Hugging Face Hub compatible server."])
+    files = remote_files(info, allow_patterns)
+    if not files:
+        raise DownloadError(f"no file of {repo_id}@{revision or 'main'} matches {allow_patterns!r}",
+                            ["Check the repo id and the patterns (needed_patterns(architecture))."])
+    storage = repo_storage(cache, repo_id)
+    blobs = storage / "blobs"
+
+    missing = _missing_bytes(files, blobs)
+    need = missing + min_free_mb * _MIB
+    where = _nearest_existing(cache)
+    if missing > 0:
+        free = disk_usage(where).free
+        if free < need:
+            extra = f" (+{min_free_mb} MiB to keep free)" if min_free_mb else ""
+            raise DownloadError(
+                f"{repo_id} needs {missing / _GB:.1f} GB{extra}, only {free / _GB:.1f} GB free on {where}",
+                ["Free disk space there, or point HF_HOME / HF_HUB_CACHE (or cache_dir) at a larger disk.",
+                 "Remove cached models you no longer need: `hf cache ls`, then `hf cache rm model/<org>/<name>`."])
+
+    before, _ = scan_blobs(blobs)
+    reporter = _Progress(repo_id, blobs, files, progress, progress_interval) if progress else None
+    if reporter:
+        reporter.report()
+        reporter.start()
+    try:
+        _resume_partials(repo_id, commit, files, cache, storage, token, endpoint)
+        try:
+            from huggingface_hub import ResolvedRevision  # 1.x: skips a second repo_info call
+
+            rev: str = ResolvedRevision(commit, initial=revision, repo_id=repo_id)
+        except ImportError:  # pragma: no cover - older huggingface_hub
+            rev = commit
+        try:
+            path = Path(snapshot_download(
+                repo_id, revision=rev, cache_dir=cache, allow_patterns=allow_patterns, token=token,
+                endpoint=endpoint, max_workers=max_workers, tqdm_class=_terminal_bar_class(),
+            ))
+        except Exception as exc:
+            raise translate_error(exc, repo_id, revision) from exc
+    finally:
+        if reporter:
+            reporter.stop()
+    # With a resolved revision huggingface_hub does not record the branch -> commit ref: do it, so that
+    # snapshot_download(local_files_only=True) and hub_snapshot() find this snapshot by branch name.
+    write_ref(storage, revision, commit)
+
+    # Hash what this call fetched, and anything the manifest does not vouch for yet.
+    if reporter:
+        reporter.report("verifying")
+    manifest = read_manifest(path) if path.name == commit else None
+    vouched = (manifest or {}).get("files", {})
+    sha_of: dict[str, str] = {}
+    bad: list[str] = []
+    for f in files:
+        local = path / f.name
+        entry = vouched.get(f.name)
+        if f.etag in before and entry and entry.get("sha256") and entry.get("size") == f.size:
+            continue
+        problem = check_file(local, f)
+        if problem:
+            bad.append(problem)
+            discard(local, blobs / f.etag if f.etag else None)
+        elif not f.sha256:
+            sha_of[f.name] = file_digests(local, git=False)[1]
+    if bad:
+        raise DownloadError(f"{len(bad)} downloaded file(s) of {repo_id} are corrupted and were removed from the "
+                            "cache: " + "; ".join(bad),
+                            ["Run the download again (only these files are fetched again).",
+                             "If it happens again, check a proxy or mirror (HF_ENDPOINT) that may alter files."])
+    write_manifest(path, repo_id, revision, commit, allow_patterns, files, sha_of)
+    if reporter:
+        reporter.report("done")
+    return path
+
+
+# ---- free space ------------------------------------------------------------------------------------
+
+
+def _nearest_existing(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def _missing_bytes(files: list[RemoteFile], blobs: Path) -> int:
+    done, partial = scan_blobs(blobs)
+    missing = 0
+    for f in files:
+        if f.size is None or (f.etag and f.etag in done):
+            continue
+        have = max((s for _, s in partial.get(f.etag or "", [])), default=0) if _http_resume_possible() else 0
+        missing += max(f.size - (have if have <= f.size else 0), 0)
+    return missing
+
+
+def _http_resume_possible() -> bool:
+    """Partial files are continued by plain HTTP only when Xet is not used (see the module docstring)."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    if getattr(constants, "HF_HUB_DISABLE_XET", False):
+        return True
+    return importlib.util.find_spec("hf_xet") is None
+
+
+# ---- progress --------------------------------------------------------------------------------------
+
+
+class _Progress(threading.Thread):
+    """Reports download progress by measuring the repo's blobs folder; works whatever stderr is."""
+
+    def __init__(self, repo_id: str, blobs: Path, files: list[RemoteFile],
+                 callback: Callable[[dict], None], interval: float) -> None:
+        super().__init__(name=f"download-progress {repo_id}", daemon=True)
+        self.repo_id, self.blobs, self.files, self.callback, self.interval = repo_id, blobs, files, callback, interval
+        self.total = sum(f.size or 0 for f in files)
+        self._stop_event = threading.Event()
+        self._lock = threading.Lock()
+        self._last = -1
+        self._phase = ""
+
+    def measure(self) -> dict:
+        done, partial = scan_blobs(self.blobs)
+        downloaded = files_done = 0
+        for f in self.files:
+            if f.etag in done:
+                files_done += 1
+                downloaded += f.size if f.size is not None else done[f.etag]
+            else:
+                have = max((s for _, s in partial.get(f.etag or "", [])), default=0)
+                downloaded += min(have, f.size) if f.size is not None else have
+        return {"repo": self.repo_id, "downloaded_bytes": downloaded, "total_bytes": self.total,
+                "files_done": files_done, "files_total": len(self.files)}
+
+    def report(self, phase: str = "downloading") -> None:
+        with self._lock:
+            event = self.measure()
+            # Never go backwards (a retry may truncate a partial file); phase changes are always reported.
+            event["downloaded_bytes"] = max(event["downloaded_bytes"], self._last)
+            if event["downloaded_bytes"] == self._last and phase == self._phase:
+                return
+            self._last, self._phase = event["downloaded_bytes"], phase
+            event["phase"] = phase
+            try:
+                self.callback(event)
+            except Exception:  # a broken callback must not break the download
+                logger.opt(exception=True).warning("download progress callback failed")
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.report()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        if self.is_alive():
+            self.join(5)
+
+
+def _terminal_bar_class() -> type:
+    """huggingface_hub's tqdm, shown only when stderr is a terminal.
+
+    huggingface_hub disables most of its bars itself when stderr is not a TTY, but not all (the
+    "Fetching N files" bar of snapshot_download prints carriage-return noise into a service's log).
+    Progress for services goes through the ``progress`` callback instead.
+    """
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class _TerminalBar(hf_tqdm):
+        def __init__(self, *args, **kwargs):
+            if not _stderr_is_tty():
+                kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return _TerminalBar
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+# ---- resuming partial files left by a killed process ----------------------------------------------
+
+
+def _resume_partials(repo_id: str, commit: str, files: list[RemoteFile], cache: Path, storage: Path,
+                     token: str | None, endpoint: str | None) -> None:
+    """Continue ``*.incomplete`` files that a killed download left behind (see the module docstring)."""
+    if not _http_resume_possible():
+        return
+    blobs = storage / "blobs"
+    done, partial = scan_blobs(blobs)
+    for f in files:
+        if not f.etag or f.etag in done or f.etag not in partial or f.size is None:
+            continue
+        try:
+            _resume_one(repo_id, commit, f, cache, storage, token, endpoint)
+        except Exception as exc:  # keep the partial file; snapshot_download fetches the file from scratch
+            logger.warning("download.resume_failed repo={} file={} error={}: {}", repo_id, f.name,
+                           type(exc).__name__, exc)
+
+
+def _resume_one(repo_id: str, commit: str, f: RemoteFile, cache: Path, storage: Path,
+                token: str | None, endpoint: str | None) -> None:
+    from filelock import FileLock, Timeout
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    blobs = storage / "blobs"
+    # The lock huggingface_hub holds while it downloads this blob: if it is taken, someone is downloading it.
+    lock_path = cache / ".locks" / storage.name / f"{f.etag}.lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path), mode=0o664)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return
+    try:
+        done, partial = scan_blobs(blobs)
+        if f.etag in done or f.etag not in partial:
+            return
+        candidates = sorted(partial[f.etag], key=lambda p: p[1], reverse=True)
+        best, have = candidates[0]
+        for other, _ in candidates[1:]:  # shorter copies of the same bytes: nobody can use them any more
+            other.unlink(missing_ok=True)
+        if have > f.size:
+            best.unlink(missing_ok=True)
+            return
+        if have < f.size:
+            url = hf_hub_url(repo_id, f.name, revision=commit, endpoint=endpoint)
+            meta = get_hf_file_metadata(url, token=token, endpoint=endpoint)
+            if meta.etag != f.etag:
+                return  # not the file the partial belongs to: leave both alone
+            headers = build_hf_headers(token=token)
+            if _origin(meta.location) != _origin(url):
+                headers.pop("authorization", None)  # a CDN's signed URL; the token stays on the hub
+            logger.info("download.resume repo={} file={} from_byte={} of={}", repo_id, f.name, have, f.size)
+            with open(best, "ab") as fh:
+                http_get(meta.location, fh, resume_size=have, headers=headers, expected_size=f.size,
+                         displayed_filename=f.name)
+        problem = check_file(best, f)
+        if problem:
+            logger.warning("download.resume_discarded repo={} file={}: {}", repo_id, f.name, problem)
+            best.unlink(missing_ok=True)
+            return
+        os.chmod(best, 0o644)
+        os.replace(best, blobs / f.etag)
+    finally:
+        lock.release()
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlparse
+
+    p = urlparse(url)
+    return p.scheme, (p.hostname or "").lower(), p.port
