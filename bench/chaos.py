@@ -5,7 +5,7 @@ Prints lost, duplicated and partial outputs (each must be 0) and a histogram of 
     .venv/bin/python bench/chaos.py                                   # 200 jobs, 3 daemons, 50 kills, stand-in
     .venv/bin/python bench/chaos.py --backend real --jobs 12 --kills 6   # the real tiny Wan2.2 pipeline
 
-With the stand-in backend (tests/fakes.py CueBackend) each job only sleeps, standing in for the GPU, so
+With the stand-in backend (daemon.testing.CueBackend) each job only sleeps, standing in for the GPU, so
 that hundreds of jobs and dozens of kills fit in a minute or two; `--backend real` runs the real tiny
 diffusers pipelines and encodes real MP4s.
 """
@@ -59,7 +59,7 @@ class Fleet:
     def start(self, name: str) -> None:
         cmd = [sys.executable, str(ROOT / "bench" / "chaos_daemon.py"), "--config", str(self.configs[name])]
         if self.backend == "cue":
-            cmd += ["--backend", "fakes:CueBackend"]
+            cmd += ["--backend", "daemon.testing:CueBackend"]
         log = open(self.root / f"{name}.log", "a")
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -1,6 +1,6 @@
 """One daemon for bench/chaos.py: `wan-daemon run`, with the stand-in backend injected when asked.
 
-The stand-in (tests/fakes.py CueBackend) sleeps or fails on cue in place of a GPU and is only reachable
+The stand-in (daemon.testing.CueBackend) sleeps or fails on cue in place of a GPU and is only reachable
 from code like this; the product's CLI always runs the real diffusers backend.
 """
 
@@ -14,7 +14,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon import logs# noqa: E402
 from daemon.config import load_settings  # noqa: E402

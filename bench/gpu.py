@@ -37,6 +37,7 @@ without $OUT), rewritten after each row; a markdown table is printed at the end.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import contextlib
 import gc
 import json
@@ -264,7 +265,7 @@ class Bench:
     def run_daemon(self, backend: Any, model: dict[str, Any], base: dict[str, Any], section: str, run: str, *,
                    expect: str | None = None, baseline: dict[str, Any] | None = None, step_factor: float = 1.0,
                    extra_s: float = 0.0, remark: str = "", **overrides: Any) -> dict[str, Any]:
-        """One job through DiffusersWanBackend.run. ``expect``: the optimizations_applied entry (prefix) that
+        """One job through DiffusersWanBackend (generate, then finish). ``expect``: the optimizations_applied entry (prefix) that
         shows the option was applied; ``baseline``: a row to compare the denoise time per step with."""
         params = dict(base, **overrides)
         why = self.fits(params["steps"], load=not backend._cache, step_factor=step_factor, extra=extra_s)
@@ -273,37 +274,40 @@ class Bench:
         self.jobs += 1
         stamps: list[float] = []
 
-        def report(event: dict[str, Any]) -> None:
-            if event.get("type") == "progress" and event.get("phase") == "denoising":
+        def report(phase: str, step: int | None = None, total: int | None = None) -> None:
+            if step is not None and phase == "denoising":
                 synchronize()  # called from the step callback: stamp when the step's kernels are done
                 stamps.append(time.perf_counter())
 
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", run).strip("-")
-        job = {"id": f"bench-{self.jobs}", "token": "bench", "attempt": 1, "model": model, "params": params,
-               "input_image": None, "video_tmp": str(self.out / f"{self.jobs:02d}-{slug}.tmp.mp4")}
+        from daemon.worker.protocol import payload_from_wire
+
+        job = payload_from_wire({"id": f"bench-{self.jobs}", "token": "bench", "attempt": 1, "model": model,
+                                 "params": params, "input_image": None,
+                                 "video_tmp": str(self.out / f"{self.jobs:02d}-{slug}.tmp.mp4")})
         t0 = time.perf_counter()
         try:
-            result = backend.run(job, report, lambda: False)
+            result = backend.finish(backend.generate(job, report, lambda: False))
         except Exception as exc:
             return self.failed(section, run, exc, backend)
         wall = time.perf_counter() - t0
-        timings, steps = result["timings"], params["steps"]
+        timings, steps = result.timings, params["steps"]
         # stamps[0] is the "step 0" event, sent just before the pipeline call; the last, after the last step.
         denoise = stamps[-1] - stamps[0] if len(stamps) > 1 else timings["denoise"]
         decode = timings["denoise"] + timings["vae_decode"] - denoise
-        applied = list(result.get("optimizations_applied") or [])
+        applied = list(result.optimizations_applied or [])
         status, note = "ok", ", ".join(applied)
         if expect and not any(a.startswith(expect) for a in applied):
             status = "ignored"
             note = f"no {expect}* in optimizations_applied [{note}]: not applied by this daemon version or plan"
         if baseline and baseline.get("per_step_s") and status == "ok":
             note += f"  ({baseline['per_step_s'] / (denoise / steps):.2f}x the speed of {baseline['run']})"
-        peak_mb = result.get("peak_vram_usage_mb")
+        peak_mb = result.peak_vram_usage_mb
         return self.add(section, run, status, f"{note} {remark}".strip(), load_s=timings.get("model_load"),
                         per_step_s=denoise / steps, denoise_s=denoise, decode_s=decode, encode_s=timings.get("encode"),
                         total_s=wall, peak_vram_gib=peak_mb / 1024 if peak_mb is not None else None, steps=steps,
                         step_times=[b - a for a, b in zip(stamps, stamps[1:])], applied=applied,
-                        daemon_timings=timings, model_cache=result.get("model_cache"),
+                        daemon_timings=timings, model_cache=result.model_cache,
                         params={k: params.get(k) for k in ("offload", "vae_tiling", "compile", "cache",
                                                            "attention_backend", "width", "height", "frames")})
 
@@ -321,7 +325,7 @@ def attention_missing(name: str, device: str) -> str | None:
     if device != "cuda":
         return "needs a CUDA GPU"
     try:
-        from daemon.speed import attention_available
+        from daemon.worker.speed import attention_available
 
         return attention_available(name)
     except Exception:  # no such check in this daemon version (or it changed): let the run say what happens
@@ -348,7 +352,7 @@ def run_sections(bench: Bench, folder: Path, models_dir: Path) -> None:
 
     args, device, cuda = bench.args, bench.device, bench.device == "cuda"
     located = locate(str(folder), models_dir=models_dir, model_roots=[folder.parent])
-    model = located.to_dict()
+    model = located.model_dump(mode="json")
     base, missing = resolved_params(located, args, args.size, args.frames)
     bench.meta["speed_keys_not_in_resolve_params"] = missing
     try:
@@ -359,7 +363,7 @@ def run_sections(bench: Bench, folder: Path, models_dir: Path) -> None:
     # allow_cpu_for_real_models: the smoke model is tiny but loaded from a folder, which the daemon treats as real.
     backend = DiffusersWanBackend(device=device, models_dir=models_dir, max_cached_pipelines=2,
                                   allow_cpu_for_real_models=not cuda)
-    bench.meta["backend"] = backend.describe()
+    bench.meta["backend"] = dataclasses.asdict(backend.describe())
     cold = bench.run_daemon(backend, model, base, "daemon", "daemon cold (loads)")
     warm = bench.run_daemon(backend, model, base, "daemon", "daemon warm (attention native)")
     bench.set_reference(cold, warm)

@@ -4,9 +4,9 @@ model affinity, and the scheduler's decision time with 10,000 queued jobs.
     .venv/bin/python bench/scheduling.py [--drops 10]
 
 Pickup latency is measured through the real daemon (watcher, claim, intake, dispatch) with the stand-in
-backend (tests/fakes.py), from the rename into the inbox to the job's hand-over to a worker. Model loads
-are counted by replaying the daemon's dispatch decisions (daemon.scheduler.assign, which prefers a warm
-model) against plain FIFO order (pick_next), with one worker that keeps one model warm.
+backend (daemon.testing.CueBackend), from the rename into the inbox to the job's hand-over to a worker.
+Model loads are counted by replaying the daemon's dispatch decisions (daemon.scheduler.assign, which prefers
+a warm model) against plain FIFO order (pick_next), with one worker that keeps one model warm.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon.config import load_settings  # noqa: E402
 from daemon.jobs import JobRecord, JobState  # noqa: E402
@@ -41,7 +40,7 @@ def pickup_latency(mode: str, drops: int) -> list[float]:
         "watch": {"mode": mode, "poll_interval_seconds": 1.0},
         "models": {"default": "tiny-ti2v-5b"}, "logging": {"level": "WARNING"},
     })
-    daemon = Daemon(settings, backend="fakes:CueBackend")
+    daemon = Daemon(settings, backend="daemon.testing:CueBackend")
     daemon.start()
     thread = threading.Thread(target=daemon.run, daemon=True)
     thread.start()

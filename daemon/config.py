@@ -6,13 +6,15 @@ reads environment variables: components receive their sub-config.
 
 from __future__ import annotations
 
+import re
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from daemon.runtime.schedules import Schedule
+from daemon.errors import WanDaemonError
 from daemon.speed import SpeedConfig
 
 
@@ -36,12 +38,12 @@ class PathsConfig(_Frozen):
     lora_roots: list[Path] = Field(default_factory=list,
                                    description="Folders job `loras:` paths may point into. Default: [./loras].")
 
-    def resolved(self) -> "PathsConfig":
+    def resolved(self) -> ResolvedPaths:
         def r(p: Path) -> Path:
             return Path(p).expanduser().resolve()
 
         inbox = r(self.inbox)
-        return PathsConfig(
+        return ResolvedPaths(
             inbox=inbox,
             outbox=r(self.outbox),
             state=r(self.state) if self.state else inbox / ".wan-daemon",
@@ -178,11 +180,42 @@ class HistoryConfig(_Frozen):
     path: Path | None = Field(None, description="SQLite job history. Default: <state>/history/<instance id>.sqlite")
 
 
+class Schedule(_Frozen):
+    """A cron batch (daemon.runtime.schedules submits it)."""
+
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    cron: str = Field(..., description="Five-field crontab expression, e.g. '0 2 * * *'.")
+    timezone: str = Field("UTC", description="IANA zone the cron expression is read in.")
+    job: Path | None = Field(None, description="A job file (YAML) to submit at each fire.")
+    template: str | None = Field(None, description="Inline job YAML, with {date}-style substitutions.")
+    misfire: Literal["skip", "run_once", "run_all"] = "run_once"
+    misfire_grace_seconds: float = Field(300.0, ge=0)
+    enabled: bool = True
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Schedule":
+        if (self.job is None) == (self.template is None):
+            raise ValueError("give exactly one of `job` (a file) or `template` (inline YAML)")
+        try:
+            self.trigger()  # an invalid cron expression or zone fails at load time, not at 2 a.m.
+        except Exception as exc:  # ValueError for cron fields, ZoneInfoNotFoundError (a KeyError) for zones
+            raise ValueError(f"schedule {self.name!r}: {exc}") from None
+        return self
+
+    def trigger(self):
+        from apscheduler.triggers.cron import CronTrigger
+
+        return CronTrigger.from_crontab(self.cron, timezone=self.timezone)
+
+
 class LoggingConfig(_Frozen):
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
 
 
-class Settings(_Frozen):
+class SettingsFile(_Frozen):
+    """What a config file (plus flag overrides) says. Paths may be relative and some are left to defaults that
+    depend on others; :func:`resolve` turns it into :class:`Settings`, which everything else receives."""
+
     paths: PathsConfig = PathsConfig()
     watch: WatchConfig = WatchConfig()
     limits: LimitsConfig = LimitsConfig()
@@ -199,43 +232,78 @@ class Settings(_Frozen):
     scheduler: SchedulerConfig = SchedulerConfig()
     speed: SpeedConfig = SpeedConfig()
 
-    def resolved(self) -> "Settings":
-        """Absolute paths everywhere (relative ones are taken from the current directory); the instance id."""
-        from daemon.runtime.leases import default_owner_id
 
-        paths = self.paths.resolved()
-        instance = self.instance
-        if instance.id is None:
-            instance = instance.model_copy(update={"id": default_owner_id()})
-        health = self.health
-        if health.path is None:
-            health = health.model_copy(update={"path": paths.state / "health" / f"{instance.id}.json"})
-        else:
-            health = health.model_copy(update={"path": Path(health.path).expanduser().resolve()})
-        history = self.history.model_copy(update={"path": Path(self.history.path).expanduser().resolve()
-                                                  if self.history.path else
-                                                  paths.state / "history" / f"{instance.id}.sqlite"})
-        metrics = self.metrics
-        if metrics.textfile is not None:
-            metrics = metrics.model_copy(update={"textfile": Path(metrics.textfile).expanduser().resolve()})
-        schedules = [sc.model_copy(update={"job": Path(sc.job).expanduser().resolve()}) if sc.job else sc
-                     for sc in self.schedules]
-        return self.model_copy(update={"paths": paths, "health": health, "instance": instance,
-                                       "schedules": schedules, "history": history, "metrics": metrics})
+class ResolvedPaths(PathsConfig):
+    """Every path absolute; the state folder and the roots filled in."""
+
+    state: Path
+
+
+class ResolvedInstance(InstanceConfig):
+    id: str
+
+
+class ResolvedHealth(HealthConfig):
+    path: Path
+
+
+class ResolvedHistory(HistoryConfig):
+    path: Path
+
+
+class Settings(SettingsFile):
+    """The resolved settings: absolute paths everywhere (relative ones taken from the current directory),
+    the instance id, the health and history paths. Nothing downstream checks for a missing value."""
+
+    paths: ResolvedPaths
+    instance: ResolvedInstance
+    health: ResolvedHealth
+    history: ResolvedHistory
 
     @property
     def owner(self) -> str:
-        assert self.instance.id is not None, "call resolved() first"
         return self.instance.id
 
     @property
     def health_path(self) -> Path:
-        assert self.health.path is not None, "call resolved() first"
         return self.health.path
 
 
-class ConfigError(Exception):
-    pass
+def default_owner_id() -> str:
+    return sanitize_owner(socket.gethostname())
+
+
+def sanitize_owner(raw: str) -> str:
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", raw)[:64]
+    return cleaned or "daemon"
+
+
+def resolve(file: SettingsFile) -> Settings:
+    """What the file says -> what the daemon runs on."""
+    paths = file.paths.resolved()
+    instance_id = file.instance.id or default_owner_id()
+    health_path = (Path(file.health.path).expanduser().resolve() if file.health.path
+                   else paths.state / "health" / f"{instance_id}.json")
+    history_path = (Path(file.history.path).expanduser().resolve() if file.history.path
+                    else paths.state / "history" / f"{instance_id}.sqlite")
+    metrics = file.metrics
+    if metrics.textfile is not None:
+        metrics = metrics.model_copy(update={"textfile": Path(metrics.textfile).expanduser().resolve()})
+    schedules = [sc.model_copy(update={"job": Path(sc.job).expanduser().resolve()}) if sc.job else sc
+                 for sc in file.schedules]
+    fields = {name: getattr(file, name) for name in SettingsFile.model_fields}
+    fields.update(
+        paths=paths,
+        instance=ResolvedInstance(**{**file.instance.model_dump(), "id": instance_id}),
+        health=ResolvedHealth(**{**file.health.model_dump(), "path": health_path}),
+        history=ResolvedHistory(**{**file.history.model_dump(), "path": history_path}),
+        metrics=metrics, schedules=schedules,
+    )
+    return Settings(**fields)
+
+
+class ConfigError(WanDaemonError):
+    """The configuration cannot be read or is invalid."""
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
@@ -262,7 +330,7 @@ def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = N
     if overrides:
         data = _deep_merge(data, overrides)
     try:
-        return Settings.model_validate(data).resolved()
+        return resolve(SettingsFile.model_validate(data))
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
         raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n" + "\n".join(lines)) from None

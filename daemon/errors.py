@@ -115,8 +115,12 @@ DEFAULT_SUGGESTIONS: dict[Category, list[str]] = {
 }
 
 
+class WanDaemonError(Exception):
+    """The root of every error wan-daemon raises on purpose (config, lease, history, download, job errors)."""
+
+
 @dataclass
-class JobError(Exception):
+class JobError(WanDaemonError):
     """A classified failure. Raise it anywhere below the daemon; it crosses process boundaries as a dict."""
 
     category: Category
@@ -160,7 +164,7 @@ class JobError(Exception):
         )
 
 
-class JobInterrupted(Exception):
+class JobInterrupted(WanDaemonError):
     """Not a failure: the daemon asked the worker to stop the job at its next step (shutdown). The job goes
     back to the queue with its attempt given back."""
 

@@ -18,8 +18,9 @@
 - ``DONE``: the video and then its sidecar are durable in the outbox. Terminal.
 - ``FAILED``: the failure record is durable in ``outbox/failed/``. Terminal.
 
-The only way to change a state is :meth:`daemon.runtime.spool.Spool.transition`, which checks this table,
-persists the record atomically, then logs a fixed event name (``job.<state>``).
+The only way to change a state is :meth:`daemon.runtime.book.JobBook.set` (through
+:meth:`daemon.runtime.spool.Spool.transition`), which checks this table, persists the record atomically,
+then logs a fixed event name (``job.<state>``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ import enum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from daemon.errors import WanDaemonError
+from daemon.jobspec.params import ResolvedParams
+from daemon.models import LocatedModel
 
 
 class JobState(str, enum.Enum):
@@ -41,6 +46,11 @@ class JobState(str, enum.Enum):
     def terminal(self) -> bool:
         return self in (JobState.DONE, JobState.FAILED)
 
+    @property
+    def active(self) -> bool:
+        """Holds its id and output name: waiting, queued or running."""
+        return not self.terminal
+
 
 # state -> states it may move to. None is "not yet persisted" (intake).
 TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
@@ -53,7 +63,7 @@ TRANSITIONS: dict[JobState | None, frozenset[JobState]] = {
 }
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(WanDaemonError):
     pass
 
 
@@ -75,8 +85,8 @@ class JobRecord(BaseModel):
     seq: int = Field(description="Intake order: FIFO within a priority.")
     priority: int = 0
     spec: dict[str, Any] = Field(description="The job exactly as given (batch defaults merged).")
-    params: dict[str, Any] = Field(description="Every resolved generation parameter (daemon.jobspec.spec.ResolvedParams).")
-    model: dict[str, Any] = Field(description="The located model (daemon.models.LocatedModel.to_dict()).")
+    params: ResolvedParams = Field(description="Every generation parameter, resolved at intake.")
+    model: LocatedModel = Field(description="The model, located at intake (or when its download finished).")
     input_image: str | None = Field(None, description="Copy of the input image inside the job's spool folder.")
     attempts: int = 0
     worker: str | None = Field(None, description="The worker (gpu<N> or cpu) that runs or last ran it.")
@@ -92,3 +102,7 @@ class JobRecord(BaseModel):
     degradations: list[dict[str, Any]] = Field(
         default_factory=list, description="Out-of-memory fallbacks applied (the output is not what was asked for)."
     )
+
+    def summary(self) -> dict[str, Any]:
+        """The record as plain JSON with the model as its flat summary: what the history stores."""
+        return {**self.model_dump(mode="json"), "model": self.model.to_dict()}

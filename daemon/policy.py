@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.errors import Category, JobError, Outcome
+from daemon.jobspec.params import ResolvedParams
 from daemon.models import REGISTRY, TI2V_5B, TINY_FOR
 
 OFFLOAD_LADDER = ("none", "model", "group", "sequential")
@@ -40,28 +41,28 @@ def _snap(value: float, multiple: int) -> int:
     return max(multiple, int(value) // multiple * multiple)
 
 
-def _oom_rung(params: dict[str, Any], model: str, fallback: list[str], device: str,
+def _oom_rung(params: ResolvedParams, model: str, fallback: list[str], device: str,
               multiple: int) -> Decision | None:
-    offload = params.get("offload", "none")
+    offload = params.offload
     if device == "cuda" and offload != OFFLOAD_LADDER[-1]:
         nxt = OFFLOAD_LADDER[OFFLOAD_LADDER.index(offload) + 1]
         return Decision(True, 0.0, f"out of memory: retrying with {nxt} offload", {"offload": nxt})
-    if not params.get("vae_tiling"):
+    if not params.vae_tiling:
         return Decision(True, 0.0, "out of memory: retrying with VAE tiling", {"vae_tiling": True})
     for kind in fallback:
         if kind == "lower_resolution":
-            w, h = _snap(params["width"] * RESOLUTION_STEP, multiple), _snap(params["height"] * RESOLUTION_STEP, multiple)
-            if (w, h) != (params["width"], params["height"]):
+            w, h = _snap(params.width * RESOLUTION_STEP, multiple), _snap(params.height * RESOLUTION_STEP, multiple)
+            if (w, h) != (params.width, params.height):
                 return Decision(True, 0.0, f"out of memory: lowering the resolution to {w}x{h}",
                                 {"width": w, "height": h},
-                                {"kind": "lower_resolution", "from": f"{params['width']}x{params['height']}",
+                                {"kind": "lower_resolution", "from": f"{params.width}x{params.height}",
                                  "to": f"{w}x{h}"})
         elif kind == "fewer_frames":
-            frames = (params["frames"] - 1) // 2 // 4 * 4 + 1
-            if 5 <= frames < params["frames"]:
+            frames = (params.frames - 1) // 2 // 4 * 4 + 1
+            if 5 <= frames < params.frames:
                 return Decision(True, 0.0, f"out of memory: generating {frames} frames instead of "
-                                f"{params['frames']}", {"frames": frames},
-                                {"kind": "fewer_frames", "from": params["frames"], "to": frames})
+                                f"{params.frames}", {"frames": frames},
+                                {"kind": "fewer_frames", "from": params.frames, "to": frames})
         elif kind == "smaller_model" and model in SMALLER_MODEL:
             smaller = SMALLER_MODEL[model]
             return Decision(True, 0.0, f"out of memory: switching to the smaller model {smaller}",
@@ -69,7 +70,7 @@ def _oom_rung(params: dict[str, Any], model: str, fallback: list[str], device: s
     return None
 
 
-def decide(error: JobError, attempts: int, *, params: dict[str, Any] | None = None, model: str = "",
+def decide(error: JobError, attempts: int, *, params: ResolvedParams | None = None, model: str = "",
            fallback: list[str] | None = None, device: str = "cpu", max_attempts: int, base_seconds: float,
            cap_seconds: float, rng: random.Random | None = None, multiple: int | None = None) -> Decision:
     if error.category is Category.OUT_OF_MEMORY and params is not None:
@@ -77,7 +78,7 @@ def decide(error: JobError, attempts: int, *, params: dict[str, Any] | None = No
         rung = _oom_rung(params, model, fallback or [], device, multiple)
         if rung is not None:
             return rung
-        tried = f"offload {params.get('offload', 'none')}, VAE tiling"
+        tried = f"offload {params.offload}, VAE tiling"
         return Decision(False, reason=f"out of memory with every allowed measure applied ({tried}"
                         f"{', fallbacks ' + ', '.join(fallback) if fallback else ''})")
     if error.outcome is not Outcome.RETRY:

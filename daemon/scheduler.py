@@ -94,7 +94,7 @@ class Slot:
     worker: str
     gpu_index: int | None
     free_mb: int | None  # None: a CPU worker (no admission check)
-    warm_models: frozenset[str] = frozenset()  # model names (record.model["name"]) loaded in the worker
+    warm_models: frozenset[str] = frozenset()  # model names (record.model.name) loaded in the worker
     total_mb: int | None = None  # the GPU's size; enables reservation for aged jobs (see module doc)
 
 
@@ -105,7 +105,7 @@ class Assignment(NamedTuple):
 
 
 def _model_name(record: JobRecord) -> str | None:
-    return (record.model or {}).get("name")
+    return record.model.name
 
 
 def _plan_rank(plan: Plan | None) -> tuple[int, int, int]:

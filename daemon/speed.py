@@ -1,7 +1,8 @@
 """Speed options: torch.compile of the repeated transformer blocks, diffusers' step caches, and attention
 backends. What a job asks for (or the config's ``speed`` defaults) is fixed at intake; what is applied is
 decided here, per run, by a pure function, and written to ``optimizations_applied`` either way, so a user
-reading a sidecar knows what made the video.
+reading a sidecar knows what made the video. This module imports no torch and no diffusers (the daemon
+imports it); what asks diffusers is in daemon.worker.speed.
 
 The rules (each one a note in the sidecar when it changes what was asked):
 - a cache is turned off for distill presets and for runs with fewer than ``min_cache_steps`` steps: with
@@ -15,6 +16,7 @@ The rules (each one a note in the sidecar when it changes what was asked):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -98,10 +100,13 @@ class SpeedPlan:
         return out + self.notes
 
 
-def plan_speed(params: dict[str, Any], *, two_experts: bool, device: str,
+def plan_speed(params: Mapping[str, Any] | Any, *, two_experts: bool, device: str,
                attention_problem: str | None = None) -> SpeedPlan:
-    """Decide what a run applies from its resolved parameters. Pure: no torch, no diffusers.
-    ``attention_problem``: why the requested attention backend cannot run here (attention_available)."""
+    """Decide what a run applies from its resolved parameters (a ResolvedParams, or its fields as a
+    mapping). Pure: no torch, no diffusers. ``attention_problem``: why the requested attention backend
+    cannot run here (daemon.worker.speed.attention_available)."""
+    if not isinstance(params, Mapping):
+        params = params.model_dump()
     notes: list[str] = []
     cache = params.get("cache") or None
     if cache and cache.get("type", "none") != "none":
@@ -132,24 +137,3 @@ def plan_speed(params: dict[str, Any], *, two_experts: bool, device: str,
             notes.append(f"attention:native ({attention} unavailable: {attention_problem})")
             attention = "native"
     return SpeedPlan(compile=bool(params.get("compile")), cache=cache, attention_backend=attention, notes=notes)
-
-
-def cache_config(cache: dict[str, Any], steps: int):
-    """The diffusers config object for a planned cache."""
-    from diffusers import FirstBlockCacheConfig, MagCacheConfig
-
-    if cache["type"] == "first_block":
-        return FirstBlockCacheConfig(threshold=cache["threshold"])
-    return MagCacheConfig(threshold=cache["threshold"], num_inference_steps=steps,
-                          mag_ratios=list(cache["mag_ratios"]))
-
-
-def attention_available(name: str) -> str | None:
-    """None when diffusers can use the backend here, else why not."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
-
-    try:
-        _check_attention_backend_requirements(AttentionBackendName(ATTENTION_BACKENDS[name]))
-    except (RuntimeError, ValueError, ImportError) as exc:
-        return str(exc)
-    return None

@@ -184,13 +184,13 @@ def test_one_bad_job_in_a_batch_does_not_stop_the_others(harness):
 def test_worker_killed_mid_job_is_respawned_and_the_job_completes(harness):
     harness.drop("long.yaml", "model: tiny-ti2v-5b\nprompt: long one\nsteps: 150\nseed: 9\n")
     d = harness.daemon
-    wait_for(lambda: (d.progress("long") or {}).get("step", 0) >= 2, 60, what="job to be denoising")
-    pid = d.executor.worker_pid
+    wait_for(lambda: getattr(d.progress("long"), "step", 0) >= 2, 60, what="job to be denoising")
+    pid = d.workers["cpu"].worker_pid
     os.kill(pid, 9)
     side = harness.sidecar("long", timeout=120)
     assert side["attempts"] == 2
     assert side["worker_pid"] != pid
-    assert d.executor.status.restarts == 1
+    assert d.workers["cpu"].status.restarts == 1
     assert len(list(harness.outbox.glob("long*.mp4"))) == 1
 
 

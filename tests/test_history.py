@@ -42,10 +42,10 @@ def make_record(job_id: str, *, model: str = T2V, queued_at: float = NOW - 3600,
     if model == I2V:
         fields["image"] = "fox.png"
     params = resolve_params(JobSpec.model_validate(fields), info, max_side=2048, max_frames=481,
-                            max_steps=500).model_dump(mode="json")
+                            max_steps=500)
     return JobRecord(id=job_id, token=f"tok-{job_id}", source=f"{next(_seq):06d}-{job_id}.yaml",
                      source_name=f"{job_id}.yaml", seq=next(_seq), spec=fields, params=params,
-                     model=LocatedModel(info, Path(f"/hf/{info.name}"), "hub-cache", "abc123").to_dict(),
+                     model=LocatedModel(info=info, path=Path(f"/hf/{info.name}"), source="hub-cache", revision="abc123"),
                      received_at=queued_at, queued_at=queued_at)
 
 
@@ -62,14 +62,14 @@ def sidecar_for(rec: JobRecord, *, vram: float | None = 30_000.0, instance: str 
     started, now = rec.started_at, rec.finished_at
     return {
         "id": rec.id, "job_token": rec.token, "status": "done", "file": rec.source_name, "spec": rec.spec,
-        "parameters": rec.params,
-        "model_used": {**rec.model, "cache": "miss", "load_seconds": 12.5},
+        "parameters": rec.params.model_dump(mode="json"),
+        "model_used": {**rec.model.to_dict(), "cache": "miss", "load_seconds": 12.5},
         "device": {"type": device, "name": "NVIDIA H100 80GB HBM3"},
         "timings": {"queue_wait": round(started - rec.queued_at, 4), "model_load": 12.5, "denoise": 100.0,
                     "total": round(now - started, 4)},
         "generation_time_seconds": round(now - started, 4),
         "peak_vram_usage_mb": vram, "peak_rss_mb": 2048.5,
-        "optimizations_applied": ["vae_tiling"] if rec.params.get("vae_tiling") else [],
+        "optimizations_applied": ["vae_tiling"] if rec.params.vae_tiling else [],
         "degradations": rec.degradations, "attempts": rec.attempts, "instance": instance,
     }
 
@@ -77,9 +77,9 @@ def sidecar_for(rec: JobRecord, *, vram: float | None = 30_000.0, instance: str 
 def run_done(h: History, rec: JobRecord, *, wait: float, gen: float, vram: float | None = 30_000.0,
              degradations: list[dict] | None = None, last_error: JobError | None = None) -> JobRecord:
     """queued -> running -> done, recording every transition as the daemon does."""
-    assert h.record(rec.model_dump(mode="json"))
+    assert h.record(rec.summary())
     rec = move(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=rec.queued_at + wait)
-    assert h.record(rec.model_dump(mode="json"))
+    assert h.record(rec.summary())
     changes: dict[str, Any] = {"finished_at": rec.started_at + gen,
                                "outputs": {"video": f"/out/{rec.id}.mp4", "sidecar": f"/out/{rec.id}.json"}}
     if degradations:
@@ -87,18 +87,18 @@ def run_done(h: History, rec: JobRecord, *, wait: float, gen: float, vram: float
     if last_error:
         changes["last_error"] = last_error.to_dict()
     rec = move(rec, JobState.DONE, **changes)
-    assert h.record(rec.model_dump(mode="json"), sidecar_for(rec, vram=vram))
+    assert h.record(rec.summary(), sidecar_for(rec, vram=vram))
     return rec
 
 
 def run_failed(h: History, rec: JobRecord, category: Category, *, wait: float, ran: float = 5.0) -> JobRecord:
-    assert h.record(rec.model_dump(mode="json"))
+    assert h.record(rec.summary())
     rec = move(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=rec.queued_at + wait)
-    assert h.record(rec.model_dump(mode="json"))
+    assert h.record(rec.summary())
     err = JobError(category, f"{category.value} while running {rec.id}")
     rec = move(rec, JobState.FAILED, finished_at=rec.started_at + ran, last_error=err.to_dict(),
                errors=[{**err.to_dict(), "attempt": rec.attempts}], outputs={"failure": f"/out/failed/{rec.id}.json"})
-    assert h.record(rec.model_dump(mode="json"))
+    assert h.record(rec.summary())
     return rec
 
 
@@ -146,7 +146,7 @@ def test_creates_folders_and_the_current_schema_from_nothing(tmp_path):
 def test_reopening_is_idempotent_and_keeps_the_rows(tmp_path):
     path = tmp_path / "history.sqlite3"
     with History(path) as h:
-        assert h.record(make_record("fox").model_dump(mode="json"))
+        assert h.record(make_record("fox").summary())
     for _ in range(3):
         with History(path) as h:
             assert h.schema_version == 1
@@ -160,7 +160,7 @@ class _HistoryV2(History):
 def test_upgrades_an_older_database_in_order_and_keeps_its_rows(tmp_path):
     path = tmp_path / "history.sqlite3"
     with History(path) as h:
-        assert h.record(make_record("fox").model_dump(mode="json"))
+        assert h.record(make_record("fox").summary())
     with _HistoryV2(path) as h:
         assert h.schema_version == 2
         assert h.tasks()[0]["id"] == "fox" and h.tasks()[0]["note"] is None
@@ -224,7 +224,7 @@ def test_several_processes_opening_a_fresh_file_at_once_all_succeed(tmp_path):
 
 def test_row_from_record_maps_a_real_job_record_dump():
     rec = make_record("fox", model=TI2V, size="1280x704", frames=121)
-    row = row_from_record(rec.model_dump(mode="json"))
+    row = row_from_record(rec.summary())
     assert row == {"id": "fox", "token": "tok-fox", "file": "fox.yaml", "model_used": TI2V, "task": "ti2v",
                    "resolution": "1280x704", "frames": 121, "steps": 50, "attempts": 0,
                    "queued_at": NOW - 3600, "degradations": []}  # state is None before intake's transition
@@ -233,20 +233,20 @@ def test_row_from_record_maps_a_real_job_record_dump():
 
 def test_upsert_queued_running_done_keeps_earlier_fields(history):
     rec = make_record("fox", queued_at=NOW - 100)
-    assert history.record(move(rec, JobState.QUEUED).model_dump(mode="json"))
+    assert history.record(move(rec, JobState.QUEUED).summary())
     (row,) = history.tasks()
     assert (row["status"], row["model_used"], row["resolution"], row["frames"], row["steps"], row["task"]) == \
         ("queued", T2V, "1280x720", 81, 40, "t2v")
     assert row["started_at"] is None and row["updated_at"] is not None
 
     rec = move(rec, JobState.RUNNING, attempts=1, started_at=NOW - 70)
-    assert history.record(rec.model_dump(mode="json"))
+    assert history.record(rec.summary())
     (row,) = history.tasks()
     assert (row["status"], row["attempts"], row["queued_at"], row["started_at"], row["queue_wait_seconds"]) == \
         ("running", 1, NOW - 100, NOW - 70, 30.0)
 
     rec = move(rec, JobState.DONE, finished_at=NOW, outputs={"video": "/out/fox.mp4", "sidecar": "/out/fox.json"})
-    assert history.record(rec.model_dump(mode="json"), sidecar_for(rec, vram=41_000.0))
+    assert history.record(rec.summary(), sidecar_for(rec, vram=41_000.0))
     (row,) = history.tasks()
     assert row["status"] == "done" and row["file"] == "fox.yaml" and row["queued_at"] == NOW - 100
     assert row["generation_time_seconds"] == 70.0 and row["queue_wait_seconds"] == 30.0
@@ -265,19 +265,19 @@ def test_upsert_queued_running_done_keeps_earlier_fields(history):
 
 def test_retry_then_failure_records_the_error_and_the_failure_record(history):
     rec = make_record("big", queued_at=NOW - 100)
-    history.record(rec.model_dump(mode="json"))
+    history.record(rec.summary())
     rec = move(rec, JobState.RUNNING, attempts=1, started_at=NOW - 90)
-    history.record(rec.model_dump(mode="json"))
+    history.record(rec.summary())
     oom = JobError(Category.OUT_OF_MEMORY, "the device ran out of memory: CUDA out of memory")
-    rec = move(rec, JobState.QUEUED, last_error=oom.to_dict(), params={**rec.params, "vae_tiling": True})
-    history.record(rec.model_dump(mode="json"))
+    rec = move(rec, JobState.QUEUED, last_error=oom.to_dict(), params=rec.params.model_copy(update={"vae_tiling": True}))
+    history.record(rec.summary())
     assert history.tasks()[0]["status"] == "queued" and history.tasks()[0]["error_category"] == "out_of_memory"
 
     rec = move(rec, JobState.RUNNING, attempts=2, started_at=NOW - 50)
-    history.record(rec.model_dump(mode="json"))
+    history.record(rec.summary())
     rec = move(rec, JobState.FAILED, finished_at=NOW - 40, last_error=oom.to_dict(),
                outputs={"failure": "/out/failed/big.json"})
-    history.record(rec.model_dump(mode="json"))
+    history.record(rec.summary())
     (row,) = history.tasks()
     assert (row["status"], row["attempts"], row["error_category"], row["failure_record"]) == \
         ("failed", 2, "out_of_memory", "/out/failed/big.json")
@@ -293,12 +293,12 @@ def test_record_never_raises(tmp_path, errors_logged):
     # Another process holds the write lock for longer than the busy timeout.
     other = sqlite3.connect(path, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")
-    assert h.record(make_record("fox").model_dump(mode="json")) is False
+    assert h.record(make_record("fox").summary()) is False
     other.execute("ROLLBACK")
     other.close()
-    assert h.record(make_record("fox").model_dump(mode="json")) is True  # and it recovers
+    assert h.record(make_record("fox").summary()) is True  # and it recovers
     h.close()
-    assert h.record(make_record("cat").model_dump(mode="json")) is False  # closed
+    assert h.record(make_record("cat").summary()) is False  # closed
     assert len(errors_logged) == 3 and all("history.write_failed" in m for m in errors_logged)
     assert "locked" in errors_logged[1]
 
@@ -405,7 +405,7 @@ def busy_history(history):
                wait=1.0, ran=0.5)
     # Still waiting now.
     waiting = move(make_record("waiting", model=TI2V, queued_at=NOW - 60), JobState.QUEUED)
-    history.record(waiting.model_dump(mode="json"))
+    history.record(waiting.summary())
     # Two days ago: outside a 24 h window.
     for i in range(3):
         run_failed(history, make_record(f"ancient-{i}", queued_at=NOW - 48 * 3600), Category.TIMEOUT, wait=5.0)
@@ -480,7 +480,7 @@ def test_analysis_with_zero_rows_is_well_defined(history):
     assert "No jobs in the last 24 h." in text_of(*render_analysis(analyse(history, hours=24, now=NOW)))
     assert "no jobs recorded" in text_of(render_tasks([]))
     # Only unfinished jobs: still no rate, no division by zero.
-    history.record(move(make_record("waiting", queued_at=NOW - 10), JobState.QUEUED).model_dump(mode="json"))
+    history.record(move(make_record("waiting", queued_at=NOW - 10), JobState.QUEUED).summary())
     result = analyse(history, hours=1, now=NOW)
     assert (result["total"], result["queued"], result["success_rate"]) == (1, 1, None)
     assert result["per_model"][0]["success_rate"] is None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
+from factories import make_record
 from daemon.errors import Category, JobError, classify_exception
 from daemon.jobs import TRANSITIONS, InvalidTransition, JobRecord, JobState
 from daemon.policy import decide
@@ -13,11 +15,8 @@ from daemon.scheduler import next_wakeup, pick_next
 from daemon.runtime.spool import Spool
 
 
-def record(job_id="j", **kw) -> JobRecord:
-    base = dict(id=job_id, token="t", source="000000000001.me.f.yaml", source_name="f.yaml", seq=1, spec={}, params={},
-                model={}, received_at=0.0)
-    base.update(kw)
-    return JobRecord(**base)
+def record(job_id="j", *, state=None, **kw) -> JobRecord:
+    return make_record(job_id, state=state, **kw)
 
 
 ALL = [None, *JobState]
@@ -121,3 +120,37 @@ def test_exceptions_are_classified_in_one_place(exc, category):
     assert err.category is category
     assert err.all_suggestions()
     assert JobError.from_dict(err.to_dict()).category is category
+
+
+# A job.json as daemons before the typed records wrote it: the model as its flat summary, the parameters as a
+# plain dict (no fp8 field). Spools left by an older daemon must still load after an upgrade.
+OLD_RECORD = {
+    "id": "fox", "token": "9f2c4e6a8b0d1c3e", "state": "queued", "source": "000000000007.host.1.fox.yaml",
+    "source_name": "fox.yaml", "seq": 7, "priority": 0, "spec": {"prompt": "a fox", "model": "tiny-ti2v-5b"},
+    "params": {"task": "ti2v", "pipeline": "t2v", "prompt": "a fox", "negative_prompt": "bad", "width": 64,
+               "height": 64, "frames": 9, "fps": 24, "steps": 3, "guidance_scale": 5.0, "guidance_scale_2": None,
+               "flow_shift": 5.0, "seed": 42, "seed_was_drawn": False, "quality": 8.0, "basename": "fox",
+               "offload": "none", "vae_tiling": False, "timeout_seconds": None, "loras": [], "preset": None,
+               "compile": False, "cache": None, "attention_backend": "native", "min_cache_steps": 10},
+    "model": {"name": "tiny-ti2v-5b", "architecture": "wan2.2-ti2v-5b", "repo_id": None, "revision": None,
+              "path": "/models/tiny-ti2v-5b", "source": "tiny", "tiny_random_weights": True, "multiple": 32},
+    "input_image": None, "attempts": 1, "worker": "cpu", "received_at": 1764000000.0, "queued_at": 1764000000.0,
+    "started_at": None, "finished_at": None, "not_before": 0.0, "last_error": None, "errors": [],
+    "events": [{"state": "queued", "at": 1764000000.0, "note": "from fox.yaml"}], "outputs": {}, "degradations": [],
+}
+
+
+def test_a_record_written_before_typed_records_still_loads(tmp_path):
+    spool = Spool(tmp_path / "spool", "host.1")
+    (spool.job_dir("fox")).mkdir(parents=True)
+    (spool.job_dir("fox") / "job.json").write_text(json.dumps(OLD_RECORD))
+    rec = spool.load("fox")
+    assert rec is not None and rec.state is JobState.QUEUED
+    assert rec.params.steps == 3 and rec.params.basename == "fox" and rec.params.fp8 is False
+    assert rec.model.name == "tiny-ti2v-5b" and rec.model.tiny and rec.model.multiple == 32
+    assert rec.model.info.frames == 9  # the registry's defaults come back with the name
+    assert str(rec.model.path) == "/models/tiny-ti2v-5b"
+    assert rec.summary()["model"] == OLD_RECORD["model"]  # what the history and failure records show
+    # and it is written back in the typed form, which loads again
+    again = spool.transition(rec, JobState.RUNNING, attempts=2)
+    assert spool.load("fox") == again

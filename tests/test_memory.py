@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from factories import make_record
 from daemon.memory import (
     CUDA_CONTEXT_MB,
     MODES,
@@ -246,10 +247,5 @@ def test_an_unreadable_book_starts_afresh(tmp_path):
 
 
 def test_job_demand_from_a_record():
-    class R:
-        model = {"name": "tiny-ti2v-5b", "architecture": TI2V_5B, "tiny_random_weights": True}
-        params = {"width": 64, "height": 64, "frames": 9}
-
-    assert JobDemand.from_record(R) == JobDemand(TI2V_5B, 64, 64, 9, tiny=True)
-    R.params = {}
-    assert JobDemand.from_record(R) is None
+    rec = make_record("r", model="tiny-ti2v-5b", params={"width": 64, "height": 64, "frames": 9})
+    assert JobDemand.from_record(rec) == JobDemand(TI2V_5B, 64, 64, 9, tiny=True)

@@ -110,7 +110,7 @@ def test_small_model_and_its_tiny_twin(harness):
 def test_input_images_are_resized_and_centre_cropped_never_stretched():
     from PIL import Image
 
-    from daemon.worker.backend import fit_image
+    from daemon.worker.media import fit_image
 
     img = Image.new("RGB", (100, 50), (0, 0, 255))
     for x in range(48, 52):
@@ -124,7 +124,7 @@ def test_input_images_are_resized_and_centre_cropped_never_stretched():
 
 
 def test_warm_cache_evicts_the_least_recently_used_pipeline_over_its_memory_budget(harness_factory, models_dir):
-    from daemon.worker.backend import weights_mb
+    from daemon.worker.cache import weights_mb
 
     one = max(weights_mb(models_dir / n) for n in ("tiny-t2v-a14b", "tiny-ti2v-5b"))
     h = harness_factory(worker={"max_cached_pipelines": 5, "cache_budget_mb": one * 1.2}).start()

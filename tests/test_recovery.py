@@ -23,7 +23,7 @@ def queued_job(root: Path, models_dir: Path, text: str, name: str = "job.yaml"):
     settings = fast_settings(root, models_dir)
     d = Daemon(settings)
     (settings.paths.inbox / name).write_text(text)
-    d._take_in(d.spool.claim(settings.paths.inbox / name))
+    d.claims.take_in(d.spool.claim(settings.paths.inbox / name))
     return d, settings
 
 

@@ -20,7 +20,7 @@ from daemon.fsutil import TEMP_PREFIX, atomic_write_json
 from daemon.runtime.outbox import Outbox
 from daemon.worker.backend import encode_mp4, probe_video
 from daemon.ops.report import TITLE, build_report, write_poster
-from daemon.runtime.daemon import TINY_NOTE
+from daemon.runtime.publishing import TINY_NOTE
 
 HOSTILE_PROMPT = "<script>alert(1)</script> a fox & a \"hound\" in the snow"
 HOSTILE_FILE = "<img src=x onerror=alert(2)>.yaml"

@@ -18,18 +18,18 @@ from daemon.runtime import outbox as outbox_module
 from daemon.errors import Category, JobError
 from daemon.jobs import JobState
 from daemon.policy import decide
+from factories import make_params
 from daemon.runtime.daemon import Daemon
 from daemon.runtime.spool import Spool
 
 from conftest import fast_settings, spool_root, wait_for
 
-CUE = "fakes:CueBackend"
+CUE = "daemon.testing:CueBackend"
 
 
 def params(**kw):
-    base = {"width": 1280, "height": 704, "frames": 121, "offload": "none", "vae_tiling": False, "seed": 1}
-    base.update(kw)
-    return base
+    return make_params(**{"width": 1280, "height": 704, "frames": 121, "offload": "none", "vae_tiling": False,
+                          "seed": 1, **kw})
 
 
 def oom(p, fallback=(), device="cuda", model="wan2.2-ti2v-5b"):
@@ -129,7 +129,7 @@ def _write_stale_owner(tmp_path, models_dir, owner: str, jobs: int, running: int
     dead.lease.acquire()
     for n in range(jobs):
         (settings.paths.inbox / f"{owner}{n}.yaml").write_text("prompt: sleep=0.05\n")
-        dead._take_in(dead.spool.claim(settings.paths.inbox / f"{owner}{n}.yaml"))
+        dead.claims.take_in(dead.spool.claim(settings.paths.inbox / f"{owner}{n}.yaml"))
     if running is not None:
         rec = dead.records[f"{owner}{running}"]
         dead.spool.transition(rec, JobState.RUNNING, attempts=1)
@@ -158,7 +158,7 @@ def test_an_owner_that_lost_its_lease_does_not_publish(harness_factory, tmp_path
                         instance={"id": "alpha", "heartbeat_seconds": 1000, "lease_grace_seconds": 3000,
                                   "takeover_check_seconds": 1000}).start()
     a.drop("slow.yaml", "prompt: sleep=4\n")
-    wait_for(lambda: (a.daemon.progress("slow") or {}).get("step", 0) >= 1, 30, what="alpha running the job")
+    wait_for(lambda: getattr(a.daemon.progress("slow"), "step", 0) >= 1, 30, what="alpha running the job")
     b = harness_factory(tmp_path, backend=CUE,
                         instance={"id": "bravo", "lease_grace_seconds": 1.0, "heartbeat_seconds": 0.2,
                                   "takeover_check_seconds": 0.2}).start()
@@ -282,7 +282,7 @@ def test_a_job_that_kills_its_worker_every_time_is_quarantined_others_go_on(harn
     assert "gave up after 3 attempts" in record["decision"] and len(record["errors"]) == 3
     assert h.sidecar("flaky")["attempts"] == 2
     assert h.sidecar("fine")["status"] == "done"
-    assert h.daemon.executor.status.restarts >= 4
+    assert h.daemon.workers["cpu"].status.restarts >= 4
 
 
 def test_two_active_jobs_cannot_write_the_same_output_name(harness_factory):

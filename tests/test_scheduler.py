@@ -6,6 +6,7 @@ from functools import partial
 
 import pytest
 
+from factories import make_record
 from daemon.jobs import JobRecord, JobState
 from daemon.memory import JobDemand, Plan, plan_for, strongest_estimate_mb
 from daemon.models import T2V_A14B, TI2V_5B
@@ -25,17 +26,17 @@ GIB = 1024
 
 
 def rec(job_id, seq, *, priority=0, queued_at=0.0, not_before=0.0, model="m", need=1000, state=JobState.QUEUED,
-        **kw) -> JobRecord:
-    """A queued job; ``need`` is its memory need (MiB) for the fake planner below."""
-    return JobRecord(id=job_id, token="t", source=f"{seq:012d}.me.f.yaml", source_name="f.yaml", seq=seq,
-                     priority=priority, spec={}, params={"need": need, **kw.pop("params", {})},
-                     model={"name": model, **kw.pop("model_extra", {})}, received_at=queued_at,
-                     queued_at=queued_at, not_before=not_before, state=state, **kw)
+        params=None, architecture=None, **kw) -> JobRecord:
+    """A queued job; ``need`` is its memory need (MiB) for the fake planner below (carried as its width; None:
+    a job whose demand is unknown)."""
+    params = params or {"width": need if need is not None else 0}
+    return make_record(job_id, seq=seq, priority=priority, params=params, model=model, architecture=architecture,
+                       received_at=queued_at, queued_at=queued_at, not_before=not_before, state=state, **kw)
 
 
 def demand(r: JobRecord) -> JobDemand | None:
-    need = r.params.get("need")
-    return None if need is None else JobDemand("fake", need, 1, 1)
+    need = r.params.width
+    return None if not need else JobDemand("fake", need, 1, 1)
 
 
 def plan(d: JobDemand, free_mb: int) -> Plan | None:
@@ -234,9 +235,9 @@ def test_real_planner_end_to_end():
     planner = partial(plan_for, allow_lossy=False)
     real_demand = JobDemand.from_record
     a14b = rec("a14b", 1, params={"width": 1280, "height": 720, "frames": 81},
-               model="wan2.2-t2v-a14b", model_extra={"architecture": T2V_A14B})
+               model="wan2.2-t2v-a14b", architecture=T2V_A14B)
     ti2v = rec("ti2v", 2, params={"width": 1280, "height": 704, "frames": 121},
-               model="wan2.2-ti2v-5b", model_extra={"architecture": TI2V_5B})
+               model="wan2.2-ti2v-5b", architecture=TI2V_5B)
     slots = [gpu("g0", 24 * GIB), gpu("g1", 80 * GIB)]
     out = run([a14b, ti2v], slots, demand=real_demand, plan=planner)
     # The A14B takes the 80 GiB GPU (resident + VAE tiling beats group offload on 24 GiB); the TI2V-5B

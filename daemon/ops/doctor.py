@@ -210,7 +210,7 @@ def check_video_encoding() -> Check:
     if not exe or not os.path.isfile(exe) or not os.access(exe, os.X_OK):
         return Check("video encoding", "fail", f"ffmpeg {exe!r} is not an executable file",
                      "Reinstall imageio-ffmpeg, or set IMAGEIO_FFMPEG_EXE to a working ffmpeg.")
-    from daemon.worker.backend import encode_mp4, probe_video
+    from daemon.worker.media import encode_mp4, probe_video
 
     try:
         with tempfile.TemporaryDirectory(prefix="wan-doctor-") as tmp:

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from loguru import logger
 
+from daemon.errors import WanDaemonError
+
 STATUSES = ("waiting_for_model", "queued", "running", "done", "failed")
 
 # Every column of generation_tasks, in table order, with its SQL type.
@@ -64,7 +66,7 @@ JSON_COLUMNS = frozenset({"optimizations_applied", "degradations", "recovery_sug
 ACTIVITY = "coalesce(finished_at, started_at, queued_at, updated_at)"
 
 
-class HistoryError(Exception):
+class HistoryError(WanDaemonError):
     """The history database cannot be opened or migrated."""
 
 

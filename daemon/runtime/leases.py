@@ -22,7 +22,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import secrets
 import socket
 import time
@@ -31,20 +30,15 @@ from typing import Callable
 
 from loguru import logger
 
+from daemon.errors import WanDaemonError
+
 from daemon.fsutil import atomic_write_json, fsync_dir
 
 
-class LeaseError(Exception):
+class LeaseError(WanDaemonError):
     """This daemon cannot own its spool (another live daemon uses the same id on this host)."""
 
 
-def default_owner_id() -> str:
-    return sanitize_owner(socket.gethostname())
-
-
-def sanitize_owner(raw: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_-]", "_", raw)[:64]
-    return cleaned or "daemon"
 
 
 class Lease:

@@ -28,38 +28,11 @@ from typing import Any, Callable, Literal
 from loguru import logger
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from daemon.config import Schedule
 from daemon.fsutil import atomic_write_bytes, fsync_dir
 
 MAX_CATCH_UP = 100
 _FIELDS = re.compile(r"\{(date|time|datetime|name|timestamp|year|month|day|hour|minute)\}")
-
-
-class Schedule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    cron: str = Field(..., description="Five-field crontab expression, e.g. '0 2 * * *'.")
-    timezone: str = Field("UTC", description="IANA zone the cron expression is read in.")
-    job: Path | None = Field(None, description="A job file (YAML) to submit at each fire.")
-    template: str | None = Field(None, description="Inline job YAML, with {date}-style substitutions.")
-    misfire: Literal["skip", "run_once", "run_all"] = "run_once"
-    misfire_grace_seconds: float = Field(300.0, ge=0)
-    enabled: bool = True
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "Schedule":
-        if (self.job is None) == (self.template is None):
-            raise ValueError("give exactly one of `job` (a file) or `template` (inline YAML)")
-        try:
-            self.trigger()  # an invalid cron expression or zone fails at load time, not at 2 a.m.
-        except Exception as exc:  # ValueError for cron fields, ZoneInfoNotFoundError (a KeyError) for zones
-            raise ValueError(f"schedule {self.name!r}: {exc}") from None
-        return self
-
-    def trigger(self):
-        from apscheduler.triggers.cron import CronTrigger
-
-        return CronTrigger.from_crontab(self.cron, timezone=self.timezone)
 
 
 def substitute(text: str, name: str, fire: datetime) -> str:

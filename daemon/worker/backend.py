@@ -1,156 +1,43 @@
-"""Generation backends: the interface the worker drives, and the real diffusers Wan2.2 implementation.
+"""The real backend: Wan2.2 through diffusers, pipelines kept warm.
 
-A backend runs inside the worker process and owns the device. It takes a job payload (every parameter
-already resolved), reports progress through a callback, writes the encoded MP4 to the temp path it is
-given (fsynced), and returns the facts the sidecar records. Exceptions leave it through
+It runs inside the worker process and owns the device (daemon.worker.protocol.Backend). A job arrives as a
+typed JobPayload (every parameter resolved); ``generate`` loads or reuses the pipeline, denoises and decodes
+to uint8 frames on the CPU, reporting phases and steps; ``finish`` encodes the MP4 into the payload's temp
+path, reads it back and writes the poster, every file fsynced. Exceptions leave it through
 :func:`daemon.errors.classify_exception`.
 """
 
 from __future__ import annotations
 
-import errno
-import os
+import dataclasses
 import platform
 import resource
 import time
-from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any
 
 from loguru import logger
 
 from daemon.errors import Category, JobError, JobInterrupted
-from daemon.fsutil import fsync_file, probe_write, sha256_file
-
-Report = Callable[[dict[str, Any]], None]
-
-
-class GenerationBackend(Protocol):
-    def describe(self) -> dict[str, Any]:
-        """Device and library versions, sent to the daemon once the worker is up."""
-
-    def run(self, job: dict[str, Any], report: Report, should_stop: Callable[[], bool]) -> dict[str, Any]:
-        """Generate the job's video into ``job['video_tmp']``; return the facts for the sidecar.
-        Raise JobInterrupted at the next step once ``should_stop()`` is true.
-
-        A backend may also split this in two, ``generate`` (the device's part, returning a
-        :class:`Generated`) and ``finish`` (encoding and writing, on the CPU): the worker then starts the
-        next job on the device while the previous one is being encoded."""
+from daemon.models import LocatedModel
+from daemon.worker.cache import Loaded, PipelineCache, weights_mb
+from daemon.worker.media import encode_mp4, fit_image, probe_video, raise_if_disk_full, write_poster_frame
+from daemon.worker.protocol import DeviceInfo, JobPayload, JobResult, Report, VideoFacts
 
 
 @dataclass
 class Generated:
     """A job whose device work is done: its frames wait, on the CPU, to be encoded and written."""
 
-    job: dict[str, Any]
+    payload: JobPayload
     frames: Any  # numpy uint8 (frames, height, width, 3)
-    result: dict[str, Any]  # the sidecar's facts known so far; finish() adds the video's
+    result: JobResult  # the facts known so far; finish() adds the video's
 
 
-@dataclass
-class _Loaded:
-    pipes: dict[str, Any]  # "t2v" / "i2v" -> pipeline sharing the same components
-    load_seconds: float
-    size_mb: float = 0.0  # weights on disk: what it holds in memory, near enough for eviction
-    loras: Any = None  # daemon.worker.lora.LoraManager: adapters stay loaded with the pipeline, switched per job
-    compiled: bool = False  # its transformer blocks were torch.compiled (in place: every later job runs them)
-    attention: str = "native"  # the attention backend its transformers are set to
-
-
-def weights_mb(folder: Path) -> float:
-    """Size of a diffusers folder's weights (safetensors): the memory its pipeline will hold, near enough."""
-    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors")) / (1 << 20)
-
-
-def fit_image(image: Any, width: int, height: int) -> Any:
-    """Resize and centre-crop an input image to exactly width x height, keeping its aspect: scale so that
-    it covers the target (the smaller scale that fills both sides), then cut the overflow equally from both
-    edges. Nothing is stretched and no border is added."""
-    from PIL import Image
-
-    iw, ih = image.size
-    scale = max(width / iw, height / ih)
-    rw, rh = max(width, round(iw * scale)), max(height, round(ih * scale))
-    resized = image.resize((rw, rh), Image.Resampling.LANCZOS)
-    left, top = (rw - width) // 2, (rh - height) // 2
-    return resized.crop((left, top, left + width, top + height))
-
-
-def probe_video(path: Path) -> dict[str, Any]:
-    """Read an MP4 back: frame count, fps and size as a player sees them, plus bytes and sha256.
-
-    One ffmpeg run reads every packet of the video stream (stream copy: a truncated or corrupt container
-    fails it; no decoding, which would cost as much again as a fast encode) and prints the stream header on
-    the way: both are read from its output."""
-    import subprocess
-
-    import imageio_ffmpeg
-    from imageio_ffmpeg._parsing import parse_ffmpeg_header
-
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0",
-           "-c", "copy", "-f", "null", "-"]
-    done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    text = done.stdout.decode(errors="ignore")
-    if done.returncode != 0:
-        raise RuntimeError(f"ffmpeg could not read {path.name} back (exit {done.returncode}): {text[-500:]}")
-    frames = None
-    for line in reversed(text.splitlines()):
-        if line.lstrip().startswith("frame="):
-            frames = int(line.split("frame=", 1)[1].split()[0])
-            break
-    meta = parse_ffmpeg_header(text)
-    if frames is None or "size" not in meta:
-        raise RuntimeError(f"ffmpeg's output for {path.name} has no frame count or size: {text[-500:]}")
-    width, height = meta["size"]
-    return {
-        "path": str(path),
-        "bytes": os.path.getsize(path),
-        "sha256": sha256_file(path),
-        "frames": frames,
-        "fps": float(meta["fps"]),
-        "width": int(width),
-        "height": int(height),
-        "codec": meta.get("codec"),
-    }
-
-
-def raise_if_disk_full(folder: Path, cause: BaseException) -> None:
-    """ffmpeg reports a full disk only on its stderr ("Error writing trailer"), and imageio then fails
-    later with an unrelated message: find out by trying to write, so the job is retried, not failed."""
-    exc = probe_write(folder)
-    if exc is not None and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise OSError(exc.errno, f"no space left in {folder} while encoding ({cause})") from cause
-
-
-def as_uint8(frame: Any) -> Any:
-    """One frame as uint8 RGB: uint8 frames pass through, float frames in [0, 1] are rounded."""
-    import numpy as np
-
-    if frame.dtype == np.uint8:
-        return frame
-    return (np.clip(frame, 0, 1) * 255).round().astype(np.uint8)
-
-
-def write_poster_frame(frames: Any, path: Path, *, at: float = 0.5, quality: int = 85) -> None:
-    """Save the middle frame (uint8, or float in [0, 1]; H x W x 3) as a JPEG, fsynced: the poster."""
-    from PIL import Image
-
-    frame = frames[min(len(frames) - 1, int(len(frames) * at))]
-    Image.fromarray(as_uint8(frame)).save(path, "JPEG", quality=quality)
-    fsync_file(path)
-
-
-def encode_mp4(frames: Any, path: Path, *, fps: int, quality: float) -> None:
-    """Encode frames (F, H, W, 3; uint8, or float in [0, 1]) to H.264 MP4 through imageio's ffmpeg writer, as
-    diffusers' export_to_video does (same quality scale, sizes padded to 16), without its float copy of
-    every frame; fsync it."""
-    import imageio
-
-    with imageio.get_writer(str(path), fps=fps, quality=quality, macro_block_size=16) as writer:
-        for frame in frames:
-            writer.append_data(as_uint8(frame))
-    fsync_file(path)
+def _never() -> bool:
+    return False
 
 
 class DiffusersWanBackend:
@@ -160,6 +47,7 @@ class DiffusersWanBackend:
                  max_cached_pipelines: int = 1, models_dir: Path, cache_budget_mb: float | None = None,
                  cpu_threads: int | None = None) -> None:
         import torch
+
         # Imported now, not at the first job: diffusers' lazy pipeline imports cost about a second.
         from diffusers import WanImageToVideoPipeline, WanPipeline
 
@@ -176,10 +64,10 @@ class DiffusersWanBackend:
             # OpenMP threads over the same cores.
             torch.set_num_threads(cpu_threads)
         self.allow_cpu_for_real_models = allow_cpu_for_real_models
-        self.max_cached = max_cached_pipelines
         self.models_dir = Path(models_dir)
-        self.cache_budget_mb = cache_budget_mb or self._default_budget_mb()
-        self._cache: "OrderedDict[str, _Loaded]" = OrderedDict()
+        self._cache = PipelineCache(max_entries=max_cached_pipelines,
+                                    budget_mb=cache_budget_mb or self._default_budget_mb(),
+                                    release=self._release)
         self.evicted: list[str] = []  # model folders evicted while loading the current job's
 
     def _default_budget_mb(self) -> float:
@@ -190,24 +78,28 @@ class DiffusersWanBackend:
 
         return psutil.virtual_memory().total / (1 << 20) * 0.5
 
-    def describe(self) -> dict[str, Any]:
+    def _release(self) -> None:
+        if self.device == "cuda":
+            self.torch.cuda.empty_cache()
+
+    def describe(self) -> DeviceInfo:
         import diffusers
         import transformers
 
         torch = self.torch
-        info: dict[str, Any] = {
-            "device": self.device,
-            "device_name": torch.cuda.get_device_name(0) if self.device == "cuda" else platform.processor() or "cpu",
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "transformers": transformers.__version__, "python": platform.python_version()},
-        }
-        if self.device == "cpu":
-            info["cpu_threads"] = torch.get_num_threads()
+        vram_total = vram_free = None
         if self.device == "cuda":
             free, total = torch.cuda.mem_get_info()
-            info["vram_total_mb"] = total // (1 << 20)
-            info["vram_free_mb"] = free // (1 << 20)
-        return info
+            vram_total, vram_free = total // (1 << 20), free // (1 << 20)
+        return DeviceInfo(
+            device=self.device,
+            device_name=torch.cuda.get_device_name(0) if self.device == "cuda" else platform.processor() or "cpu",
+            versions={"torch": str(torch.__version__), "diffusers": diffusers.__version__,
+                      "transformers": transformers.__version__, "python": platform.python_version()},
+            cpu_threads=torch.get_num_threads() if self.device == "cpu" else None,
+            vram_total_mb=vram_total,
+            vram_free_mb=vram_free,
+        )
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -218,14 +110,14 @@ class DiffusersWanBackend:
             return {"default": torch.bfloat16, "vae": torch.float32}
         return torch.float32
 
-    def _pipeline(self, model: dict[str, Any], kind: str, report: Report,
+    def _pipeline(self, model: LocatedModel, kind: str, report: Report,
                   offload: str = "none", fp8: bool = False) -> tuple[Any, str, float, str]:
-        path = model.get("path")
-        if model.get("tiny_random_weights") and not path:
+        path = str(model.path) if model.path else None
+        if model.tiny and not path:
             from daemon.worker.tiny import build_tiny
 
-            report({"type": "phase", "phase": "building_tiny_model"})
-            path = str(build_tiny(model["name"], self.models_dir))
+            report("building_tiny_model")
+            path = str(build_tiny(model.name, self.models_dir))
         if not path or not Path(path, "model_index.json").is_file():
             raise JobError(Category.MODEL_NOT_FOUND, f"model folder {path} is missing or incomplete")
         model_path = str(Path(path).resolve())
@@ -234,7 +126,6 @@ class DiffusersWanBackend:
         cls = self.pipeline_classes[kind]
         loaded = self._cache.get(key)
         if loaded is not None:
-            self._cache.move_to_end(key)
             if kind not in loaded.pipes:
                 # Same weights, other task (TI2V-5B): share the loaded components, load nothing.
                 base = next(iter(loaded.pipes.values()))
@@ -242,16 +133,8 @@ class DiffusersWanBackend:
             return loaded.pipes[kind], "cached", 0.0, model_path
         size_mb = weights_mb(path)
         # Least recently used first, until the new pipeline fits the memory budget and the count limit.
-        while self._cache and (len(self._cache) >= self.max_cached
-                               or sum(e.size_mb for e in self._cache.values()) + size_mb > self.cache_budget_mb):
-            old_key, _old = self._cache.popitem(last=False)
-            logger.info("worker.pipeline_evicted path={} size_mb={:.0f} budget_mb={:.0f}", old_key, _old.size_mb,
-                        self.cache_budget_mb)
-            self.evicted.append(old_key.split("|", 1)[0])
-            del _old
-            if self.device == "cuda":
-                self.torch.cuda.empty_cache()
-        report({"type": "phase", "phase": "loading_model"})
+        self.evicted.extend(self._cache.make_room(size_mb))
+        report("loading_model")
         t0 = time.perf_counter()
         pipe = cls.from_pretrained(path, dtype=self._dtype())
         if fp8:
@@ -264,7 +147,7 @@ class DiffusersWanBackend:
         self._place(pipe, offload)
         pipe.set_progress_bar_config(disable=True)
         load_seconds = time.perf_counter() - t0
-        self._cache[key] = _Loaded({kind: pipe}, load_seconds, size_mb)
+        self._cache.put(key, Loaded(model_path, {kind: pipe}, load_seconds, size_mb))
         logger.info("worker.pipeline_loaded path={} seconds={:.2f}", key, load_seconds)
         return pipe, "loaded", load_seconds, model_path
 
@@ -288,12 +171,14 @@ class DiffusersWanBackend:
     def _transformers(pipe: Any) -> list[Any]:
         return [m for m in (pipe.transformer, getattr(pipe, "transformer_2", None)) if m is not None]
 
-    def _apply_speed(self, pipe: Any, entry: _Loaded | None, params: dict[str, Any]):
+    def _apply_speed(self, pipe: Any, entry: Loaded | None, payload: JobPayload):
         """Set the run's attention backend, compile once per warm pipeline, enable the planned cache."""
-        from daemon.speed import ATTENTION_BACKENDS, attention_available, cache_config, plan_speed
+        from daemon.speed import ATTENTION_BACKENDS, plan_speed
+        from daemon.worker.speed import attention_available, cache_config
 
+        params = payload.params
         modules = self._transformers(pipe)
-        wanted = params.get("attention_backend") or "native"
+        wanted = params.attention_backend or "native"
         problem = attention_available(wanted) if wanted != "native" and self.device == "cuda" else None
         plan = plan_speed(params, two_experts=len(modules) > 1, device=self.device, attention_problem=problem)
         current = entry.attention if entry is not None else "native"
@@ -317,109 +202,104 @@ class DiffusersWanBackend:
                 plan.notes.append("compile:reused from an earlier job")
         if plan.cache:
             for module in modules:
-                module.enable_cache(cache_config(plan.cache, params["steps"]))
+                module.enable_cache(cache_config(plan.cache, params.steps))
         return plan
 
     # ---- running -------------------------------------------------------------------------------
 
-    def run(self, job: dict[str, Any], report: Report,
-            should_stop: Callable[[], bool] = lambda: False) -> dict[str, Any]:
-        """The whole job in one call: generate, then finish."""
-        return self.finish(self.generate(job, report, should_stop))
-
-    def generate(self, job: dict[str, Any], report: Report,
-                 should_stop: Callable[[], bool] = lambda: False) -> Generated:
+    def generate(self, payload: JobPayload, report: Report, should_stop: Callable[[], bool] = _never) -> Generated:
         """The device's part of a job: load (or reuse) the pipeline, denoise, decode to uint8 frames on
         the CPU. Nothing of it stays on the device once this returns."""
         from daemon.worker.sampling import ResourceSampler
 
         sampler = ResourceSampler(gpu_index=0 if self.device == "cuda" else None)
 
-        def tracked(event: dict[str, Any]) -> None:
-            sampler.phase = event.get("phase", sampler.phase)
-            report(event)
+        def tracked(phase: str, step: int | None = None, total: int | None = None) -> None:
+            sampler.phase = phase
+            report(phase, step, total)
 
         with sampler:
-            generated = self._generate(job, tracked, should_stop)
-        generated.result["resources"] = sampler.summary()
+            generated = self._generate(payload, tracked, should_stop)
+        generated.result.resources = sampler.summary()
         return generated
 
-    def finish(self, generated: Generated) -> dict[str, Any]:
+    def finish(self, generated: Generated) -> JobResult:
         """The CPU's part: encode the MP4 into the job's temp path and read it back, write the poster;
         every file fsynced. Runs while the device already works on the next job."""
-        job, frames, result = generated.job, generated.frames, generated.result
-        params = job["params"]
+        payload, frames, result = generated.payload, generated.frames, generated.result
         t0 = time.perf_counter()
-        video_tmp = Path(job["video_tmp"])
+        video_tmp = Path(payload.video_tmp)
         try:
-            encode_mp4(frames, video_tmp, fps=params["fps"], quality=params["quality"])
+            encode_mp4(frames, video_tmp, fps=payload.params.fps, quality=payload.params.quality)
             t1 = time.perf_counter()
-            video = probe_video(video_tmp)
+            facts = probe_video(video_tmp)
         except Exception as exc:
             raise_if_disk_full(video_tmp.parent, exc)
             raise
         t2 = time.perf_counter()
-        poster_tmp = video_tmp.with_name(video_tmp.stem + ".poster.jpg")
+        poster_tmp = Path(payload.poster_tmp)
         write_poster_frame(frames, poster_tmp)
-        video.pop("path")
-        result["timings"].update(encode=round(t1 - t0, 4), verify=round(t2 - t1, 4),
-                                 poster=round(time.perf_counter() - t2, 4))
-        return {**result, "video_tmp": str(video_tmp), "poster_tmp": str(poster_tmp), "video": video}
+        facts.pop("path")
+        timings = {**result.timings, "encode": round(t1 - t0, 4), "verify": round(t2 - t1, 4),
+                   "poster": round(time.perf_counter() - t2, 4)}
+        return dataclasses.replace(result, timings=timings, video_tmp=str(video_tmp), poster_tmp=str(poster_tmp),
+                                   video=VideoFacts(**facts))
 
-    def _generate(self, job: dict[str, Any], report: Report, should_stop: Callable[[], bool]) -> Generated:
+    def _generate(self, payload: JobPayload, report: Report, should_stop: Callable[[], bool]) -> Generated:
         torch = self.torch
-        model, params = job["model"], job["params"]
-        if self.device == "cpu" and not model.get("tiny_random_weights") and not self.allow_cpu_for_real_models:
+        model, params = payload.model, payload.params
+        if self.device == "cpu" and not model.tiny and not self.allow_cpu_for_real_models:
             raise JobError(
                 Category.INSUFFICIENT_VRAM,
-                f"no CUDA GPU: a real Wan2.2 model ({model['name']}) on a CPU would take hours and tens of GB of "
+                f"no CUDA GPU: a real Wan2.2 model ({model.name}) on a CPU would take hours and tens of GB of "
                 "RAM per video, so it is refused",
                 ["Run the daemon on a machine with a CUDA GPU and a CUDA build of torch.",
                  "Set worker.allow_cpu_for_real_models: true to force it anyway."],
             )
         timings: dict[str, float] = {}
         self.evicted = []
-        offload = params.get("offload", "none") if self.device == "cuda" else "none"
-        fp8 = bool(params.get("fp8")) and self.device == "cuda"
-        pipe, cache_state, load_seconds, model_path = self._pipeline(model, params["pipeline"], report, offload, fp8)
+        offload = params.offload if self.device == "cuda" else "none"
+        fp8 = params.fp8 and self.device == "cuda"
+        pipe, cache_state, load_seconds, model_path = self._pipeline(model, params.pipeline, report, offload, fp8)
         timings["model_load"] = load_seconds
         optimizations = [f"offload:{offload}"] if offload != "none" else []
         if fp8:
             optimizations.append("fp8_weights")
-        entry = next((e for e in self._cache.values() if pipe in e.pipes.values()), None)
+        entry = self._cache.holding(pipe)
         if entry is not None:
             if entry.loras is None:
-                from daemon.jobspec.lora import LoraManager
+                from daemon.worker.lora import LoraManager
 
                 entry.loras = LoraManager()
-            applied = entry.loras.apply(pipe, params.get("loras") or [])
+            applied = entry.loras.apply(pipe, params.loras or [])
             optimizations.extend(f"lora:{name}" for name in applied.active)
-        if params.get("vae_tiling"):
+        if params.vae_tiling:
             pipe.vae.enable_tiling()
             optimizations.append("vae_tiling")
         else:
             pipe.vae.disable_tiling()
-        speed = self._apply_speed(pipe, entry, params)
+        speed = self._apply_speed(pipe, entry, payload)
         optimizations.extend(speed.applied())
         scheduler_cls = type(pipe.scheduler)
-        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, flow_shift=params["flow_shift"])
+        pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, flow_shift=params.flow_shift)
 
         kwargs: dict[str, Any] = dict(
-            prompt=params["prompt"], negative_prompt=params["negative_prompt"], height=params["height"],
-            width=params["width"], num_frames=params["frames"], num_inference_steps=params["steps"],
-            guidance_scale=params["guidance_scale"],
-            generator=torch.Generator(device="cpu").manual_seed(params["seed"]),
+            prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height,
+            width=params.width, num_frames=params.frames, num_inference_steps=params.steps,
+            guidance_scale=params.guidance_scale,
+            generator=torch.Generator(device="cpu").manual_seed(params.seed),
         )
-        if params.get("guidance_scale_2") is not None:
-            kwargs["guidance_scale_2"] = params["guidance_scale_2"]
-        if params["pipeline"] == "i2v":
+        if params.guidance_scale_2 is not None:
+            kwargs["guidance_scale_2"] = params.guidance_scale_2
+        if params.pipeline == "i2v":
             from PIL import Image
 
-            with Image.open(job["input_image"]) as img:
-                kwargs["image"] = fit_image(img.convert("RGB"), params["width"], params["height"])
+            with Image.open(payload.input_image) as img:
+                kwargs["image"] = fit_image(img.convert("RGB"), params.width, params.height)
 
-        total = params["steps"]
+        total = params.steps
         last_step_at = [0.0]
+        first_step_at = [0.0]
 
         def on_step_end(_pipe, step, _timestep, callback_kwargs):
             if should_stop():
@@ -429,13 +309,12 @@ class DiffusersWanBackend:
                 torch.cuda.synchronize()  # queued kernels belong to the denoising, not to the decode
             last_step_at[0] = time.perf_counter()
             first_step_at[0] = first_step_at[0] or last_step_at[0]
-            report({"type": "progress", "phase": "denoising", "step": step + 1, "total": total})
+            report("denoising", step + 1, total)
             return callback_kwargs
 
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        report({"type": "progress", "phase": "denoising", "step": 0, "total": total})
-        first_step_at = [0.0]
+        report("denoising", 0, total)
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -457,16 +336,16 @@ class DiffusersWanBackend:
         timings["denoise"] = (last_step_at[0] or t1) - t0
         timings["vae_decode"] = t1 - (last_step_at[0] or t1)
         # An interrupt that lands now is too late to save anything: the video is made, it gets written.
-        report({"type": "phase", "phase": "encoding"})
+        report("encoding")
         peak_vram = torch.cuda.max_memory_allocated() // (1 << 20) if self.device == "cuda" else None
-        return Generated(job, frames, {
-            "timings": {k: round(v, 4) for k, v in timings.items()},
-            "model_cache": cache_state,
-            "models_evicted": list(self.evicted),
-            "model_path": model_path,
-            "device": self.device,
-            "peak_vram_usage_mb": peak_vram,
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "optimizations_applied": optimizations,
-            "frames_generated": int(frames.shape[0]),
-        })
+        return Generated(payload, frames, JobResult(
+            device=self.device,
+            model_path=model_path,
+            model_cache=cache_state,
+            timings={k: round(v, 4) for k, v in timings.items()},
+            optimizations_applied=optimizations,
+            peak_vram_usage_mb=peak_vram,
+            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            models_evicted=list(self.evicted),
+            frames_generated=int(frames.shape[0]),
+        ))

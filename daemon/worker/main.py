@@ -2,19 +2,20 @@
 
 Started with the ``spawn`` method (CUDA cannot survive ``fork``), long-lived, and disposable: the
 daemon kills and respawns it when it dies or stalls, and retries its job. It talks to the daemon
-only through two queues: jobs in, events out (``ready``, ``started``, ``phase``, ``progress``,
-``device_free``, ``done``, ``failed``, ``interrupted``).
+only through two queues: jobs in (JobPayload), events out (the typed events of
+daemon.worker.protocol: Ready, Started, Phase, Progress, DeviceFree, Done, Failed, Interrupted; Fatal
+when it cannot start), each as plain JSON values (``to_wire``).
 
-The end of a job that needs only the CPU (MP4 encoding, reading it back, the poster) runs on a finisher
-thread: as soon as a job's frames are off the device the worker says ``device_free`` and takes the next
-job, while the previous one is encoded. At most one job is finishing at a time, so at most two decoded
-videos are held in memory.
+A job runs in two parts on its backend: ``generate`` (the device) then ``finish`` (the CPU: MP4
+encoding, reading it back, the poster). With overlap on, ``finish`` runs on a finisher thread: as soon
+as a job's frames are off the device the worker says DeviceFree and takes the next job, while the
+previous one is encoded. At most one job is finishing at a time, so at most two decoded videos are held
+in memory. With overlap off, ``finish`` runs in line before Done.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import sys
@@ -25,6 +26,24 @@ from pathlib import Path
 from typing import Any
 
 from daemon.errors import JobInterrupted, classify_exception
+from daemon.worker.protocol import (
+    Backend,
+    DeviceFree,
+    Done,
+    ErrorInfo,
+    Failed,
+    Fatal,
+    Generated,
+    Interrupted,
+    Phase,
+    Progress,
+    Ready,
+    Started,
+    WorkerConfig,
+    config_from_wire,
+    payload_from_wire,
+    to_wire,
+)
 
 
 def _exit_with_parent() -> None:
@@ -41,25 +60,33 @@ def _exit_with_parent() -> None:
 
 
 class _Events:
-    """The worker's outgoing queue, carrying plain JSON values only: anything else (a TorchVersion, a
-    numpy scalar) would make the daemon import torch just to unpickle an event."""
+    """The worker's outgoing queue, carrying plain JSON values only (``to_wire``): anything else (a
+    TorchVersion, a numpy scalar) would make the daemon import torch just to unpickle an event."""
 
     def __init__(self, queue) -> None:
         self.queue = queue
 
-    def put(self, event: dict[str, Any]) -> None:
-        self.queue.put(json.loads(json.dumps(event, default=str)))
+    def put(self, event: Any) -> None:
+        self.queue.put(to_wire(event))
+
+
+def _failed(job_id: str, exc: BaseException, *, while_: str = "") -> Failed:
+    from loguru import logger
+
+    err = classify_exception(exc)
+    logger.error("worker.job_failed id={} category={} error={}{}", job_id, err.category.value, err.message, while_)
+    return Failed(job_id, ErrorInfo.of(err), traceback.format_exc())
 
 
 class _Finisher:
     """One thread that finishes jobs (encode, verify, poster) one at a time, in order."""
 
-    def __init__(self, backend, events: _Events) -> None:
+    def __init__(self, backend: Backend, events: _Events) -> None:
         self.backend = backend
         self.events = events
         self._thread: threading.Thread | None = None
 
-    def submit(self, job_id: str, generated) -> None:
+    def submit(self, job_id: str, generated: Generated) -> None:
         self.wait()  # the previous job's finish first: bounded memory, results in order
         self._thread = threading.Thread(target=self._finish, args=(job_id, generated), name="finisher", daemon=True)
         self._thread.start()
@@ -69,41 +96,71 @@ class _Finisher:
             self._thread.join()
             self._thread = None
 
-    def _finish(self, job_id: str, generated) -> None:
-        from loguru import logger
-
+    def _finish(self, job_id: str, generated: Generated) -> None:
         try:
             result = self.backend.finish(generated)
         except BaseException as exc:
-            err = classify_exception(exc)
-            logger.error("worker.job_failed id={} category={} error={} (while encoding)", job_id,
-                         err.category.value, err.message)
-            self.events.put({"type": "failed", "id": job_id, "error": err.to_dict(),
-                             "traceback": traceback.format_exc()})
+            self.events.put(_failed(job_id, exc, while_=" (while encoding)"))
             return
-        self.events.put({"type": "done", "id": job_id, "result": result})
+        self.events.put(Done(job_id, result))
+
+
+def _make_backend(config: WorkerConfig) -> Backend:
+    kwargs = dict(
+        device=config.device,
+        allow_cpu_for_real_models=config.allow_cpu_for_real_models,
+        max_cached_pipelines=config.max_cached_pipelines,
+        models_dir=Path(config.models_dir),
+        cache_budget_mb=config.cache_budget_mb,
+        cpu_threads=config.cpu_threads,
+    )
+    if config.backend:
+        # Injected by code, never by configuration: the scheduler and chaos tests' stand-in for a GPU.
+        import importlib
+
+        module, _, attr = config.backend.partition(":")
+        return getattr(importlib.import_module(module), attr)(**kwargs)
+    from daemon.worker.backend import DiffusersWanBackend
+
+    return DiffusersWanBackend(**kwargs)
+
+
+def _reporter(events: _Events, job_id: str):
+    """The backend's ``report(phase, step=None, total=None)`` for one job, as Phase / Progress events."""
+
+    def report(phase: str, step: int | None = None, total: int | None = None) -> None:
+        if step is None:
+            events.put(Phase(job_id, phase))
+        else:
+            events.put(Progress(job_id, phase, step, total if total is not None else 0))
+
+    return report
 
 
 def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the daemon decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if config.get("visible_device") is not None:
+    events = _Events(events_queue)
+    try:
+        cfg = config_from_wire(config)  # imports no torch
+    except BaseException as exc:
+        events.put(Fatal(ErrorInfo.of(classify_exception(exc)), traceback.format_exc()))
+        return
+    if cfg.visible_device is not None:
         # Before torch is imported: this worker's cuda:0 is its own GPU, whatever the others use.
         os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        os.environ["CUDA_VISIBLE_DEVICES"] = config["visible_device"]
-    events = _Events(events_queue)
+        os.environ["CUDA_VISIBLE_DEVICES"] = cfg.visible_device
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _exit_with_parent()
     from loguru import logger
 
     logger.remove()
-    logger.add(sys.stderr, level=config.get("log_level", "INFO"),
+    logger.add(sys.stderr, level=cfg.log_level,
                format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | worker[{process}] | {message}")
     import diffusers
+    import huggingface_hub.utils
     import imageio
     import transformers
-
-    import huggingface_hub.utils
 
     # The encoder's ffmpeg lookup and its probe for an H.264 encoder (two ffmpeg runs, cached per process):
     # now, rather than in the first job, where they cost a third of a second. An ffmpeg without H.264
@@ -121,62 +178,41 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
     try:
-        backend_kwargs = dict(
-            device=config["device"],
-            allow_cpu_for_real_models=config["allow_cpu_for_real_models"],
-            max_cached_pipelines=config["max_cached_pipelines"],
-            models_dir=Path(config["models_dir"]),
-            cache_budget_mb=config.get("cache_budget_mb"),
-            cpu_threads=config.get("cpu_threads"),
-        )
-        if config.get("backend"):
-            # Injected by code, never by configuration: the scheduler and chaos tests' stand-in for a GPU.
-            import importlib
-
-            module, _, attr = config["backend"].partition(":")
-            backend = getattr(importlib.import_module(module), attr)(**backend_kwargs)
-        else:
-            from daemon.worker.backend import DiffusersWanBackend
-
-            backend = DiffusersWanBackend(**backend_kwargs)
-        events.put({"type": "ready", "pid": os.getpid(), **backend.describe()})
+        backend = _make_backend(cfg)
+        events.put(Ready(pid=os.getpid(), info=backend.describe()))
     except BaseException as exc:  # a worker that cannot start says why before it goes
-        events.put({"type": "fatal", "error": classify_exception(exc).to_dict(), "traceback": traceback.format_exc()})
+        events.put(Fatal(ErrorInfo.of(classify_exception(exc)), traceback.format_exc()))
         return
     logger.info("worker.ready pid={} device={}", os.getpid(), backend.device)
-    # Backends that split a job (generate on the device, finish on the CPU) overlap the two across jobs,
-    # where the device is not the CPU itself: there the encoder and the generation would share its cores,
-    # and overlapping them measured slower than taking turns (bench/RESULTS.md).
-    overlap = config.get("overlap_encoding", "auto")
-    split = hasattr(backend, "generate") and hasattr(backend, "finish")
-    finisher = _Finisher(backend, events) if split and (
-        overlap == "on" or (overlap == "auto" and backend.device != "cpu")) else None
+    # The finish of one job overlaps the next one's generation where the device is not the CPU itself:
+    # there the encoder and the generation would share its cores, and overlapping them measured slower than
+    # taking turns (bench/RESULTS.md).
+    overlap = cfg.overlap_encoding == "on" or (cfg.overlap_encoding == "auto" and backend.device != "cpu")
+    finisher = _Finisher(backend, events) if overlap else None
     while True:
         job = jobs.get()
         if job is None:
             break
         job_id = job["id"]
-        events.put({"type": "started", "id": job_id})
-        report = lambda ev, job_id=job_id: events.put({**ev, "id": job_id})  # noqa: E731
+        events.put(Started(job_id))
         try:
+            payload = payload_from_wire(job)
+            generated = backend.generate(payload, _reporter(events, job_id), interrupt.is_set)
             if finisher is not None:
-                generated = backend.generate(job, report, interrupt.is_set)
-                events.put({"type": "device_free", "id": job_id})
+                events.put(DeviceFree(job_id))
                 finisher.submit(job_id, generated)
                 continue
-            result = backend.run(job, report, interrupt.is_set)
+            result = backend.finish(generated)
         except JobInterrupted:
             logger.info("worker.job_interrupted id={}", job_id)
-            events.put({"type": "interrupted", "id": job_id})
+            events.put(Interrupted(job_id))
             continue
         except BaseException as exc:
-            err = classify_exception(exc)
-            logger.error("worker.job_failed id={} category={} error={}", job_id, err.category.value, err.message)
-            events.put({"type": "failed", "id": job_id, "error": err.to_dict(), "traceback": traceback.format_exc()})
+            events.put(_failed(job_id, exc))
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             continue
-        events.put({"type": "done", "id": job_id, "result": result})
+        events.put(Done(job_id, result))
     if finisher is not None:
         finisher.wait()  # the last job's video is written before the worker goes
     logger.info("worker.exit pid={}", os.getpid())

@@ -1,44 +1,61 @@
-"""The daemon's side of the worker process: start it, hand it jobs, collect its events, and kill and
-respawn it when it dies or goes silent. It forwards; it decides nothing about jobs.
+"""The daemon's side of a local worker process (daemon.worker.protocol.ExecutorProtocol): start it, hand it
+typed jobs, collect its typed events, and kill and respawn it when it dies or goes silent. It forwards; it
+decides nothing about jobs.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from loguru import logger
 
-from daemon.config import Settings
 from daemon.errors import Category, JobError
 from daemon.ops.inventory import GpuInfo
 from daemon.worker.main import worker_main
+from daemon.worker.protocol import (
+    DeviceFree,
+    DeviceInfo,
+    Done,
+    ErrorInfo,
+    Failed,
+    Fatal,
+    Interrupted,
+    JobPayload,
+    Ready,
+    WorkerConfig,
+    WorkerEvent,
+    event_from_wire,
+    to_wire,
+)
 
 
 @dataclass
 class WorkerStatus:
     state: str = "stopped"  # stopped | starting | ready | busy | backoff
-    pid: int | None = None
-    info: dict[str, Any] = field(default_factory=dict)
+    pid: int | None = None  # the worker process's (from its Ready event once it is up)
+    info: DeviceInfo | None = None  # what its backend said about the device (Ready.info)
     job_id: str | None = None
     restarts: int = 0
     last_fatal: str | None = None  # why the worker could not start, if it could not
 
 
-class Executor:
-    def __init__(self, settings: Settings, *, clock: Callable[[], float], backend: str | None = None,
-                 name: str = "cpu", gpu: GpuInfo | None = None, cpu_threads: int | None = None) -> None:
-        self.settings = settings
-        self.backend = backend
-        self.name = name
+class LocalProcessExecutor:
+    """One worker as a local ``spawn`` process, fed through multiprocessing queues."""
+
+    def __init__(self, config: WorkerConfig, *, clock: Callable[[], float], stall_timeout_seconds: float,
+                 start_timeout_seconds: float, gpu: GpuInfo | None = None) -> None:
+        self.config = config
+        self.name = config.worker_name
         self.gpu = gpu
-        self.cpu_threads = cpu_threads
+        self.stall_timeout_seconds = stall_timeout_seconds
+        self.start_timeout_seconds = start_timeout_seconds
         self.warm: list[str] = []  # models this worker has loaded, least recently used first
         # Jobs whose device work is done and whose video the worker is still encoding -> since when.
         self.finishing: dict[str, float] = {}
-        self._silence_limit = settings.worker.stall_timeout_seconds
+        self._silence_limit = stall_timeout_seconds
         self.clock = clock
         self.ctx = mp.get_context("spawn")
         self.status = WorkerStatus()
@@ -50,24 +67,6 @@ class Executor:
         self._respawn_at = 0.0
         self._failures_in_a_row = 0
 
-    def _worker_config(self) -> dict[str, Any]:
-        w = self.settings.worker
-        return {
-            "device": w.device,
-            "allow_cpu_for_real_models": w.allow_cpu_for_real_models,
-            "max_cached_pipelines": w.max_cached_pipelines,
-            "cache_budget_mb": w.cache_budget_mb,
-            "cpu_threads": w.cpu_threads or self.cpu_threads,
-            "overlap_encoding": w.overlap_encoding,
-            "models_dir": str(self.settings.paths.models),
-            "log_level": self.settings.logging.level,
-            "backend": self.backend,
-            # The worker sees only its own GPU (set before it imports torch): cuda:0 is this GPU.
-            "visible_device": (self.gpu.uuid or (str(self.gpu.physical_index) if self.gpu.physical_index >= 0
-                                                 else None)) if self.gpu else None,
-            "worker_name": self.name,
-        }
-
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -75,7 +74,7 @@ class Executor:
         self._events = self.ctx.Queue()
         self._interrupt = self.ctx.Event()
         self._proc = self.ctx.Process(target=worker_main,
-                                      args=(self._worker_config(), self._jobs, self._events, self._interrupt),
+                                      args=(to_wire(self.config), self._jobs, self._events, self._interrupt),
                                       name="wan-worker")
         self._proc.start()
         self.status.state, self.status.pid, self.status.job_id = "starting", self._proc.pid, None
@@ -142,32 +141,32 @@ class Executor:
     def note_warm(self, model: str) -> None:
         if model in self.warm:
             self.warm.remove(model)
-        self.warm = [*self.warm, model][-self.settings.worker.max_cached_pipelines:]
+        self.warm = [*self.warm, model][-self.config.max_cached_pipelines:]
 
-    def submit(self, payload: dict[str, Any], silence_limit: float | None = None) -> None:
+    def submit(self, payload: JobPayload, silence_limit: float | None = None) -> None:
         """Hand a job over. ``silence_limit``: the job's own timeout for going without progress."""
         assert self.ready, "submit only to a ready worker"
-        w = self.settings.worker
-        self._silence_limit = min(w.stall_timeout_seconds, silence_limit or w.stall_timeout_seconds)
+        stall = self.stall_timeout_seconds
+        self._silence_limit = min(stall, silence_limit or stall)
         self._interrupt.clear()
-        self._jobs.put(payload)
-        self.status.state, self.status.job_id = "busy", payload["id"]
+        self._jobs.put(to_wire(payload))
+        self.status.state, self.status.job_id = "busy", payload.id
         self._last_heard = self.clock()
 
-    def poll(self, timeout: float = 0.0) -> list[dict[str, Any]]:
-        """Events from the worker, plus synthetic ``failed`` events when it died or stalled."""
+    def poll(self) -> list[WorkerEvent]:
+        """Events from the worker, plus synthetic Failed events when it died or stalled."""
         now = self.clock()
         if self._proc is None:
             if self.status.state in ("stopped", "backoff") and now >= self._respawn_at:
                 self.start()
             return []
-        out: list[dict[str, Any]] = []
+        raw: list[dict] = []
         try:
-            out.append(self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait())
             while True:
-                out.append(self._events.get_nowait())
+                raw.append(self._events.get_nowait())
         except (queue.Empty, OSError, EOFError, ValueError):
             pass
+        out: list[WorkerEvent] = [event_from_wire(data) for data in raw]
         for ev in out:
             self._on_event(ev)
         if out:
@@ -175,40 +174,40 @@ class Executor:
         out.extend(self._check_liveness())
         return out
 
-    def _on_event(self, ev: dict[str, Any]) -> None:
-        kind = ev["type"]
-        if kind == "ready":
-            self.status.state, self.status.info = "ready", {k: v for k, v in ev.items() if k != "type"}
+    def _on_event(self, ev: WorkerEvent) -> None:
+        if isinstance(ev, Ready):
+            self.status.state, self.status.info, self.status.pid = "ready", ev.info, ev.pid
             self._failures_in_a_row = 0
-        elif kind == "device_free":
-            if ev.get("id") == self.status.job_id:
+        elif isinstance(ev, DeviceFree):
+            if ev.id == self.status.job_id:
                 self.status.state, self.status.job_id = "ready", None
-            self.finishing[ev["id"]] = self.clock()
-        elif kind in ("done", "failed", "interrupted"):
-            if ev.get("id") == self.status.job_id:
+            self.finishing[ev.id] = self.clock()
+        elif isinstance(ev, (Done, Failed, Interrupted)):
+            if ev.id == self.status.job_id:
                 self.status.state, self.status.job_id = "ready", None
-            self.finishing.pop(ev.get("id"), None)
-        elif kind == "fatal":
-            self.status.last_fatal = ev["error"]["message"]
-            logger.error("worker.fatal error={}", ev["error"]["message"])
+            self.finishing.pop(ev.id, None)
+        elif isinstance(ev, Fatal):
+            self.status.last_fatal = ev.error.message
+            logger.error("worker.fatal error={}", ev.error.message)
 
-    def _check_liveness(self) -> list[dict[str, Any]]:
+    def _check_liveness(self) -> list[WorkerEvent]:
         now = self.clock()
-        w = self.settings.worker
+        stall = self.stall_timeout_seconds
         reason: JobError | None = None
         if not self._proc.is_alive():
             code = self._proc.exitcode
-            reason = JobError(Category.WORKER_CRASHED, f"the worker process exited with code {code} while running the job",
+            reason = JobError(Category.WORKER_CRASHED,
+                              f"the worker process exited with code {code} while running the job",
                               details={"exitcode": code})
         elif self.status.state == "busy" and now - self._last_heard > self._silence_limit:
             reason = JobError(Category.TIMEOUT, f"the worker sent no progress for {now - self._last_heard:.0f}s "
                               f"(limit {self._silence_limit:g}s: the job's timeout or "
                               f"worker.stall_timeout_seconds); it was killed")
-        elif self.status.state == "starting" and now - self._last_heard > w.start_timeout_seconds:
+        elif self.status.state == "starting" and now - self._last_heard > self.start_timeout_seconds:
             reason = JobError(Category.TIMEOUT, "the worker did not start in time")
-        elif self.finishing and now - min(self.finishing.values()) > w.stall_timeout_seconds:
+        elif self.finishing and now - min(self.finishing.values()) > stall:
             reason = JobError(Category.TIMEOUT, f"encoding a finished video took more than "
-                              f"worker.stall_timeout_seconds ({w.stall_timeout_seconds:g}s); the worker was killed")
+                              f"worker.stall_timeout_seconds ({stall:g}s); the worker was killed")
         if reason is None:
             return []
         job_id = self.status.job_id
@@ -223,4 +222,4 @@ class Executor:
         self._respawn_at = now + delay
         self.status = WorkerStatus(state="backoff", restarts=self.status.restarts + 1,
                                    last_fatal=self.status.last_fatal)
-        return [{"type": "failed", "id": lost_id, "error": reason.to_dict(), "synthetic": True} for lost_id in lost]
+        return [Failed(lost_id, ErrorInfo.of(reason), synthetic=True) for lost_id in lost]

@@ -16,9 +16,9 @@ This module imports no torch, no diffusers: the daemon process imports it.
 
 from __future__ import annotations
 
-import json
+import functools
 from collections.abc import Callable
-from dataclasses import asdict, field
+from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Protocol, Union
 
@@ -28,6 +28,7 @@ from pydantic.dataclasses import dataclass
 from daemon.errors import Category, JobError
 from daemon.jobspec.params import ResolvedParams
 from daemon.models import LocatedModel
+from daemon.ops.inventory import GpuInfo
 
 # ---- configuration and jobs (daemon -> worker) -------------------------------------------------
 
@@ -108,7 +109,7 @@ class JobResult:
     """What a finished job reports for its sidecar. The video and poster are in their temp paths, fsynced."""
 
     device: str
-    model_path: str
+    model_path: str | None  # the folder it loaded; None from a stand-in backend (daemon.testing)
     model_cache: str  # loaded | cached
     timings: dict[str, float]
     optimizations_applied: list[str]
@@ -220,9 +221,16 @@ _PAYLOAD = TypeAdapter(JobPayload)
 _CONFIG = TypeAdapter(WorkerConfig)
 
 
+@functools.cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
 def to_wire(message: Any) -> dict[str, Any]:
-    """A message as plain JSON values (what goes into the pipe)."""
-    return json.loads(json.dumps(asdict(message), default=str))
+    """A message as plain JSON values (what goes into the pipe). Nested pydantic models (a payload's
+    LocatedModel and ResolvedParams) become their JSON form, which the ``*_from_wire`` parsers read back;
+    a value JSON has no type for (a numpy scalar, a TorchVersion) becomes its ``str``."""
+    return _adapter(type(message)).dump_python(message, mode="json", fallback=str)
 
 
 def event_from_wire(data: dict[str, Any]) -> WorkerEvent:
@@ -272,12 +280,30 @@ class Backend(Protocol):
     def finish(self, generated: Generated) -> JobResult: ...
 
 
+@dataclass
+class WorkerStatus:
+    """An executor's view of its worker, for placement, health and metrics."""
+
+    state: str = "stopped"  # stopped | starting | ready | busy | backoff
+    pid: int | None = None
+    info: DeviceInfo | None = None  # from Ready
+    job_id: str | None = None  # the job on its device
+    restarts: int = 0
+    last_fatal: str | None = None  # why the worker could not start, if it could not
+
+
 class ExecutorProtocol(Protocol):
     """The daemon's handle on one worker (a local process today; a Ray actor can implement the same).
     It forwards and watches; it decides nothing about jobs."""
 
     name: str
+    gpu: GpuInfo | None  # None: a CPU worker
+    status: WorkerStatus
     warm: list[str]  # models the worker holds, least recently used first
+
+    def note_warm(self, model: str) -> None:
+        """A job for ``model`` was handed over: the worker holds it now (most recently used)."""
+        ...
 
     def start(self) -> None: ...
 

@@ -1,0 +1,235 @@
+"""The job book: every job this daemon holds, the one way to change a job's state, and the decisions that
+end a job or send it round again (retry, cancel, reconcile, release).
+
+A record is in the book while its folder is in the spool: active, or terminal with its claimed file not yet
+released. Every change goes through :meth:`JobBook.set`, which persists it (daemon.runtime.spool), records
+it in the history, and has the health file rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable
+from typing import Any
+
+from loguru import logger
+
+from daemon.config import Settings
+from daemon.errors import Category, JobError, classify_exception
+from daemon.jobs import JobRecord, JobState
+from daemon.jobspec.resolve import resolve_retry
+from daemon.ops.history import History
+from daemon.policy import decide
+from daemon.runtime.autodownload import ModelDownloads
+from daemon.runtime.disk import DiskGuard
+from daemon.runtime.outbox import Outbox
+from daemon.runtime.spool import Spool
+from daemon.runtime.status import Status
+
+
+class JobBook:
+    def __init__(self, settings: Settings, spool: Spool, outbox: Outbox, *, status: Status,
+                 history: History | None, disk: DiskGuard, downloads: ModelDownloads,
+                 clock: Callable[[], float], rng: random.Random, on_change: Callable[[], None],
+                 device_of: Callable[[JobRecord], str]) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.outbox = outbox
+        self.status = status
+        self.history = history
+        self.disk = disk
+        self.downloads = downloads
+        self.clock = clock
+        self.rng = rng
+        self.on_change = on_change
+        self.device_of = device_of
+        self.records: dict[str, JobRecord] = {}
+        self.cancel_dir = settings.paths.state / "cancel"
+        self.cancel_requested: set[str] = set()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def in_state(self, state: JobState) -> list[JobRecord]:
+        return [r for r in self.records.values() if r.state is state]
+
+    def is_active_id(self, job_id: str) -> bool:
+        return job_id in self.records
+
+    def is_active_basename(self, name: str) -> bool:
+        return any(r.params.basename == name and r.state is not None and r.state.active
+                   for r in self.records.values())
+
+    def has_waiting_work(self) -> bool:
+        return any(r.state in (JobState.QUEUED, JobState.WAITING_FOR_MODEL) for r in self.records.values())
+
+    def outputs(self, basename: str) -> dict[str, str]:
+        return {"video": str(self.outbox.video_path(basename)), "sidecar": str(self.outbox.sidecar_path(basename))}
+
+    # ---- the one way to change state -----------------------------------------------------------
+
+    def add(self, rec: JobRecord) -> None:
+        """A record already persisted (by intake, or found in the spool)."""
+        self.records[rec.id] = rec
+
+    def set(self, rec: JobRecord, state: JobState, note: str = "", **changes: Any) -> JobRecord:
+        updated = self.spool.transition(rec, state, note, **changes)
+        self.records[updated.id] = updated
+        self.record_history(updated)
+        self.on_change()
+        return updated
+
+    def record_history(self, rec: JobRecord, sidecar: dict[str, Any] | None = None) -> None:
+        if self.history is not None:
+            self.history.record(rec.summary(), sidecar)
+
+    # ---- ends and repeats ----------------------------------------------------------------------
+
+    def done_if_published(self, rec: JobRecord, note: str) -> bool:
+        """A RUNNING job whose sidecar (with its token) is in the outbox was published: record it DONE."""
+        basename = rec.params.basename
+        if self.outbox.published_token(basename) != rec.token:
+            return False
+        self.set(rec, JobState.DONE, note=note, finished_at=self.clock(), outputs=self.outputs(basename))
+        return True
+
+    def requeue_interrupted(self, rec: JobRecord) -> None:
+        # Interrupted by us, not by the job: the attempt is given back.
+        self.set(rec, JobState.QUEUED, note="interrupted by shutdown", attempts=max(0, rec.attempts - 1))
+
+    def fail_or_retry(self, rec: JobRecord, err: JobError) -> None:
+        """Ask the retry policy; queue the job again (with any changes it asks for) or write its failure
+        record and mark it FAILED."""
+        if err.category is Category.DISK_FULL:
+            self.disk.report_full(err.message)
+        w = self.settings.worker
+        decision = decide(err, rec.attempts, params=rec.params, model=rec.model.name,
+                          fallback=list(rec.spec.get("fallback") or []), device=self.device_of(rec),
+                          max_attempts=w.max_attempts, base_seconds=w.retry_base_seconds,
+                          cap_seconds=w.retry_cap_seconds, rng=self.rng, multiple=rec.model.multiple)
+        errors = [*rec.errors, {**err.to_dict(), "attempt": rec.attempts, "at": self.clock()}]
+        if decision.retry:
+            changes: dict[str, Any] = {}
+            if decision.changes:
+                try:
+                    changes = self._retry_changes(rec, decision.changes)
+                except JobError as change_err:
+                    err, decision = change_err, decide(change_err, rec.attempts, max_attempts=0, base_seconds=0,
+                                                       cap_seconds=0)
+            if decision.retry:
+                if decision.degradation:
+                    changes["degradations"] = [*rec.degradations, decision.degradation]
+                self.set(rec, JobState.QUEUED, note=decision.reason,
+                         not_before=self.clock() + decision.delay_seconds, last_error=err.to_dict(), errors=errors,
+                         **changes)
+                return
+        path = self.outbox.write_failure(
+            rec.id, err, job_id=rec.id, source_name=rec.source_name, spec=rec.spec, attempts=rec.attempts,
+            extra={"decision": decision.reason, "errors": errors, "model": rec.model.to_dict(),
+                   "parameters": rec.params.model_dump(mode="json")},
+        )
+        self.set(rec, JobState.FAILED, note=f"{err.category.value}: {decision.reason}", finished_at=self.clock(),
+                 last_error=err.to_dict(), errors=errors, outputs={"failure": str(path)})
+        self.status.job_failed(rec.id, err.category.value, str(path))
+        logger.bind(job=rec.id).error("job.failed id={} category={} error={}", rec.id, err.category.value,
+                                      err.message)
+        self.release_if_finished(rec.source)
+
+    def _retry_changes(self, rec: JobRecord, changes: dict[str, Any]) -> dict[str, Any]:
+        """Record fields for the next attempt after a degrading retry (policy.Decision.changes). A change of
+        model resolves the job again, through the same path as intake."""
+        if "model" not in changes:
+            return {"params": rec.params.model_copy(update=changes)}
+        params, model = resolve_retry(rec.spec, rec.id, rec.params, changes, self.settings)
+        return {"params": params, "model": model}
+
+    def release_if_finished(self, source: str) -> None:
+        """Remove a claimed file once all its jobs are terminal, then their spool folders."""
+        recs = [r for r in self.records.values() if r.source == source]
+        if not recs or not all(r.state is not None and r.state.terminal for r in recs):
+            return
+        self.spool.remove_source(source)
+        for r in recs:
+            self.spool.remove_job_dir(r.id)
+            del self.records[r.id]
+
+    def reconcile(self, running: set[str]) -> None:
+        """A record left RUNNING with no job in a worker (a write failed mid-way, e.g. on a full disk) goes
+        back through the retry policy, so that no job is ever stuck."""
+        for rec in list(self.records.values()):
+            if rec.state is JobState.RUNNING and rec.id not in running:
+                try:
+                    if self.done_if_published(rec, "published; recorded late"):  # only DONE was not recorded
+                        self.release_if_finished(rec.source)
+                        continue
+                    category = Category.DISK_FULL if self.disk.reason else Category.IO_ERROR
+                    self.fail_or_retry(rec, JobError(category, "the job's result could not be recorded"))
+                except OSError as exc:
+                    self.on_write_error(exc)
+                    return
+
+    def on_write_error(self, exc: OSError) -> None:
+        err = classify_exception(exc)
+        logger.error("daemon.write_failed category={} error={}", err.category.value, exc)
+        if err.category is Category.DISK_FULL:
+            self.disk.report_full(str(exc))
+
+    # ---- cancels -------------------------------------------------------------------------------
+
+    def take_cancels(self) -> list[str]:
+        """Apply ``wan-daemon cancel ID`` requests (files in the state folder; whichever daemon holds the
+        job acts). Queued jobs are cancelled now; returns the running ones, to be interrupted."""
+        try:
+            names = os.listdir(self.cancel_dir)
+        except FileNotFoundError:
+            return []
+        interrupt = []
+        for job_id in names:
+            rec = self.records.get(job_id)
+            if rec is None or (job_id in self.cancel_requested and rec.state is JobState.RUNNING):
+                continue
+            if rec.state is JobState.QUEUED:
+                self.cancel(rec, "before it started")
+            elif rec.state is JobState.RUNNING:
+                self.cancel_requested.add(job_id)
+                interrupt.append(job_id)
+        return interrupt
+
+    def cancel(self, rec: JobRecord, when: str) -> None:
+        self.forget_cancel(rec.id)
+        self.fail_or_retry(rec, JobError(Category.CANCELLED, f"cancelled by request {when}"))
+
+    def forget_cancel(self, job_id: str) -> None:
+        self.cancel_requested.discard(job_id)
+        with contextlib.suppress(FileNotFoundError):
+            (self.cancel_dir / job_id).unlink()
+
+    # ---- models being downloaded --------------------------------------------------------------
+
+    def models_arrived(self) -> None:
+        """Queue the jobs whose model finished downloading; fail those whose download failed."""
+        from daemon.models import locate
+
+        for repo, error in self.downloads.finished().items():
+            waiting = [r for r in self.in_state(JobState.WAITING_FOR_MODEL) if r.model.repo_id == repo]
+            for rec in waiting:
+                if error is None:
+                    try:
+                        located = locate(rec.model.name, models_dir=self.settings.paths.models,
+                                         model_roots=self.settings.paths.model_roots)
+                    except JobError as err:
+                        self.fail_or_retry(rec, JobError(Category.MODEL_DOWNLOAD, f"downloaded, but: {err.message}"))
+                        continue
+                    self.set(rec, JobState.QUEUED, note=f"{repo} downloaded", model=located)
+                else:
+                    suggestions = list(getattr(error, "suggestions", []))
+                    self.fail_or_retry(rec, JobError(Category.MODEL_DOWNLOAD,
+                                                     f"downloading {repo} failed: {error}", suggestions))
+        self.ensure_downloads()
+
+    def ensure_downloads(self) -> None:
+        """Jobs taken in (or recovered) while waiting for a model: their download is under way."""
+        for rec in self.in_state(JobState.WAITING_FOR_MODEL):
+            if rec.model.repo_id:
+                self.downloads.ensure(rec.model.repo_id, rec.model.architecture)

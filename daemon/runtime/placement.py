@@ -1,0 +1,316 @@
+"""Placement: which worker runs which job, with which memory plan, and what the workers say back.
+
+The scheduler (daemon.scheduler) decides and the memory model (daemon.memory) plans, both pure; this module
+feeds them the slots (ready workers, their GPU's free memory, their warm models), starts the jobs they pick
+and turns the workers' typed events into the job book's transitions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from typing import Any
+
+from loguru import logger
+
+from daemon.config import Settings
+from daemon.errors import Category, JobError
+from daemon.jobs import JobRecord, JobState
+from daemon.memory import JobDemand, PeakBook, Plan, optimizations, plan_for, strongest_estimate_mb
+from daemon.ops.inventory import GpuInfo, GpuInventory
+from daemon.policy import OFFLOAD_LADDER
+from daemon.runtime.book import JobBook
+from daemon.runtime.outbox import Outbox
+from daemon.runtime.publishing import Publisher
+from daemon.runtime.status import Status
+from daemon.runtime.watch import InboxWatcher
+from daemon.scheduler import Slot, assign, fits_nowhere, insufficient_vram_message
+from daemon.worker.process import LocalProcessExecutor
+from daemon.worker.protocol import (
+    DeviceFree,
+    Done,
+    ExecutorProtocol,
+    Failed,
+    Fatal,
+    Interrupted,
+    JobPayload,
+    Phase,
+    Progress,
+    Ready,
+    Started,
+    WorkerConfig,
+    WorkerEvent,
+)
+
+
+@dataclass
+class RunningJob:
+    """A job handed to a worker: on its device, or (``on_device`` False) being encoded after it."""
+
+    id: str
+    worker: str
+    model: str
+    attempt: int
+    started_at: float
+    total: int
+    video_tmp: str
+    on_device: bool = True
+    phase: str = "queued_in_worker"
+    step: int = 0
+    estimate_mb: int | None = None
+    plan: list[str] = field(default_factory=list)
+    # The memory model learns only from runs configured exactly as it estimated them.
+    plan_matches_run: bool = False
+    run_offload: str = "none"
+    run_tiling: bool = False
+
+    def view(self) -> dict[str, Any]:
+        """As the health file shows it."""
+        return {"id": self.id, "worker": self.worker, "on_device": self.on_device, "model": self.model,
+                "phase": self.phase, "step": self.step, "total": self.total, "attempt": self.attempt,
+                "started_at": self.started_at, "estimate_mb": self.estimate_mb, "plan": self.plan}
+
+
+def make_workers(settings: Settings, gpus: list[GpuInfo], *, clock: Callable[[], float],
+                 backend: str | None) -> dict[str, ExecutorProtocol]:
+    """One long-lived worker per GPU (a CPU-only host, or worker.device: cpu, gets one CPU worker). A worker
+    that ends up computing on the CPU gets an equal share of the cores."""
+    w = settings.worker
+    share = max(1, (os.cpu_count() or 1) // max(1, len(gpus)))
+
+    def one(name: str, gpu: GpuInfo | None) -> ExecutorProtocol:
+        visible = None
+        if gpu is not None:
+            visible = gpu.uuid or (str(gpu.physical_index) if gpu.physical_index >= 0 else None)
+        config = WorkerConfig(
+            worker_name=name, device=w.device, models_dir=str(settings.paths.models),
+            allow_cpu_for_real_models=w.allow_cpu_for_real_models, max_cached_pipelines=w.max_cached_pipelines,
+            cache_budget_mb=w.cache_budget_mb, cpu_threads=w.cpu_threads or share,
+            overlap_encoding=w.overlap_encoding, log_level=settings.logging.level, backend=backend,
+            visible_device=visible)
+        return LocalProcessExecutor(config, clock=clock, stall_timeout_seconds=w.stall_timeout_seconds,
+                                    start_timeout_seconds=w.start_timeout_seconds, gpu=gpu)
+
+    workers = {f"gpu{g.index}": one(f"gpu{g.index}", g) for g in gpus}
+    return workers or {"cpu": one("cpu", None)}
+
+
+class Placement:
+    def __init__(self, settings: Settings, book: JobBook, publisher: Publisher, outbox: Outbox, *,
+                 workers: dict[str, ExecutorProtocol], gpus: list[GpuInfo], inventory: GpuInventory,
+                 peaks: PeakBook, status: Status, clock: Callable[[], float]) -> None:
+        self.settings = settings
+        self.book = book
+        self.publisher = publisher
+        self.outbox = outbox
+        self.workers = workers
+        self.gpus = gpus
+        self.inventory = inventory
+        self.peaks = peaks
+        self.status = status
+        self.clock = clock
+        # Job id -> where it runs. A worker holds at most one job on its device and may still be encoding the
+        # one before.
+        self.running: dict[str, RunningJob] = {}
+        self._vram_checked: set[str] = set()
+
+    # ---- reading -------------------------------------------------------------------------------
+
+    def device_of(self, rec: JobRecord) -> str:
+        worker = self.workers.get(rec.worker or "") or next(iter(self.workers.values()))
+        return worker.status.info.device if worker.status.info else "cpu"
+
+    def workers_ready(self) -> bool:
+        return all(w.ready for w in self.workers.values())
+
+    def all_failing_to_start(self) -> bool:
+        return all(w.failing_to_start for w in self.workers.values())
+
+    def last_fatal(self) -> str | None:
+        return next((w.status.last_fatal for w in self.workers.values() if w.status.last_fatal), None)
+
+    # ---- deciding ------------------------------------------------------------------------------
+
+    def demand(self, rec: JobRecord) -> JobDemand:
+        return JobDemand.from_record(rec)
+
+    def plan(self, demand: JobDemand, free_mb: int) -> Plan | None:
+        m = self.settings.models
+        return plan_for(demand, free_mb, override=m.offload, allow_lossy=m.allow_lossy, book=self.peaks)
+
+    def slots(self) -> list[Slot]:
+        free = {g.index: g.free_mb for g in self.inventory.gpus()} if self.gpus else {}
+        busy = {job.worker for job in self.running.values() if job.on_device}
+        slots = []
+        for name, worker in self.workers.items():
+            if name in busy or not worker.ready:
+                continue
+            gpu = worker.gpu
+            slots.append(Slot(name, gpu.index if gpu else None, free.get(gpu.index, gpu.free_mb) if gpu else None,
+                              frozenset(worker.warm), gpu.total_mb if gpu else None))
+        return slots
+
+    def _fail_if_it_fits_nowhere(self, queued: list[JobRecord]) -> list[JobRecord]:
+        """A job that no GPU here could hold, even empty and with the strongest offload, fails at once."""
+        if not self.gpus:
+            return queued
+        keep = []
+        totals = [g.total_mb for g in self.gpus]
+        for rec in queued:
+            if rec.token not in self._vram_checked:
+                self._vram_checked.add(rec.token)
+                demand = self.demand(rec)
+                if fits_nowhere(demand, totals, self.plan):
+                    msg = insufficient_vram_message(demand, totals, strongest_estimate_mb(demand))
+                    self.book.fail_or_retry(rec, JobError(Category.INSUFFICIENT_VRAM, msg))
+                    continue
+            keep.append(rec)
+        return keep
+
+    def dispatch(self) -> None:
+        slots = self.slots()
+        if not slots:
+            return
+        now = self.clock()
+        queued = self.book.in_state(JobState.QUEUED)
+        if not queued:
+            if not self.running:
+                self.status.state = "idle"
+            return
+        queued = self._fail_if_it_fits_nowhere(queued)
+        for assignment in assign(queued, slots, now, aging_bound_seconds=self.settings.scheduler.aging_bound_seconds,
+                                 demand=self.demand, plan=self.plan):
+            self.start_job(assignment.record, assignment.slot.worker, assignment.plan, now)
+
+    def start_job(self, rec: JobRecord, worker_name: str, plan: Plan | None, now: float) -> None:
+        worker = self.workers[worker_name]
+        params = rec.params
+        if plan is not None:
+            # The planner's mode, unless an out-of-memory retry already asked for a stronger one. The plan is
+            # for this attempt on this GPU: it travels in the payload; the record keeps the job's own
+            # parameters (and the out-of-memory ladder's minimum), so a retry is planned afresh.
+            offload = plan.offload if OFFLOAD_LADDER.index(plan.offload) > OFFLOAD_LADDER.index(params.offload) \
+                else params.offload
+            params = params.model_copy(update={"offload": offload, "vae_tiling": params.vae_tiling or plan.vae_tiling,
+                                               "fp8": plan.fp8})
+        try:
+            rec = self.book.set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now, worker=worker_name)
+        except OSError as exc:
+            self.book.on_write_error(exc)
+            return
+        payload = JobPayload(id=rec.id, token=rec.token, attempt=rec.attempts, model=rec.model, params=params,
+                             video_tmp=str(self.outbox.temp_video_path(rec.params.basename)),
+                             input_image=rec.input_image)
+        self.running[rec.id] = RunningJob(
+            id=rec.id, worker=worker_name, model=rec.model.name, attempt=rec.attempts, started_at=now,
+            total=rec.params.steps, video_tmp=payload.video_tmp, estimate_mb=plan.estimate_mb if plan else None,
+            plan=optimizations(plan) if plan else [],
+            plan_matches_run=plan is not None and (plan.offload, plan.vae_tiling, plan.fp8) == (
+                params.offload, params.vae_tiling, params.fp8),
+            run_offload=params.offload, run_tiling=params.vae_tiling)
+        self.status.state = "busy"
+        worker.submit(payload, silence_limit=rec.params.timeout_seconds)
+        worker.note_warm(rec.model.name)
+        logger.bind(job=rec.id).info("job.dispatched id={} model={} attempt={} worker={}{}", rec.id,
+                                     rec.model.name, rec.attempts, worker_name,
+                                     f" plan={plan.mode}~{plan.estimate_mb}MiB" if plan else "")
+
+    # ---- listening -----------------------------------------------------------------------------
+
+    def wait_for_something(self, watcher: InboxWatcher) -> None:
+        """The loop's idle wait. While jobs run it wakes at their workers' first event, so a device that
+        reports itself free gets its next job at once, not at the end of a sleep; otherwise it waits for the
+        watcher's next hint."""
+        active = {job.worker for job in self.running.values()}
+        handles = [h for name in active if (h := self.workers[name].event_handle) is not None]
+        if handles:
+            wait(handles, timeout=0.02)
+        else:
+            watcher.wait_for_hint(0.02 if self.running or watcher.pending else 0.2)
+
+    def poll(self) -> None:
+        for name, worker in self.workers.items():
+            for event in worker.poll():
+                self.on_event(name, event)
+
+    def interrupt(self, job_id: str) -> None:
+        """Stop a job at its next denoising step; one already being encoded is finished (too late)."""
+        job = self.running.get(job_id)
+        if job is not None and job.on_device:
+            logger.info("job.interrupting id={} worker={}", job_id, job.worker)
+            self.workers[job.worker].interrupt()
+
+    def on_event(self, worker_name: str, ev: WorkerEvent) -> None:
+        if isinstance(ev, (Ready, Fatal)):
+            return  # the executor keeps these in its status
+        job = self.running.get(ev.id)
+        if job is None or job.worker != worker_name:
+            logger.debug("worker.event_ignored type={} id={}", ev.type, ev.id)
+            return
+        if isinstance(ev, DeviceFree):
+            # Its frames are off the device: the worker takes the next job while this one is encoded.
+            job.on_device, job.phase = False, "encoding"
+            return
+        if isinstance(ev, Started):
+            return
+        if isinstance(ev, Phase):
+            job.phase = ev.phase
+            logger.bind(job=ev.id).info("job.phase id={} phase={}", ev.id, ev.phase)
+            return
+        if isinstance(ev, Progress):
+            job.phase, job.step, job.total = ev.phase, ev.step, ev.total
+            return
+        rec = self.book.records[ev.id]
+        cancelled = ev.id in self.book.cancel_requested
+        try:
+            if isinstance(ev, Done):
+                if cancelled:  # finished before the cancel landed
+                    self.book.forget_cancel(ev.id)
+                status = self.workers[worker_name].status
+                self.publisher.publish(rec, ev.result, job, status.info, status.pid)
+            elif isinstance(ev, Interrupted | Failed):
+                self.publisher.discard_temp(job)
+                if cancelled:
+                    self.book.cancel(rec, "while it was running")
+                elif isinstance(ev, Interrupted):
+                    self.book.requeue_interrupted(rec)
+                else:
+                    self.book.fail_or_retry(rec, ev.error.to_error())
+        except OSError as exc:  # the record could not be written: the book's reconcile retries it
+            self.book.on_write_error(exc)
+        finally:
+            self.running.pop(ev.id, None)
+
+    # ---- stopping ------------------------------------------------------------------------------
+
+    def drop_all(self) -> None:
+        """Kill every worker with a job and forget the jobs (the lease was lost: they are someone else's)."""
+        for job in list(self.running.values()):
+            self.workers[job.worker].kill()
+            self.publisher.discard_temp(job)
+        self.running.clear()
+
+    def drain(self, deadline: float, watcher: InboxWatcher, heartbeat: Callable[[], None]) -> None:
+        """Shutdown: jobs on a device stop at their next step (back to the queue), jobs being encoded are
+        finished and published. At the deadline the workers still busy are killed; nothing is lost."""
+        if not self.running:
+            return
+        logger.info("daemon.draining interrupting={} timeout={}s", sorted(self.running),
+                    self.settings.shutdown.timeout_seconds)
+        for job in self.running.values():
+            if job.on_device:
+                self.workers[job.worker].interrupt()
+        while self.running and self.clock() < deadline:
+            self.wait_for_something(watcher)
+            self.poll()
+            heartbeat()
+        for job in list(self.running.values()):
+            logger.warning("daemon.drain_timeout job={}: killing the worker", job.id)
+            self.workers[job.worker].kill()
+            rec = self.book.records.get(job.id)
+            if rec is not None and rec.state is JobState.RUNNING:
+                self.book.requeue_interrupted(rec)
+            self.publisher.discard_temp(job)
+        self.running.clear()

@@ -1,0 +1,126 @@
+"""Publishing a finished job: the sidecar, the outbox (video, poster, then sidecar), the DONE record and its
+history row. Only the owner of the job's lease publishes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from daemon import __version__
+from daemon.config import Settings
+from daemon.errors import Category, JobError, classify_exception
+from daemon.jobs import JobRecord, JobState
+from daemon.memory import PeakBook, book_key
+from daemon.runtime.book import JobBook
+from daemon.runtime.health import iso
+from daemon.runtime.leases import Lease
+from daemon.runtime.outbox import Outbox
+from daemon.runtime.status import Status
+from daemon.worker.protocol import DeviceInfo, JobResult
+
+if TYPE_CHECKING:
+    from daemon.runtime.placement import RunningJob
+
+TINY_NOTE = "tiny random-weight test model: this video is noise, made only to exercise the real pipeline"
+
+
+class Publisher:
+    def __init__(self, settings: Settings, book: JobBook, outbox: Outbox, lease: Lease, peaks: PeakBook, *,
+                 status: Status, clock: Callable[[], float], on_lease_lost: Callable[[], None]) -> None:
+        self.settings = settings
+        self.book = book
+        self.outbox = outbox
+        self.lease = lease
+        self.peaks = peaks
+        self.status = status
+        self.clock = clock
+        self.on_lease_lost = on_lease_lost
+
+    def publish(self, rec: JobRecord, result: JobResult, job: RunningJob, device: DeviceInfo | None,
+                worker_pid: int | None) -> None:
+        basename = rec.params.basename
+        now = self.clock()
+        if not self.lease.held():
+            # We were presumed dead and another daemon owns this job now: it publishes, we must not.
+            self.discard_temp(job)
+            self.on_lease_lost()
+            return
+        if result.peak_vram_usage_mb and job.estimate_mb and job.plan_matches_run:
+            # Estimates improve with use: the measured peak corrects this kind of job's next estimate.
+            self.peaks.record(book_key(rec.model.architecture, job.run_offload, vae_tiling=job.run_tiling,
+                                       tiny=rec.model.tiny), job.estimate_mb, result.peak_vram_usage_mb)
+        sidecar = self.sidecar(rec, result, device, worker_pid, now)
+        try:
+            poster = Path(result.poster_tmp) if result.poster_tmp else None
+            published = self.outbox.publish_result(basename, Path(result.video_tmp or job.video_tmp), sidecar, poster)
+        except OSError as exc:
+            self.discard_temp(job)
+            self.book.fail_or_retry(rec, classify_exception(exc))  # a full disk pauses there
+            return
+        if not published and self.outbox.published_token(basename) != rec.token:
+            self.book.fail_or_retry(rec, JobError(Category.DUPLICATE_JOB,
+                                                  f"{basename}.json appeared in the outbox while the job ran"))
+            return
+        self.outbox.remove_stale_failure(rec.id)
+        outputs = self.book.outputs(basename)
+        done = self.book.set(rec, JobState.DONE, note=f"published {basename}.mp4", finished_at=now, outputs=outputs)
+        self.book.record_history(done, sidecar)
+        seconds = now - (rec.started_at or now)
+        self.status.job_done(rec.id, rec.model.name, seconds, outputs)
+        logger.bind(job=rec.id).success("job.published id={} video={} seconds={:.2f}", rec.id,
+                                        self.outbox.video_path(basename), seconds)
+        self.book.release_if_finished(rec.source)
+
+    def sidecar(self, rec: JobRecord, result: JobResult, device: DeviceInfo | None, worker_pid: int | None,
+                now: float) -> dict[str, Any]:
+        started = rec.started_at or now
+        timings = {"queue_wait": round(started - (rec.queued_at or started), 4), **result.timings,
+                   "total": round(now - started, 4)}
+        basename = rec.params.basename
+        video = asdict(result.video) if result.video is not None else {}
+        sidecar: dict[str, Any] = {
+            "id": rec.id,
+            "job_token": rec.token,
+            "status": "done",
+            "file": rec.source_name,
+            "spec": rec.spec,
+            "parameters": rec.params.model_dump(mode="json"),
+            "model_used": {**rec.model.to_dict(), "path": result.model_path, "cache": result.model_cache,
+                           "evicted": result.models_evicted, "load_seconds": result.timings.get("model_load")},
+            "device": {"type": result.device, "name": device.device_name if device else None},
+            "timings": timings,
+            "generation_time_seconds": round(now - started, 4),
+            "peak_vram_usage_mb": result.peak_vram_usage_mb,
+            "peak_rss_mb": result.peak_rss_mb,
+            "resources": result.resources,
+            "optimizations_applied": result.optimizations_applied,
+            "degradations": rec.degradations,
+            "attempts": rec.attempts,
+            "video": {"file": f"{basename}.mp4", **video},
+            "poster": f"{basename}.jpg" if result.poster_tmp else None,
+            "versions": {"wan_daemon": __version__, **(device.versions if device else {})},
+            "host": socket.gethostname(),
+            "instance": self.settings.owner,
+            "worker_pid": worker_pid,
+            "worker": rec.worker,
+            "timestamps": {"received_at": iso(rec.received_at), "queued_at": iso(rec.queued_at),
+                           "started_at": iso(started), "finished_at": iso(now)},
+        }
+        if rec.model.tiny:
+            sidecar["note"] = TINY_NOTE
+        return sidecar
+
+    @staticmethod
+    def discard_temp(job: RunningJob | None) -> None:
+        if job is not None and job.video_tmp:
+            video_tmp = Path(job.video_tmp)
+            for tmp in (video_tmp, video_tmp.with_name(video_tmp.stem + ".poster.jpg")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)

@@ -1,0 +1,150 @@
+"""What the daemon says about itself: counters, the health file, the Prometheus text file, sd_notify STATUS.
+
+Everything here is derived from the job book and the placement at the moment it is written; only the
+counters of this process's life (done, failed by category, durations) are kept here.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from daemon import __version__
+from daemon.config import Settings
+from daemon.jobs import JobState
+from daemon.ops.inventory import GpuInventory
+from daemon.runtime.health import HealthWriter, iso
+from daemon.runtime.metrics import MetricsWriter, read_gpus
+from daemon.runtime.notify import SystemdNotifier
+
+if TYPE_CHECKING:
+    from daemon.runtime.book import JobBook
+    from daemon.runtime.disk import DiskGuard
+    from daemon.runtime.placement import Placement
+    from daemon.runtime.watch import InboxWatcher
+    from daemon.runtime.autodownload import ModelDownloads
+
+# Bounded: a daemon runs for months. The CLI's --until-idle summary reads the last ones.
+RECENT_RESULTS = 10_000
+DURATIONS_KEPT = 10_000
+
+
+class Status:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float], notifier: SystemdNotifier,
+                 inventory: GpuInventory) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.notifier = notifier
+        self.inventory = inventory
+        self.health = HealthWriter(settings.health_path, interval=settings.health.interval_seconds, clock=clock)
+        self.metrics = MetricsWriter(settings.metrics.textfile) if settings.metrics.textfile else None
+        self.state = "starting"
+        self.started_at = clock()
+        self.done = 0
+        self.failed = 0
+        self.failed_by_category: dict[str, int] = {}
+        self.durations: deque[tuple[str, float]] = deque(maxlen=DURATIONS_KEPT)  # (model, seconds)
+        self.results: deque[dict[str, Any]] = deque(maxlen=RECENT_RESULTS)  # for the CLI's summary
+        self._last_metrics = float("-inf")
+        self._notified_status = ""
+        # Set by the Daemon once everything is wired.
+        self.book: JobBook | None = None
+        self.placement: Placement | None = None
+        self.disk: DiskGuard | None = None
+        self.watcher: InboxWatcher | None = None
+        self.downloads: ModelDownloads | None = None
+
+    # ---- counters ------------------------------------------------------------------------------
+
+    def job_done(self, job_id: str, model: str, seconds: float, outputs: dict[str, str]) -> None:
+        self.done += 1
+        self.durations.append((model, seconds))
+        self.results.append({"id": job_id, "status": "done", **outputs})
+
+    def job_failed(self, job_id: str, category: str, failure: str | None = None) -> None:
+        self.failed += 1
+        self.failed_by_category[category] = self.failed_by_category.get(category, 0) + 1
+        self.results.append({"id": job_id, "status": "failed", **({"failure": failure} if failure else {})})
+
+    # ---- documents -----------------------------------------------------------------------------
+
+    def payload(self) -> dict[str, Any]:
+        assert self.book is not None and self.placement is not None and self.disk is not None
+        queued = self.book.in_state(JobState.QUEUED)
+        by_priority: dict[str, int] = {}
+        for r in queued:
+            by_priority[str(r.priority)] = by_priority.get(str(r.priority), 0) + 1
+        workers = self.placement.workers
+        first = next(iter(workers.values()))
+        st = first.status
+        jobs = [job.view() for job in self.placement.running.values()]
+        return {
+            "version": __version__,
+            "state": self.state,
+            "instance": self.settings.owner,
+            "paused": self.disk.reason,
+            "started_at": self.started_at,
+            "started_at_iso": iso(self.started_at),
+            "inbox": str(self.settings.paths.inbox),
+            "outbox": str(self.settings.paths.outbox),
+            "queue_depth": len(queued),
+            "queue_by_priority": by_priority,
+            "waiting_for_model": len(self.book.in_state(JobState.WAITING_FOR_MODEL)),
+            "downloads": dict(self.downloads.progress) if self.downloads else {},
+            "inbox_pending": self.watcher.pending if self.watcher else 0,
+            "running": jobs[0] if jobs else None,  # the first running job (one per worker in running_jobs)
+            "running_jobs": jobs,
+            "done": self.done,
+            "failed": self.failed,
+            "device": {"state": st.state, "pid": st.pid, "restarts": st.restarts, "last_fatal": st.last_fatal,
+                       "device": st.info.device if st.info else None,
+                       "device_name": st.info.device_name if st.info else None,
+                       "vram_total_mb": st.info.vram_total_mb if st.info else None},
+            "workers": {name: {"state": w.status.state, "pid": w.status.pid, "restarts": w.status.restarts,
+                               "gpu": w.gpu.index if w.gpu else None,
+                               "device": w.status.info.device if w.status.info else None,
+                               "warm_models": list(w.warm), "last_fatal": w.status.last_fatal}
+                        for name, w in workers.items()},
+        }
+
+    def status_line(self) -> str:
+        assert self.book is not None and self.placement is not None and self.disk is not None
+        queued = len(self.book.in_state(JobState.QUEUED))
+        doing = ", ".join(f"running {j.id} {j.phase} {j.step}/{j.total}"
+                          for j in self.placement.running.values()) or self.state
+        paused = f"; PAUSED: {self.disk.reason}" if self.disk.reason else ""
+        return f"{doing}; {queued} queued; {self.done} done, {self.failed} failed{paused}"
+
+    def write(self, force: bool = False) -> None:
+        """The health file (forced on every change of state), the metrics file at its interval, the systemd
+        watchdog ping and STATUS line."""
+        try:
+            written = self.health.maybe_write(self.payload(), force=force)
+        except OSError as exc:  # a full disk must not stop the daemon; the next write tries again
+            logger.warning("health.write_failed error={}", exc)
+            written = False
+        self._write_metrics(force)
+        # The watchdog ping comes from the main loop on purpose: a hung loop stops pinging and systemd acts.
+        self.notifier.maybe_watchdog(self.clock())
+        if written and self.notifier.enabled:
+            line = self.status_line()
+            if line != self._notified_status:
+                self._notified_status = line
+                self.notifier.status(line)
+
+    def _write_metrics(self, force: bool = False) -> None:
+        if self.metrics is None:
+            return
+        now = self.clock()
+        if not force and now - self._last_metrics < self.settings.metrics.interval_seconds:
+            return
+        self._last_metrics = now
+        try:
+            self.metrics.write(self.payload(),
+                               {"done_total": self.done, "failed_total_by_category": self.failed_by_category},
+                               list(self.durations), read_gpus(self.inventory))
+        except OSError as exc:
+            logger.warning("metrics.write_failed error={}", exc)
