@@ -139,3 +139,42 @@ def harness_factory(tmp_path, models_dir):
 @pytest.fixture
 def harness(harness_factory) -> DaemonHarness:
     return harness_factory().start()
+
+
+# ---- two tiers -----------------------------------------------------------------------------------------
+# `make test-fast` runs `-m "not slow"`: only tests that stay in this process and touch no model, no daemon, no
+# worker, no subprocess, no ffmpeg and no fake hub. `make test` (CI) runs both tiers. A test is slow when its
+# file is listed here, when it is listed by name, or when it asks (directly or through another fixture) for one
+# of the fixtures below, so a new end-to-end test lands in the slow tier without being listed.
+SLOW_FILES = {
+    "test_e2e.py": "job files through a real daemon and worker rendering the tiny models",
+    "test_lora_e2e.py": "LoRAs through a real daemon and worker on the tiny A14B",
+    "test_gpu_scheduling.py": "two real daemons' workers on a static two-GPU inventory",
+    "test_overlap.py": "a real spawned worker process running the tiny pipelines",
+    "test_ops.py": "the daemon as a subprocess (sd_notify), metrics/doctor/report on a real outbox",
+    "test_recovery.py": "kills and restarts real daemons and daemon subprocesses",
+    "test_downloads.py": "a fake hub server (tests/hubserver.py) serving the tiny model, download subprocesses",
+    "test_report.py": "encodes MP4s with ffmpeg for posters and runs headless chromium",
+}
+SLOW_TESTS = {
+    "test_cli.py::test_console_script_help": "runs the wan-daemon console script as a subprocess",
+    "test_history.py::test_several_processes_opening_a_fresh_file_at_once_all_succeed": "subprocesses",
+    "test_history.py::test_readers_in_other_processes_never_see_database_is_locked": "a writer subprocess",
+    "test_lora.py::test_parent_half_imports_no_torch": "a fresh interpreter as a subprocess",
+    "test_notify.py::test_unit_file_has_no_syntax_errors": "runs systemd-analyze",
+    "test_notify.py::test_unit_check_catches_typos": "runs systemd-analyze",
+    "test_resilience.py::test_claim_race_2000_files_8_claimers_no_double_no_loss": "8 spawned claimer processes",
+}
+SLOW_FIXTURES = {
+    "models_dir": "builds the tiny random-weight models",
+    "harness": "starts a real daemon and its worker process",
+    "harness_factory": "starts real daemons and their worker processes",
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        name = item.path.name
+        if (name in SLOW_FILES or f"{name}::{item.originalname}" in SLOW_TESTS
+                or SLOW_FIXTURES.keys() & set(item.fixturenames)):
+            item.add_marker(pytest.mark.slow)
