@@ -34,10 +34,18 @@ def daemon_config(root: Path, instance: str, models_dir: Path) -> dict:
     return {
         "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(models_dir)},
         "watch": {"settle_seconds": 0.2, "rescan_interval_seconds": 1.0},
-        "worker": {"max_attempts": 12, "retry_base_seconds": 0.2, "retry_cap_seconds": 2.0,
-                   "overlap_encoding": "on"},  # so that kills land while a job is being encoded, too
-        "instance": {"id": instance, "heartbeat_seconds": 0.5, "lease_grace_seconds": 3.0,
-                     "takeover_check_seconds": 0.5},
+        "worker": {
+            "max_attempts": 12,
+            "retry_base_seconds": 0.2,
+            "retry_cap_seconds": 2.0,
+            "overlap_encoding": "on",
+        },  # so that kills land while a job is being encoded, too
+        "instance": {
+            "id": instance,
+            "heartbeat_seconds": 0.5,
+            "lease_grace_seconds": 3.0,
+            "takeover_check_seconds": 0.5,
+        },
         "models": {"default": "tiny-ti2v-5b"},
         "limits": {"min_free_mb": 0},
         "logging": {"level": "INFO"},
@@ -88,8 +96,11 @@ def drop_jobs(inbox: Path, n: int, backend: str, sleep: float) -> list[str]:
     ids = []
     for i in range(n):
         job_id = f"job{i:04d}"
-        text = f"id: {job_id}\nprompt: sleep={sleep}\n" if backend == "cue" else \
-            f"id: {job_id}\nprompt: chaos {i}\nsteps: 20\nseed: {i}\n"
+        text = (
+            f"id: {job_id}\nprompt: sleep={sleep}\n"
+            if backend == "cue"
+            else f"id: {job_id}\nprompt: chaos {i}\nsteps: 20\nseed: {i}\n"
+        )
         tmp = inbox / f".{job_id}.tmp"
         tmp.write_text(text)
         os.rename(tmp, inbox / f"{job_id}.yaml")
@@ -113,7 +124,9 @@ def audit(root: Path, ids: list[str]) -> dict:
             attempts[data["attempts"]] += 1
             if not video.exists():
                 partial.append(job_id)
-            elif "sha256" in data["video"] and hashlib.sha256(video.read_bytes()).hexdigest() != data["video"]["sha256"]:
+            elif (
+                "sha256" in data["video"] and hashlib.sha256(video.read_bytes()).hexdigest() != data["video"]["sha256"]
+            ):
                 duplicated.append(job_id)  # the video was replaced after its sidecar was published
             elif data["job_token"] not in video.read_text(errors="replace") and "sha256" not in data["video"]:
                 duplicated.append(job_id)
@@ -127,8 +140,14 @@ def audit(root: Path, ids: list[str]) -> dict:
             partial.append(job_id)
     temps = [p.name for p in outbox.iterdir() if p.name.startswith(".wan-tmp")]
     left_in_inbox = [p.name for p in (root / "inbox").glob("*.yaml")]
-    return {"lost": lost, "duplicated": sorted(set(duplicated)), "partial": partial + temps, "failed": failed,
-            "attempts": dict(sorted(attempts.items())), "inbox_left": left_in_inbox}
+    return {
+        "lost": lost,
+        "duplicated": sorted(set(duplicated)),
+        "partial": partial + temps,
+        "failed": failed,
+        "attempts": dict(sorted(attempts.items())),
+        "inbox_left": left_in_inbox,
+    }
 
 
 def main() -> int:
@@ -159,8 +178,11 @@ def main() -> int:
     deadline = t0 + args.timeout
 
     def finished() -> int:
-        return sum(1 for j in ids if (root / "outbox" / f"{j}.json").exists()
-                   or (root / "outbox" / "failed" / f"{j}.json").exists())
+        return sum(
+            1
+            for j in ids
+            if (root / "outbox" / f"{j}.json").exists() or (root / "outbox" / "failed" / f"{j}.json").exists()
+        )
 
     while kills["daemon"] + kills["worker"] < args.kills and finished() < len(ids) and time.monotonic() < deadline:
         time.sleep(args.interval)

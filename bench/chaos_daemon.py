@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from daemon import logs# noqa: E402
+from daemon import logs  # noqa: E402
 from daemon.config import load_settings  # noqa: E402
 from daemon.runtime.daemon import Daemon  # noqa: E402
 

@@ -37,9 +37,10 @@ without $OUT), rewritten after each row; a markdown table is printed at the end.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
 import gc
+import itertools
 import json
 import os
 import platform
@@ -68,30 +69,82 @@ VOCAB = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)] + [
 
 # Published configs: Wan-AI/Wan2.2-TI2V-5B-Diffusers, Wan-AI/Wan2.2-T2V-A14B-Diffusers (one expert),
 # google/umt5-xxl's encoder. latents_mean/std are zeros/ones: they only shift and scale random latents.
-TI2V_5B_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48,
-                           out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30,
-                           cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
-A14B_TRANSFORMER = dict(TI2V_5B_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=16,
-                        out_channels=16)
-WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, in_channels=12, out_channels=12, is_residual=True,
-                 patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, dim_mult=[1, 2, 4, 4],
-                 num_res_blocks=2, temperal_downsample=[False, True, True], latents_mean=[0.0] * 48,
-                 latents_std=[1.0] * 48)
+TI2V_5B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=24,
+    attention_head_dim=128,
+    in_channels=48,
+    out_channels=48,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=14336,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+A14B_TRANSFORMER = dict(
+    TI2V_5B_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40, in_channels=16, out_channels=16
+)
+WAN22_VAE = dict(
+    base_dim=160,
+    decoder_base_dim=256,
+    z_dim=48,
+    in_channels=12,
+    out_channels=12,
+    is_residual=True,
+    patch_size=2,
+    scale_factor_spatial=16,
+    scale_factor_temporal=4,
+    dim_mult=[1, 2, 4, 4],
+    num_res_blocks=2,
+    temperal_downsample=[False, True, True],
+    latents_mean=[0.0] * 48,
+    latents_std=[1.0] * 48,
+)
 WAN21_VAE: dict[str, Any] = {}  # AutoencoderKLWan's defaults are the Wan2.1 16-channel VAE
-UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_layers=24,
-                relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu", tie_word_embeddings=False)
+UMT5_XXL = dict(
+    vocab_size=256384,
+    d_model=4096,
+    d_kv=64,
+    d_ff=10240,
+    num_heads=64,
+    num_layers=24,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+)
 # --smoke: the same architectures at daemon/tiny.py's sizes.
-SMOKE_TRANSFORMER = dict(num_layers=2, num_attention_heads=2, attention_head_dim=16, ffn_dim=64, text_dim=32,
-                         freq_dim=32, rope_max_seq_len=64)
-SMOKE_VAE = {True: dict(base_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1),  # keyed by a14b
-             False: dict(base_dim=4, decoder_base_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1)}
-SMOKE_UMT5 = dict(vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                  relative_attention_num_buckets=8)
+SMOKE_TRANSFORMER = dict(
+    num_layers=2,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    ffn_dim=64,
+    text_dim=32,
+    freq_dim=32,
+    rope_max_seq_len=64,
+)
+SMOKE_VAE = {
+    True: dict(base_dim=3, dim_mult=[1, 1, 1, 1], num_res_blocks=1),  # keyed by a14b
+    False: dict(base_dim=4, decoder_base_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1),
+}
+SMOKE_UMT5 = dict(
+    vocab_size=len(VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8
+)
 
-COLUMNS = [("run", 36, "run"), ("status", 8, "status"), ("load_s", 7, "load s"), ("per_step_s", 7, "s/step"),
-           ("denoise_s", 8, "denoise"), ("decode_s", 7, "decode"), ("encode_s", 7, "encode"),
-           ("total_s", 8, "total s"), ("peak_vram_gib", 8, "VRAM GiB")]
+COLUMNS = [
+    ("run", 36, "run"),
+    ("status", 8, "status"),
+    ("load_s", 7, "load s"),
+    ("per_step_s", 7, "s/step"),
+    ("denoise_s", 8, "denoise"),
+    ("decode_s", 7, "decode"),
+    ("encode_s", 7, "encode"),
+    ("total_s", 8, "total s"),
+    ("peak_vram_gib", 8, "VRAM GiB"),
+]
 
 
 def free_memory() -> None:
@@ -106,8 +159,11 @@ def synchronize() -> None:
 
 
 def is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower() \
-        or getattr(exc, "category", None) == "out_of_memory"  # a daemon JobError
+    return (
+        isinstance(exc, torch.OutOfMemoryError)
+        or "out of memory" in str(exc).lower()
+        or getattr(exc, "category", None) == "out_of_memory"
+    )  # a daemon JobError
 
 
 @contextlib.contextmanager
@@ -140,16 +196,24 @@ def build_model(folder: Path, *, a14b: bool, smoke: bool, text_layers: int, devi
         vae = AutoencoderKLWan(**vae_cfg)
     # Wan2.2's diffusers repos ship UniPC in flow mode; the daemon replaces flow_shift per job.
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
-    pipe = WanPipeline(tokenizer=T5Tokenizer(vocab=VOCAB, extra_ids=0), text_encoder=text_encoder, vae=vae,
-                       scheduler=scheduler, transformer=transformer, transformer_2=None, boundary_ratio=None,
-                       expand_timesteps=not a14b)  # TI2V-5B: per-token timesteps
+    pipe = WanPipeline(
+        tokenizer=T5Tokenizer(vocab=VOCAB, extra_ids=0),
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+        transformer_2=None,
+        boundary_ratio=None,
+        expand_timesteps=not a14b,
+    )  # TI2V-5B: per-token timesteps
     synchronize()
     t1 = time.perf_counter()
     pipe.save_pretrained(folder)
     t2 = time.perf_counter()
     layer_params = sum(p.numel() for p in text_encoder.encoder.block[0].parameters())
     facts = {
-        "construct_s": t1 - t0, "save_s": t2 - t1,
+        "construct_s": t1 - t0,
+        "save_s": t2 - t1,
         "disk_gb": sum(p.stat().st_size for p in folder.rglob("*.safetensors")) / 1e9,
         "transformer_params": sum(p.numel() for p in transformer.parameters()),
         "text_layers": text_cfg["num_layers"],
@@ -188,8 +252,11 @@ class Bench:
         self.reserve_s = A14B_RESERVE_S if args.a14b else 0.0  # kept back from the 5B rows for --a14b
 
     def header(self) -> None:
-        print("  ".join(fmt(title, width) if key == "run" else title.rjust(width) for key, width, title in COLUMNS)
-              + "  notes", flush=True)
+        print(
+            "  ".join(fmt(title, width) if key == "run" else title.rjust(width) for key, width, title in COLUMNS)
+            + "  notes",
+            flush=True,
+        )
 
     def add(self, section: str, run: str, status: str = "ok", note: str = "", **figures: Any) -> dict[str, Any]:
         row = {"section": section, "run": run, "status": status, "note": note, **figures}
@@ -206,8 +273,11 @@ class Bench:
     def set_reference(self, cold: dict[str, Any], warm: dict[str, Any]) -> None:
         """Later runs are estimated from the cold run's load and the warm run's steps and the rest."""
         if cold.get("status") == "ok" and warm.get("status") == "ok":
-            self.reference = {"load_s": cold["load_s"] or 0.0, "per_step_s": warm["per_step_s"],
-                              "fixed_s": warm["total_s"] - warm["denoise_s"] - (warm["load_s"] or 0.0)}
+            self.reference = {
+                "load_s": cold["load_s"] or 0.0,
+                "per_step_s": warm["per_step_s"],
+                "fixed_s": warm["total_s"] - warm["denoise_s"] - (warm["load_s"] or 0.0),
+            }
 
     def fits(self, steps: int, *, load: bool = False, step_factor: float = 1.0, extra: float = 0.0) -> str | None:
         """None if a run of ``steps`` steps should end within --budget-s, else why it is skipped."""
@@ -247,10 +317,17 @@ class Bench:
             torch.cuda.reset_peak_memory_stats()
         t2 = time.perf_counter()
         with torch.inference_mode():
-            frames = pipe(prompt=params["prompt"], negative_prompt=params["negative_prompt"], height=params["height"],
-                          width=params["width"], num_frames=params["frames"], num_inference_steps=params["steps"],
-                          guidance_scale=params["guidance_scale"], callback_on_step_end=on_step_end,
-                          generator=torch.Generator(device="cpu").manual_seed(params["seed"])).frames[0]
+            frames = pipe(
+                prompt=params["prompt"],
+                negative_prompt=params["negative_prompt"],
+                height=params["height"],
+                width=params["width"],
+                num_frames=params["frames"],
+                num_inference_steps=params["steps"],
+                guidance_scale=params["guidance_scale"],
+                callback_on_step_end=on_step_end,
+                generator=torch.Generator(device="cpu").manual_seed(params["seed"]),
+            ).frames[0]
         t3 = time.perf_counter()
         peak = torch.cuda.max_memory_allocated() / 2**30 if self.device == "cuda" else None
         export_to_video(list(frames), str(self.out / "plain.mp4"), fps=params["fps"])
@@ -258,14 +335,37 @@ class Bench:
         del pipe, frames
         free_memory()
         steps = params["steps"]
-        return self.add("plain", "plain diffusers loop", load_s=t1 - t0, per_step_s=(stamps[-1] - t2) / steps,
-                        denoise_s=stamps[-1] - t2, decode_s=t3 - stamps[-1], encode_s=t4 - t3, total_s=t4 - t0,
-                        peak_vram_gib=peak, steps=steps, step_times=[b - a for a, b in zip([t2] + stamps, stamps)])
+        return self.add(
+            "plain",
+            "plain diffusers loop",
+            load_s=t1 - t0,
+            per_step_s=(stamps[-1] - t2) / steps,
+            denoise_s=stamps[-1] - t2,
+            decode_s=t3 - stamps[-1],
+            encode_s=t4 - t3,
+            total_s=t4 - t0,
+            peak_vram_gib=peak,
+            steps=steps,
+            step_times=[b - a for a, b in itertools.pairwise([t2, *stamps])],
+        )
 
-    def run_daemon(self, backend: Any, model: dict[str, Any], base: dict[str, Any], section: str, run: str, *,
-                   expect: str | None = None, baseline: dict[str, Any] | None = None, step_factor: float = 1.0,
-                   extra_s: float = 0.0, remark: str = "", **overrides: Any) -> dict[str, Any]:
-        """One job through DiffusersWanBackend (generate, then finish). ``expect``: the optimizations_applied entry (prefix) that
+    def run_daemon(
+        self,
+        backend: Any,
+        model: dict[str, Any],
+        base: dict[str, Any],
+        section: str,
+        run: str,
+        *,
+        expect: str | None = None,
+        baseline: dict[str, Any] | None = None,
+        step_factor: float = 1.0,
+        extra_s: float = 0.0,
+        remark: str = "",
+        **overrides: Any,
+    ) -> dict[str, Any]:
+        """One job through DiffusersWanBackend (generate, then finish). ``expect``: the optimizations_applied entry
+        (prefix) that
         shows the option was applied; ``baseline``: a row to compare the denoise time per step with."""
         params = dict(base, **overrides)
         why = self.fits(params["steps"], load=not backend._cache, step_factor=step_factor, extra=extra_s)
@@ -282,9 +382,17 @@ class Bench:
         slug = re.sub(r"[^A-Za-z0-9._-]+", "-", run).strip("-")
         from daemon.worker.protocol import payload_from_wire
 
-        job = payload_from_wire({"id": f"bench-{self.jobs}", "token": "bench", "attempt": 1, "model": model,
-                                 "params": params, "input_image": None,
-                                 "video_tmp": str(self.out / f"{self.jobs:02d}-{slug}.tmp.mp4")})
+        job = payload_from_wire(
+            {
+                "id": f"bench-{self.jobs}",
+                "token": "bench",
+                "attempt": 1,
+                "model": model,
+                "params": params,
+                "input_image": None,
+                "video_tmp": str(self.out / f"{self.jobs:02d}-{slug}.tmp.mp4"),
+            }
+        )
         t0 = time.perf_counter()
         try:
             result = backend.finish(backend.generate(job, report, lambda: False))
@@ -303,19 +411,36 @@ class Bench:
         if baseline and baseline.get("per_step_s") and status == "ok":
             note += f"  ({baseline['per_step_s'] / (denoise / steps):.2f}x the speed of {baseline['run']})"
         peak_mb = result.peak_vram_usage_mb
-        return self.add(section, run, status, f"{note} {remark}".strip(), load_s=timings.get("model_load"),
-                        per_step_s=denoise / steps, denoise_s=denoise, decode_s=decode, encode_s=timings.get("encode"),
-                        total_s=wall, peak_vram_gib=peak_mb / 1024 if peak_mb is not None else None, steps=steps,
-                        step_times=[b - a for a, b in zip(stamps, stamps[1:])], applied=applied,
-                        daemon_timings=timings, model_cache=result.model_cache,
-                        params={k: params.get(k) for k in ("offload", "vae_tiling", "compile", "cache",
-                                                           "attention_backend", "width", "height", "frames")})
+        return self.add(
+            section,
+            run,
+            status,
+            f"{note} {remark}".strip(),
+            load_s=timings.get("model_load"),
+            per_step_s=denoise / steps,
+            denoise_s=denoise,
+            decode_s=decode,
+            encode_s=timings.get("encode"),
+            total_s=wall,
+            peak_vram_gib=peak_mb / 1024 if peak_mb is not None else None,
+            steps=steps,
+            step_times=[b - a for a, b in itertools.pairwise(stamps)],
+            applied=applied,
+            daemon_timings=timings,
+            model_cache=result.model_cache,
+            params={
+                k: params.get(k)
+                for k in ("offload", "vae_tiling", "compile", "cache", "attention_backend", "width", "height", "frames")
+            },
+        )
 
     def markdown(self) -> str:
         lines = ["| " + " | ".join(t for _, _, t in COLUMNS) + " | notes |", "|" + "---|" * (len(COLUMNS) + 1)]
         for row in self.rows:
-            cells = [f"{v:.2f}" if isinstance(v, float) else str(v if v is not None else "-")
-                     for v in (row.get(k) for k, _, _ in COLUMNS)]
+            cells = [
+                f"{v:.2f}" if isinstance(v, float) else str(v if v is not None else "-")
+                for v in (row.get(k) for k, _, _ in COLUMNS)
+            ]
             lines.append("| " + " | ".join(cells + [row["note"].replace("|", "/")]) + " |")
         return "\n".join(lines)
 
@@ -361,8 +486,9 @@ def run_sections(bench: Bench, folder: Path, models_dir: Path) -> None:
         bench.failed("plain", "plain diffusers loop", exc)
 
     # allow_cpu_for_real_models: the smoke model is tiny but loaded from a folder, which the daemon treats as real.
-    backend = DiffusersWanBackend(device=device, models_dir=models_dir, max_cached_pipelines=2,
-                                  allow_cpu_for_real_models=not cuda)
+    backend = DiffusersWanBackend(
+        device=device, models_dir=models_dir, max_cached_pipelines=2, allow_cpu_for_real_models=not cuda
+    )
     bench.meta["backend"] = dataclasses.asdict(backend.describe())
     cold = bench.run_daemon(backend, model, base, "daemon", "daemon cold (loads)")
     warm = bench.run_daemon(backend, model, base, "daemon", "daemon warm (attention native)")
@@ -373,21 +499,47 @@ def run_sections(bench: Bench, folder: Path, models_dir: Path) -> None:
         if why:
             bench.add("attention", f"attention {name}", "n/a", f"not installed / unusable here: {why[:160]}")
             continue
-        bench.run_daemon(backend, model, base, "attention", f"attention {name}", attention_backend=name,
-                         expect=f"attention:{name}", baseline=warm)
+        bench.run_daemon(
+            backend,
+            model,
+            base,
+            "attention",
+            f"attention {name}",
+            attention_backend=name,
+            expect=f"attention:{name}",
+            baseline=warm,
+        )
 
     n = args.cache_steps
     no_cache = bench.run_daemon(backend, model, base, "cache", f"{n} steps, no cache", steps=n)
-    bench.run_daemon(backend, model, base, "cache", f"{n} steps, cache first_block@0.05", steps=n,
-                     cache={"type": "first_block", "threshold": 0.05}, expect="cache:first_block@", baseline=no_cache)
+    bench.run_daemon(
+        backend,
+        model,
+        base,
+        "cache",
+        f"{n} steps, cache first_block@0.05",
+        steps=n,
+        cache={"type": "first_block", "threshold": 0.05},
+        expect="cache:first_block@",
+        baseline=no_cache,
+    )
 
     if args.no_compile:
         bench.add("compile", "compile", "skipped", "--no-compile")
     else:
-        bench.run_daemon(backend, model, base, "compile", "compile (compiling run)", compile=True, expect="compile",
-                         extra_s=args.compile_estimate_s)
-        bench.run_daemon(backend, model, base, "compile", "compile (warm run)", compile=True, expect="compile",
-                         baseline=warm)
+        bench.run_daemon(
+            backend,
+            model,
+            base,
+            "compile",
+            "compile (compiling run)",
+            compile=True,
+            expect="compile",
+            extra_s=args.compile_estimate_s,
+        )
+        bench.run_daemon(
+            backend, model, base, "compile", "compile (warm run)", compile=True, expect="compile", baseline=warm
+        )
     backend._cache.clear()  # compiled modules and attention settings stay with a warm pipeline: start clean
     free_memory()
 
@@ -396,10 +548,18 @@ def run_sections(bench: Bench, folder: Path, models_dir: Path) -> None:
         backend._cache.clear()
         free_memory()
         seq = mode == "sequential"
-        bench.run_daemon(backend, model, base, section, label + (f", {args.sequential_steps} steps" if seq else ""),
-                         offload=mode, steps=args.sequential_steps if seq else args.steps,
-                         step_factor=3 if seq else 1.2,
-                         expect=extra.pop("expect", None if mode == "none" else f"offload:{mode}"), **extra)
+        bench.run_daemon(
+            backend,
+            model,
+            base,
+            section,
+            label + (f", {args.sequential_steps} steps" if seq else ""),
+            offload=mode,
+            steps=args.sequential_steps if seq else args.steps,
+            step_factor=3 if seq else 1.2,
+            expect=extra.pop("expect", None if mode == "none" else f"offload:{mode}"),
+            **extra,
+        )
 
     if not cuda:
         bench.add("offload", "offload model/group/sequential", "n/a", "CUDA only (on a CPU the backend runs none)")
@@ -414,9 +574,16 @@ def run_sections(bench: Bench, folder: Path, models_dir: Path) -> None:
                 free_memory()
                 # Set after emptying torch's cache, so that nothing reserved before counts against the cap.
                 torch.cuda.set_per_process_memory_fraction(
-                    min(1.0, CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory))
-                offload_run(mode, "cap24", f"cap {CAP_GIB} GiB, offload {mode}", remark=f"(real text encoder: "
-                            f"+{missing_gib:.1f} GiB resident)" if mode == "none" and missing_gib else "")
+                    min(1.0, CAP_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory)
+                )
+                offload_run(
+                    mode,
+                    "cap24",
+                    f"cap {CAP_GIB} GiB, offload {mode}",
+                    remark=f"(real text encoder: +{missing_gib:.1f} GiB resident)"
+                    if mode == "none" and missing_gib
+                    else "",
+                )
         finally:
             torch.cuda.set_per_process_memory_fraction(1.0)
     offload_run("none", "offload", "vae_tiling, offload none", vae_tiling=True, expect="vae_tiling")
@@ -434,23 +601,32 @@ def run_a14b(bench: Bench, work: Path) -> None:
     args, smoke = bench.args, bench.args.smoke
     left = args.budget_s - (time.perf_counter() - bench.started)
     if not smoke and left < A14B_RESERVE_S:
-        bench.add("a14b", "A14B expert", "skipped", f"skipped: {left:.0f} s left of --budget-s, "
-                  f"about {A14B_RESERVE_S:.0f} s needed")
+        bench.add(
+            "a14b",
+            "A14B expert",
+            "skipped",
+            f"skipped: {left:.0f} s left of --budget-s, about {A14B_RESERVE_S:.0f} s needed",
+        )
         return
     shutil.rmtree(work / "models" / "wan2.2-ti2v-5b-random", ignore_errors=True)
     folder = work / "models" / "wan2.2-a14b-expert-random"
     try:
         facts = build_model(folder, a14b=True, smoke=smoke, text_layers=args.text_layers, device=bench.device)
         bench.meta["a14b_model"] = facts
-        bench.add("a14b", "build A14B expert", total_s=facts["construct_s"] + facts["save_s"],
-                  note=f"{count(facts['transformer_params'])} params; construct {facts['construct_s']:.1f} s + "
-                       f"save_pretrained {facts['save_s']:.1f} s, {facts['disk_gb']:.1f} GB")
+        bench.add(
+            "a14b",
+            "build A14B expert",
+            total_s=facts["construct_s"] + facts["save_s"],
+            note=f"{count(facts['transformer_params'])} params; construct {facts['construct_s']:.1f} s + "
+            f"save_pretrained {facts['save_s']:.1f} s, {facts['disk_gb']:.1f} GB",
+        )
         located = locate(str(folder), models_dir=folder.parent, model_roots=[folder.parent])
         size, frames = ("64x64", 9) if smoke else ("1280x720", 81)
         params, _ = resolved_params(located, args, size, frames)
         params["steps"] = min(2, params["steps"])  # 28 GB of weights, 76k tokens a step: keep it short
-        backend = DiffusersWanBackend(device=bench.device, models_dir=folder.parent, max_cached_pipelines=1,
-                                      allow_cpu_for_real_models=smoke)
+        backend = DiffusersWanBackend(
+            device=bench.device, models_dir=folder.parent, max_cached_pipelines=1, allow_cpu_for_real_models=smoke
+        )
         bench.reference = None  # another model: no estimate from the 5B runs
         bench.run_daemon(backend, located.to_dict(), params, "a14b", f"A14B expert {size}x{frames}, none")
         backend._cache.clear()
@@ -496,13 +672,30 @@ def main() -> int:
     results = Path(os.environ["OUT"], "gpu_results.json") if os.environ.get("OUT") else Path("bench-gpu-results.json")
     bench = Bench(args, device, out, results)
     device_name = torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    bench.meta.update(device=device_name, date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), smoke=args.smoke,
-                      versions={"torch": torch.__version__, "diffusers": diffusers.__version__,
-                                "transformers": transformers.__version__, "python": platform.python_version()},
-                      job={"size": args.size, "frames": args.frames, "steps": args.steps, "guidance_scale": 5.0,
-                           "cache_steps": args.cache_steps}, args=vars(args))
-    print(f"wan-daemon GPU benchmark  {bench.meta['date']}  {device_name}  torch {torch.__version__}  "
-          f"diffusers {diffusers.__version__}  transformers {transformers.__version__}", flush=True)
+    bench.meta.update(
+        device=device_name,
+        date=time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        smoke=args.smoke,
+        versions={
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        job={
+            "size": args.size,
+            "frames": args.frames,
+            "steps": args.steps,
+            "guidance_scale": 5.0,
+            "cache_steps": args.cache_steps,
+        },
+        args=vars(args),
+    )
+    print(
+        f"wan-daemon GPU benchmark  {bench.meta['date']}  {device_name}  torch {torch.__version__}  "
+        f"diffusers {diffusers.__version__}  transformers {transformers.__version__}",
+        flush=True,
+    )
 
     folder = work / "models" / "wan2.2-ti2v-5b-random"
     try:
@@ -514,14 +707,23 @@ def main() -> int:
         return 1
     bench.meta["model"] = facts
     what = "TINY test twin of Wan2.2 TI2V-5B (--smoke)" if args.smoke else "Wan2.2 TI2V-5B architecture"
-    print(f"model: {what}, random weights, transformer {count(facts['transformer_params'])} params, "
-          f"{facts['disk_gb']:.2f} GB on disk; text encoder UMT5 with {facts['text_layers']} of 24 layers"
-          + (f" (real: +{facts['text_missing_gib']:.1f} GiB resident and to load)" if not args.smoke else ""))
-    print(f"job: {args.size} x {args.frames} frames, {args.steps} steps, CFG 5.0 (cache rows: {args.cache_steps} "
-          f"steps); loads read the page cache (just written); budget {args.budget_s:.0f} s", flush=True)
+    print(
+        f"model: {what}, random weights, transformer {count(facts['transformer_params'])} params, "
+        f"{facts['disk_gb']:.2f} GB on disk; text encoder UMT5 with {facts['text_layers']} of 24 layers"
+        + (f" (real: +{facts['text_missing_gib']:.1f} GiB resident and to load)" if not args.smoke else "")
+    )
+    print(
+        f"job: {args.size} x {args.frames} frames, {args.steps} steps, CFG 5.0 (cache rows: {args.cache_steps} "
+        f"steps); loads read the page cache (just written); budget {args.budget_s:.0f} s",
+        flush=True,
+    )
     bench.header()
-    bench.add("build", "build TI2V-5B (random weights)", total_s=facts["construct_s"] + facts["save_s"],
-              note=f"construct {facts['construct_s']:.1f} s + save_pretrained {facts['save_s']:.1f} s")
+    bench.add(
+        "build",
+        "build TI2V-5B (random weights)",
+        total_s=facts["construct_s"] + facts["save_s"],
+        note=f"construct {facts['construct_s']:.1f} s + save_pretrained {facts['save_s']:.1f} s",
+    )
     try:
         run_sections(bench, folder, work / "models")
     except Exception as exc:  # a failure outside any single run (locating the folder, building the backend)
@@ -529,8 +731,9 @@ def main() -> int:
     if args.a14b:
         run_a14b(bench, work)
 
-    print(f"\n{bench.markdown()}\n\nelapsed {time.perf_counter() - bench.started:.0f} s; results: {results}",
-          flush=True)
+    print(
+        f"\n{bench.markdown()}\n\nelapsed {time.perf_counter() - bench.started:.0f} s; results: {results}", flush=True
+    )
     bench.save()
     if not args.keep:
         shutil.rmtree(work / "models", ignore_errors=True)

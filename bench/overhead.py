@@ -50,8 +50,15 @@ def plain_loop(folder: Path, jobs: int, steps: int, out: Path) -> float:
     pipe = WanPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     for n in range(jobs):
-        frames = pipe(prompt=f"job {n}", height=SIDE, width=SIDE, num_frames=FRAMES, num_inference_steps=steps,
-                      guidance_scale=5.0, generator=torch.Generator().manual_seed(n)).frames[0]
+        frames = pipe(
+            prompt=f"job {n}",
+            height=SIDE,
+            width=SIDE,
+            num_frames=FRAMES,
+            num_inference_steps=steps,
+            guidance_scale=5.0,
+            generator=torch.Generator().manual_seed(n),
+        ).frames[0]
         # quality 8: the daemon's default output.quality (diffusers' default, 5, encodes faster and worse)
         export_to_video(list(frames), str(out / f"plain-{n}.mp4"), fps=24, quality=8)
     return time.perf_counter() - t0
@@ -60,8 +67,22 @@ def plain_loop(folder: Path, jobs: int, steps: int, out: Path) -> float:
 def one_process_per_job(folder: Path, jobs: int, steps: int, out: Path) -> float:
     t0 = time.perf_counter()
     for n in range(jobs):
-        subprocess.run([sys.executable, "-c", ONE_JOB, str(folder), f"job {n}", str(steps), str(n),
-                        str(out / f"proc-{n}.mp4"), str(SIDE), str(FRAMES)], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                ONE_JOB,
+                str(folder),
+                f"job {n}",
+                str(steps),
+                str(n),
+                str(out / f"proc-{n}.mp4"),
+                str(SIDE),
+                str(FRAMES),
+            ],
+            check=True,
+            capture_output=True,
+        )
     return time.perf_counter() - t0
 
 
@@ -71,10 +92,15 @@ def through_daemon(models_dir: Path, jobs: int, steps: int, root: Path) -> tuple
     from daemon.runtime.daemon import Daemon
 
     logs.setup("WARNING")
-    settings = load_settings(None, {
-        "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(models_dir)},
-        "models": {"default": MODEL}, "logging": {"level": "WARNING"}, "limits": {"min_free_mb": 0},
-    })
+    settings = load_settings(
+        None,
+        {
+            "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(models_dir)},
+            "models": {"default": MODEL},
+            "logging": {"level": "WARNING"},
+            "limits": {"min_free_mb": 0},
+        },
+    )
     daemon = Daemon(settings)
     daemon.start()
     thread = threading.Thread(target=daemon.run, daemon=True)
@@ -84,8 +110,10 @@ def through_daemon(models_dir: Path, jobs: int, steps: int, root: Path) -> tuple
     t0 = time.perf_counter()
     for n in range(jobs):
         tmp = settings.paths.inbox / f".j{n}.tmp"
-        tmp.write_text(f"id: j{n}\nmodel: {MODEL}\nprompt: job {n}\nsteps: {steps}\nseed: {n}\nsize: {SIDE}x{SIDE}\n"
-                       f"frames: {FRAMES}\n")
+        tmp.write_text(
+            f"id: j{n}\nmodel: {MODEL}\nprompt: job {n}\nsteps: {steps}\nseed: {n}\nsize: {SIDE}x{SIDE}\n"
+            f"frames: {FRAMES}\n"
+        )
         os.rename(tmp, settings.paths.inbox / f"j{n}.yaml")
     sidecars = [settings.paths.outbox / f"j{n}.json" for n in range(jobs)]
     while not all(p.exists() for p in sidecars):
@@ -104,10 +132,29 @@ def through_daemon(models_dir: Path, jobs: int, steps: int, root: Path) -> tuple
 def _in_fresh_process(variant: str, args: argparse.Namespace, root: Path, tag: str) -> list[float]:
     """(a) and (b) each run in a process of their own: torch's idle OpenMP threads in a process that has
     just computed keep spinning for a while and slow a worker beside them by about a quarter."""
-    out = subprocess.run([sys.executable, __file__, "--variant", variant, "--jobs", str(args.jobs), "--steps",
-                          str(args.steps), "--side", str(args.side), "--frames", str(args.frames), "--root", str(root),
-                          "--tag", tag],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--variant",
+            variant,
+            "--jobs",
+            str(args.jobs),
+            "--steps",
+            str(args.steps),
+            "--side",
+            str(args.side),
+            "--frames",
+            str(args.frames),
+            "--root",
+            str(root),
+            "--tag",
+            tag,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -132,8 +179,11 @@ def main() -> int:
             plain_loop(folder, 1, args.steps, args.root / "out")  # imports and disk cache, as the daemon's are
             print(json.dumps([plain_loop(folder, args.jobs, args.steps, args.root / "out")]))
         else:
-            print(json.dumps(list(through_daemon(args.root / "models", args.jobs, args.steps,
-                                                 args.root / f"daemon-{args.tag}"))))
+            print(
+                json.dumps(
+                    list(through_daemon(args.root / "models", args.jobs, args.steps, args.root / f"daemon-{args.tag}"))
+                )
+            )
         return 0
     root = Path(tempfile.mkdtemp(prefix="wan-overhead-"))
     build_tiny(MODEL, root / "models")
@@ -148,18 +198,25 @@ def main() -> int:
     b, device, finish = sorted(daemon_runs)[len(daemon_runs) // 2]
     c = one_process_per_job(root / "models" / MODEL, args.jobs, args.steps, root / "out")
     n = args.jobs
-    print(f"wan-daemon overhead benchmark: {n} jobs, {MODEL} {SIDE}x{SIDE}x{FRAMES}, {args.steps} steps, "
-          f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}")
-    print(f"  rounds: (a) {', '.join(f'{x:.2f}' for x in plain_runs)} s; "
-          f"(b) {', '.join(f'{x[0]:.2f}' for x in daemon_runs)} s; medians below")
+    print(
+        f"wan-daemon overhead benchmark: {n} jobs, {MODEL} {SIDE}x{SIDE}x{FRAMES}, {args.steps} steps, "
+        f"{os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"  rounds: (a) {', '.join(f'{x:.2f}' for x in plain_runs)} s; "
+        f"(b) {', '.join(f'{x[0]:.2f}' for x in daemon_runs)} s; medians below"
+    )
     print(f"  (a) plain diffusers loop (load once)     {a:7.2f} s   {a / n * 1000:7.1f} ms/job")
-    print(f"  (b) through the daemon (inbox -> outbox) {b:7.2f} s   {b / n * 1000:7.1f} ms/job   "
-          f"{b / a:5.2f}x (a), overhead {(b - a) / n * 1000:+.1f} ms/job")
-    print(f"  (c) one process per job                  {c:7.2f} s   {c / n * 1000:7.1f} ms/job   "
-          f"{c / b:5.2f}x (b)")
-    print(f"  (b) device busy (model load + denoise + VAE decode): {device / b * 100:.0f}% of its wall time; "
-          f"CPU-side finish (encode + read-back + poster; overlapped with the next job on a GPU, in turn on a "
-          f"CPU, see worker.overlap_encoding): {finish:.2f} s in all")
+    print(
+        f"  (b) through the daemon (inbox -> outbox) {b:7.2f} s   {b / n * 1000:7.1f} ms/job   "
+        f"{b / a:5.2f}x (a), overhead {(b - a) / n * 1000:+.1f} ms/job"
+    )
+    print(f"  (c) one process per job                  {c:7.2f} s   {c / n * 1000:7.1f} ms/job   {c / b:5.2f}x (b)")
+    print(
+        f"  (b) device busy (model load + denoise + VAE decode): {device / b * 100:.0f}% of its wall time; "
+        f"CPU-side finish (encode + read-back + poster; overlapped with the next job on a GPU, in turn on a "
+        f"CPU, see worker.overlap_encoding): {finish:.2f} s in all"
+    )
     return 0
 
 

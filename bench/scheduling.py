@@ -35,11 +35,15 @@ def pickup_latency(mode: str, drops: int) -> list[float]:
 
     logs.setup("WARNING")
     root = Path(tempfile.mkdtemp(prefix=f"wan-pickup-{mode}-"))
-    settings = load_settings(None, {
-        "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(root / "models")},
-        "watch": {"mode": mode, "poll_interval_seconds": 1.0},
-        "models": {"default": "tiny-ti2v-5b"}, "logging": {"level": "WARNING"},
-    })
+    settings = load_settings(
+        None,
+        {
+            "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(root / "models")},
+            "watch": {"mode": mode, "poll_interval_seconds": 1.0},
+            "models": {"default": "tiny-ti2v-5b"},
+            "logging": {"level": "WARNING"},
+        },
+    )
     daemon = Daemon(settings, backend="daemon.testing:CueBackend")
     daemon.start()
     thread = threading.Thread(target=daemon.run, daemon=True)
@@ -58,8 +62,10 @@ def pickup_latency(mode: str, drops: int) -> list[float]:
             if rec is not None and rec.started_at:
                 latencies.append(rec.started_at - t0)
                 if os.environ.get("BENCH_DEBUG"):
-                    print(f"    intake {1000 * (rec.received_at - t0):.1f} ms, "
-                          f"dispatch {1000 * (rec.started_at - rec.received_at):.1f} ms")
+                    print(
+                        f"    intake {1000 * (rec.received_at - t0):.1f} ms, "
+                        f"dispatch {1000 * (rec.started_at - rec.received_at):.1f} ms"
+                    )
                 break
             if (settings.paths.outbox / f"{job_id}.json").exists():
                 import json
@@ -77,10 +83,20 @@ def pickup_latency(mode: str, drops: int) -> list[float]:
 
 
 def record(n: int, model: str, priority: int = 0) -> JobRecord:
-    return JobRecord(id=f"j{n}", token=f"t{n}", source="s", source_name="s.yaml", seq=n, priority=priority, spec={},
-                     params={"width": 64, "height": 64, "frames": 9, "steps": 2},
-                     model={"name": model, "architecture": "wan2.2-ti2v-5b", "tiny_random_weights": True},
-                     received_at=0.0, queued_at=0.0, state=JobState.QUEUED)
+    return JobRecord(
+        id=f"j{n}",
+        token=f"t{n}",
+        source="s",
+        source_name="s.yaml",
+        seq=n,
+        priority=priority,
+        spec={},
+        params={"width": 64, "height": 64, "frames": 9, "steps": 2},
+        model={"name": model, "architecture": "wan2.2-ti2v-5b", "tiny_random_weights": True},
+        received_at=0.0,
+        queued_at=0.0,
+        state=JobState.QUEUED,
+    )
 
 
 def model_loads(n_jobs: int, models: list[str], affinity: bool) -> int:
@@ -91,8 +107,9 @@ def model_loads(n_jobs: int, models: list[str], affinity: bool) -> int:
         if affinity:
             slot = Slot("gpu0", 0, 81920, frozenset([warm]) if warm else frozenset(), 81920)
             demand = lambda r: JobDemand("wan2.2-ti2v-5b", 64, 64, 9, tiny=True)  # noqa: E731
-            [a] = assign(queued, [slot], 1.0, aging_bound_seconds=3600, demand=demand,
-                         plan=lambda d, free: plan_for(d, free))
+            [a] = assign(
+                queued, [slot], 1.0, aging_bound_seconds=3600, demand=demand, plan=lambda d, free: plan_for(d, free)
+            )
             rec = a.record
         else:
             rec = pick_next(queued, 1.0)
@@ -112,8 +129,9 @@ def decision_time(n: int, slots: int = 2, repeats: int = 5) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        assign(queued, slot_list, float(n), aging_bound_seconds=3600, demand=demand,
-               plan=lambda d, free: plan_for(d, free))
+        assign(
+            queued, slot_list, float(n), aging_bound_seconds=3600, demand=demand, plan=lambda d, free: plan_for(d, free)
+        )
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -126,13 +144,17 @@ def main() -> int:
     for mode in ("inotify", "polling"):
         lat = sorted(pickup_latency(mode, args.drops))
         p95 = lat[min(len(lat) - 1, int(round(0.95 * len(lat))) - 1)]
-        print(f"  pickup latency, {mode:8} (file renamed in -> job handed to a worker), {len(lat)} drops: "
-              f"p50 {statistics.median(lat) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms")
+        print(
+            f"  pickup latency, {mode:8} (file renamed in -> job handed to a worker), {len(lat)} drops: "
+            f"p50 {statistics.median(lat) * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, max {max(lat) * 1000:.0f} ms"
+        )
     for n_models in (2, 3):
         models = [f"model-{i}" for i in range(n_models)]
         with_aff, without = model_loads(60, models, True), model_loads(60, models, False)
-        print(f"  model loads, 60 queued jobs alternating {n_models} models, one worker keeping one warm: "
-              f"{with_aff} with affinity, {without} in plain FIFO order")
+        print(
+            f"  model loads, 60 queued jobs alternating {n_models} models, one worker keeping one warm: "
+            f"{with_aff} with affinity, {without} in plain FIFO order"
+        )
     for n in (1_000, 10_000):
         print(f"  scheduler decision with {n:,} queued jobs and 2 free GPUs: {decision_time(n) * 1000:.1f} ms")
     return 0

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2, 3, 4
-DEFAULT_CONFIG_NAMES = ("configs/local.yaml",)
 
 
 def _settings(args: argparse.Namespace):
@@ -44,7 +43,6 @@ def _settings(args: argparse.Namespace):
 def cmd_run(args: argparse.Namespace) -> int:
     from daemon import logs
     from daemon.runtime.daemon import Daemon
-
     from daemon.runtime.notify import SystemdNotifier
 
     settings = _settings(args)
@@ -53,8 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     notifier = SystemdNotifier(os.environ.pop("NOTIFY_SOCKET", None), os.environ.get("WATCHDOG_USEC"))
     from daemon.ops.inventory import NvmlInventory
 
-    inventory = NvmlInventory(visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                              allowed=settings.hardware.gpus, vram_limit_gb=settings.hardware.vram_limit_gb)
+    inventory = NvmlInventory(
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        allowed=settings.hardware.gpus,
+        vram_limit_gb=settings.hardware.vram_limit_gb,
+    )
     daemon = Daemon(settings, cuda_available=bool(inventory.gpus()), notifier=notifier, inventory=inventory)
     signals_seen = []
 
@@ -89,8 +90,11 @@ def _inventory(settings):
     (what ``run`` passes the daemon)."""
     from daemon.ops.inventory import NvmlInventory
 
-    return NvmlInventory(visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-                         allowed=settings.hardware.gpus, vram_limit_gb=settings.hardware.vram_limit_gb)
+    return NvmlInventory(
+        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        allowed=settings.hardware.gpus,
+        vram_limit_gb=settings.hardware.vram_limit_gb,
+    )
 
 
 def _default_model(settings) -> Callable[[], str]:
@@ -103,8 +107,9 @@ def _default_model(settings) -> Callable[[], str]:
             from daemon.models import REGISTRY, TI2V_5B, default_model, hub_snapshot
 
             configured = settings.models.default
-            cuda = (configured == "auto" and hub_snapshot(REGISTRY[TI2V_5B].repo_id) is not None
-                    and bool(_inventory(settings).gpus()))
+            repo_id = REGISTRY[TI2V_5B].repo_id
+            assert repo_id is not None  # a real registry model
+            cuda = configured == "auto" and hub_snapshot(repo_id) is not None and bool(_inventory(settings).gpus())
             chosen.append(default_model(configured, cuda_available=cuda))
         return chosen[0]
 
@@ -279,8 +284,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="wan-daemon", description=__doc__.split("\n")[0].strip("`"),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="wan-daemon",
+        description=__doc__.split("\n")[0].strip("`"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="YAML config file (default: $WAN_DAEMON_CONFIG, else built-in defaults)")
     common.add_argument("--inbox", help="inbox folder (overrides the config)")
@@ -313,11 +321,14 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="model management")
     msub = m.add_subparsers(dest="models_cmd", required=True)
     msub.add_parser("build-tiny", parents=[common], help="build the tiny random-weight test models")
-    msub.add_parser("list", parents=[common], help="every registry model and local folder: present or not, size, "
-                    "revision, path")
-    for verb, text in (("download", "download a model's needed files into the Hugging Face cache (resumable)"),
-                       ("verify", "check every needed file's size and sha256 against the hub (or the manifest)"),
-                       ("remove", "delete a model from the Hugging Face cache")):
+    msub.add_parser(
+        "list", parents=[common], help="every registry model and local folder: present or not, size, revision, path"
+    )
+    for verb, text in (
+        ("download", "download a model's needed files into the Hugging Face cache (resumable)"),
+        ("verify", "check every needed file's size and sha256 against the hub (or the manifest)"),
+        ("remove", "delete a model from the Hugging Face cache"),
+    ):
         mp = msub.add_parser(verb, parents=[common], help=text)
         mp.add_argument("name", help="registry name (wan2.2-ti2v-5b, ...) or a hub repo id")
         if verb != "remove":

@@ -35,8 +35,9 @@ class PathsConfig(_Frozen):
         default_factory=list, description="Folders that job `image:` paths may point into. Default: [inbox]."
     )
     model_roots: list[Path] = Field(default_factory=list, description="Folders searched for local model folders.")
-    lora_roots: list[Path] = Field(default_factory=list,
-                                   description="Folders job `loras:` paths may point into. Default: [./loras].")
+    lora_roots: list[Path] = Field(
+        default_factory=list, description="Folders job `loras:` paths may point into. Default: [./loras]."
+    )
 
     def resolved(self) -> ResolvedPaths:
         def r(p: Path) -> Path:
@@ -73,8 +74,10 @@ class LimitsConfig(_Frozen):
     max_frames: int = Field(481, gt=0)
     max_steps: int = Field(500, gt=0)
     min_free_mb: int = Field(
-        256, ge=0, description="Below this much free space on the outbox or spool filesystem, intake and new "
-        "jobs pause (nothing is failed); they resume once space returns."
+        256,
+        ge=0,
+        description="Below this much free space on the outbox or spool filesystem, intake and new "
+        "jobs pause (nothing is failed); they resume once space returns.",
     )
 
 
@@ -95,11 +98,15 @@ class ModelsConfig(_Frozen):
     )
     allow_lossy: bool = Field(False, description="Allow FP8 weight storage when nothing else fits.")
     auto_download: bool = Field(
-        True, description="A job whose registry model is not downloaded waits (waiting_for_model) while the daemon "
-        "downloads it in the background; other jobs keep running."
+        True,
+        description="A job whose registry model is not downloaded waits (waiting_for_model) while the daemon "
+        "downloads it in the background; other jobs keep running.",
     )
-    vae_tiling: bool = Field(False, description="Decode every video with VAE tiling (lower peak memory, a little "
-                             "slower). Out-of-memory retries turn it on per job anyway.")
+    vae_tiling: bool = Field(
+        False,
+        description="Decode every video with VAE tiling (lower peak memory, a little "
+        "slower). Out-of-memory retries turn it on per job anyway.",
+    )
     default: str = Field(
         "auto",
         description="Model for jobs that name none. auto: wan2.2-ti2v-5b when its weights are in the Hugging Face "
@@ -121,44 +128,58 @@ class WorkerConfig(_Frozen):
     start_timeout_seconds: float = Field(300.0, gt=0)
     max_cached_pipelines: int = Field(2, ge=1, description="Pipelines kept warm in the worker (LRU).")
     cache_budget_mb: float | None = Field(
-        None, gt=0, description="Memory warm pipelines may hold; the least recently used are evicted when a new "
-        "one would not fit. Default: 90% of the GPU's memory, or half the host's RAM on a CPU."
+        None,
+        gt=0,
+        description="Memory warm pipelines may hold; the least recently used are evicted when a new "
+        "one would not fit. Default: 90% of the GPU's memory, or half the host's RAM on a CPU.",
     )
     overlap_encoding: Literal["auto", "on", "off"] = Field(
-        "auto", description="Encode a finished job's MP4 on a worker thread while the device generates the next "
-        "job. auto: on for a GPU; off on a CPU, where the encoder would take cores from the generation."
+        "auto",
+        description="Encode a finished job's MP4 on a worker thread while the device generates the next "
+        "job. auto: on for a GPU; off on a CPU, where the encoder would take cores from the generation.",
     )
     cpu_threads: int | None = Field(
-        None, ge=1, description="Torch threads of a worker that computes on the CPU. Default: the host's cores "
+        None,
+        ge=1,
+        description="Torch threads of a worker that computes on the CPU. Default: the host's cores "
         "shared equally among the daemon's workers (OpenMP threads of two workers on the same cores slow both "
-        "down many times over)."
+        "down many times over).",
     )
 
 
 class InstanceConfig(_Frozen):
     """Identity of this daemon among those sharing one inbox (one host or several, NFS/SMB)."""
 
-    id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$",
-                           description="Unique per daemon on a shared inbox. Default: the host name.")
+    id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        description="Unique per daemon on a shared inbox. Default: the host name.",
+    )
     heartbeat_seconds: float = Field(5.0, gt=0, description="How often the lease file is touched.")
     lease_grace_seconds: float = Field(
-        120.0, gt=0, description="A daemon silent for this long is presumed dead and its jobs are taken over. "
-        "Keep it above the NFS attribute-cache time (acregmax, 60 s by default) plus clock skew."
+        120.0,
+        gt=0,
+        description="A daemon silent for this long is presumed dead and its jobs are taken over. "
+        "Keep it above the NFS attribute-cache time (acregmax, 60 s by default) plus clock skew.",
     )
     takeover_check_seconds: float = Field(15.0, gt=0)
 
     @model_validator(mode="after")
-    def _grace_outlasts_heartbeats(self) -> "InstanceConfig":
+    def _grace_outlasts_heartbeats(self) -> InstanceConfig:
         if self.lease_grace_seconds <= 2 * self.heartbeat_seconds:
-            raise ValueError(f"lease_grace_seconds ({self.lease_grace_seconds:g}) must be more than twice "
-                             f"heartbeat_seconds ({self.heartbeat_seconds:g}), or live daemons take each other over")
+            raise ValueError(
+                f"lease_grace_seconds ({self.lease_grace_seconds:g}) must be more than twice "
+                f"heartbeat_seconds ({self.heartbeat_seconds:g}), or live daemons take each other over"
+            )
         return self
 
 
 class ShutdownConfig(_Frozen):
     timeout_seconds: float = Field(
-        30.0, gt=0, description="On SIGTERM the running job is interrupted at its next step and requeued; a "
-        "worker that has not stopped by then is killed."
+        30.0,
+        gt=0,
+        description="On SIGTERM the running job is interrupted at its next step and requeued; a "
+        "worker that has not stopped by then is killed.",
     )
 
 
@@ -169,8 +190,9 @@ class HealthConfig(_Frozen):
 
 class MetricsConfig(_Frozen):
     textfile: Path | None = Field(
-        None, description="Prometheus text file for node_exporter's textfile collector, e.g. "
-        "/var/lib/node_exporter/textfile_collector/wan-daemon.prom. Off when null."
+        None,
+        description="Prometheus text file for node_exporter's textfile collector, e.g. "
+        "/var/lib/node_exporter/textfile_collector/wan-daemon.prom. Off when null.",
     )
     interval_seconds: float = Field(15.0, gt=0)
 
@@ -193,7 +215,7 @@ class Schedule(_Frozen):
     enabled: bool = True
 
     @model_validator(mode="after")
-    def _one_source(self) -> "Schedule":
+    def _one_source(self) -> Schedule:
         if (self.job is None) == (self.template is None):
             raise ValueError("give exactly one of `job` (a file) or `template` (inline YAML)")
         try:
@@ -282,22 +304,30 @@ def resolve(file: SettingsFile) -> Settings:
     """What the file says -> what the daemon runs on."""
     paths = file.paths.resolved()
     instance_id = file.instance.id or default_owner_id()
-    health_path = (Path(file.health.path).expanduser().resolve() if file.health.path
-                   else paths.state / "health" / f"{instance_id}.json")
-    history_path = (Path(file.history.path).expanduser().resolve() if file.history.path
-                    else paths.state / "history" / f"{instance_id}.sqlite")
+    health_path = (
+        Path(file.health.path).expanduser().resolve()
+        if file.health.path
+        else paths.state / "health" / f"{instance_id}.json"
+    )
+    history_path = (
+        Path(file.history.path).expanduser().resolve()
+        if file.history.path
+        else paths.state / "history" / f"{instance_id}.sqlite"
+    )
     metrics = file.metrics
     if metrics.textfile is not None:
         metrics = metrics.model_copy(update={"textfile": Path(metrics.textfile).expanduser().resolve()})
-    schedules = [sc.model_copy(update={"job": Path(sc.job).expanduser().resolve()}) if sc.job else sc
-                 for sc in file.schedules]
+    schedules = [
+        sc.model_copy(update={"job": Path(sc.job).expanduser().resolve()}) if sc.job else sc for sc in file.schedules
+    ]
     fields = {name: getattr(file, name) for name in SettingsFile.model_fields}
     fields.update(
         paths=paths,
         instance=ResolvedInstance(**{**file.instance.model_dump(), "id": instance_id}),
         health=ResolvedHealth(**{**file.health.model_dump(), "path": health_path}),
         history=ResolvedHistory(**{**file.history.model_dump(), "path": history_path}),
-        metrics=metrics, schedules=schedules,
+        metrics=metrics,
+        schedules=schedules,
     )
     return Settings(**fields)
 

@@ -85,7 +85,9 @@ DEFAULT_SUGGESTIONS: dict[Category, list[str]] = {
         "Put the input file under one of the configured input roots (paths.input_roots) and refer to it "
         "by a relative path.",
     ],
-    Category.INVALID_LORA: ["Check the LoRA path, that it is a .safetensors file, and that it was trained for this model."],
+    Category.INVALID_LORA: [
+        "Check the LoRA path, that it is a .safetensors file, and that it was trained for this model."
+    ],
     Category.DUPLICATE_JOB: [
         "Give the job a new `id` (or `output.basename`), or remove the existing output from the outbox "
         "if you really want it made again.",
@@ -155,7 +157,7 @@ class JobError(WanDaemonError):
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "JobError":
+    def from_dict(cls, data: dict[str, Any]) -> JobError:
         return cls(
             Category(data["error_category"]),
             data["message"],

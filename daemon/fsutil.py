@@ -12,8 +12,9 @@ import errno
 import json
 import os
 import secrets
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 TEMP_PREFIX = ".wan-tmp-"
 
@@ -70,8 +71,9 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644, durable: b
 
 
 def atomic_write_json(path: Path, data: Any, *, durable: bool = True) -> None:
-    atomic_write_bytes(path, (json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n").encode(),
-                       durable=durable)
+    atomic_write_bytes(
+        path, (json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n").encode(), durable=durable
+    )
 
 
 def read_json(path: Path) -> Any:
@@ -131,7 +133,7 @@ def remove_stale_temps(folder: Path, owner: str | None = None, max_age_seconds: 
     than ``max_age_seconds`` (never published, so nobody depends on them; another live daemon's are young)."""
     import time
 
-    removed = []
+    removed: list[Path] = []
     if not folder.is_dir():
         return removed
     mine = f"{TEMP_PREFIX}{owner}~" if owner else None
@@ -171,7 +173,7 @@ def sha256_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def open_confined(path: Path, root_candidates: list[Path], *, max_bytes: int) -> Iterator[Any]:
+def open_confined(path: Path, root_candidates: Sequence[Path | str], *, max_bytes: int) -> Iterator[Any]:
     """Open ``path`` for reading only if it lies inside one of ``root_candidates``.
 
     Refuses absolute paths outside the roots, ``..`` escapes and symlinks anywhere on the way. The

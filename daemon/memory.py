@@ -141,8 +141,18 @@ def _mode(mode: str) -> str:
     return mode
 
 
-def phase_peaks_mb(architecture: str, width: int, height: int, frames: int, mode: str, *, dtype: str = "bf16",
-                   fp8: bool = False, vae_tiling: bool = False, tiny: bool = False) -> dict[str, float]:
+def phase_peaks_mb(
+    architecture: str,
+    width: int,
+    height: int,
+    frames: int,
+    mode: str,
+    *,
+    dtype: str = "bf16",
+    fp8: bool = False,
+    vae_tiling: bool = False,
+    tiny: bool = False,
+) -> dict[str, float]:
     """The raw model: MiB on the GPU at each phase's peak (no CUDA context, margin or correction)."""
     if architecture not in TRANSFORMER_MB:
         raise ValueError(f"unknown architecture {architecture!r} (one of {', '.join(ARCHITECTURES)})")
@@ -166,35 +176,52 @@ def phase_peaks_mb(architecture: str, width: int, height: int, frames: int, mode
         weights = transformer * EXPERTS[architecture] + text_encoder + vae
         return {"text_encode": weights + TEXT_ENCODER_ACT_MB, "denoise": weights + act, "decode": weights + decode}
     if mode == "model":
-        return {"text_encode": text_encoder + TEXT_ENCODER_ACT_MB, "denoise": transformer + act,
-                "decode": vae + decode}
+        return {"text_encode": text_encoder + TEXT_ENCODER_ACT_MB, "denoise": transformer + act, "decode": vae + decode}
     if mode == "group":
         te_block = (text_encoder - TEXT_ENCODER_EMBEDDING_MB * d) / TEXT_ENCODER_BLOCKS
         te = TEXT_ENCODER_EMBEDDING_MB * d + GROUP_BLOCKS_ON_GPU * te_block
         blocks = GROUP_BLOCKS_ON_GPU * transformer / TRANSFORMER_BLOCKS[architecture]
         return {"text_encode": te + TEXT_ENCODER_ACT_MB, "denoise": blocks + act, "decode": vae + decode}
     # sequential
-    return {"text_encode": TEXT_ENCODER_EMBEDDING_MB * d + TEXT_ENCODER_ACT_MB,
-            "denoise": SEQUENTIAL_TRANSFORMER_MB * d + act, "decode": SEQUENTIAL_VAE_MB + decode}
+    return {
+        "text_encode": TEXT_ENCODER_EMBEDDING_MB * d + TEXT_ENCODER_ACT_MB,
+        "denoise": SEQUENTIAL_TRANSFORMER_MB * d + act,
+        "decode": SEQUENTIAL_VAE_MB + decode,
+    }
 
 
-def book_key(architecture: str, mode: str, dtype: str = "bf16", vae_tiling: bool = False, *,
-             tiny: bool = False) -> str:
+def book_key(architecture: str, mode: str, dtype: str = "bf16", vae_tiling: bool = False, *, tiny: bool = False) -> str:
     """PeakBook key. Tiny models get their own keys (``tiny:<arch>``): their peaks say nothing about real ones."""
     arch = f"tiny:{architecture}" if tiny else architecture
     return f"{arch}|{_mode(mode)}|{dtype}|{'tiled' if vae_tiling else 'full'}"
 
 
-def estimate_mb(architecture: str, width: int, height: int, frames: int, mode: str, *, dtype: str = "bf16",
-                fp8: bool = False, vae_tiling: bool = False, book: "PeakBook | None" = None,
-                tiny: bool = False) -> int:
+def estimate_mb(
+    architecture: str,
+    width: int,
+    height: int,
+    frames: int,
+    mode: str,
+    *,
+    dtype: str = "bf16",
+    fp8: bool = False,
+    vae_tiling: bool = False,
+    book: PeakBook | None = None,
+    tiny: bool = False,
+) -> int:
     """Peak GPU memory (MiB, rounded up, margin included) of one job in one offload mode.
 
     ``mode`` is one of :data:`MODES` (``"none"`` is accepted for ``"resident"``). Raises ValueError on an
     unknown architecture, mode or dtype.
     """
-    raw = max(phase_peaks_mb(architecture, width, height, frames, mode, dtype=dtype, fp8=fp8,
-                             vae_tiling=vae_tiling, tiny=tiny).values()) + CUDA_CONTEXT_MB
+    raw = (
+        max(
+            phase_peaks_mb(
+                architecture, width, height, frames, mode, dtype=dtype, fp8=fp8, vae_tiling=vae_tiling, tiny=tiny
+            ).values()
+        )
+        + CUDA_CONTEXT_MB
+    )
     correction = book.correction(book_key(architecture, mode, dtype, vae_tiling, tiny=tiny)) if book else 1.0
     return math.ceil(raw * correction * (1 + SAFETY_MARGIN))
 
@@ -227,8 +254,11 @@ class PeakBook:
             try:
                 data = read_json(self.path)
                 entries = data.get("entries", {}) if isinstance(data, dict) else {}
-                self._entries = {k: dict(v) for k, v in entries.items()
-                                 if isinstance(v, dict) and isinstance(v.get("correction"), (int, float))}
+                self._entries = {
+                    k: dict(v)
+                    for k, v in entries.items()
+                    if isinstance(v, dict) and isinstance(v.get("correction"), (int, float))
+                }
             except (OSError, ValueError) as exc:
                 logger.warning("peakbook.unreadable path={} error={}; starting afresh", self.path, exc)
 
@@ -236,8 +266,7 @@ class PeakBook:
         entry = self._entries.get(key)
         return float(entry["correction"]) if entry else 1.0
 
-    def record(self, key: str, estimate_mb: int, measured_mb: float, *,
-               correction_used: float | None = None) -> float:
+    def record(self, key: str, estimate_mb: int, measured_mb: float, *, correction_used: float | None = None) -> float:
         """Learn from one run: ``estimate_mb`` is what :func:`estimate_mb` said for it (with this book, so
         with the correction in force then: pass ``correction_used`` if that differs from the current one,
         1.0 for an estimate made without a book). Persists the book; returns the new correction."""
@@ -250,9 +279,12 @@ class PeakBook:
             sample = min(self.HIGH, max(self.LOW, measured_mb / raw))
             new = min(self.HIGH, max(self.LOW, (1 - self.ALPHA) * old + self.ALPHA * sample))
             prev = self._entries.get(key, {})
-            self._entries[key] = {"correction": round(new, 6), "samples": int(prev.get("samples", 0)) + 1,
-                                  "last_estimate_mb": int(estimate_mb),
-                                  "last_measured_mb": round(float(measured_mb), 1)}
+            self._entries[key] = {
+                "correction": round(new, 6),
+                "samples": int(prev.get("samples", 0)) + 1,
+                "last_estimate_mb": int(estimate_mb),
+                "last_measured_mb": round(float(measured_mb), 1),
+            }
             if self.path is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write_json(self.path, {"version": self.VERSION, "entries": self._entries})
@@ -310,8 +342,9 @@ def candidates(*, override: str = "auto", allow_lossy: bool = False) -> list[tup
     return order
 
 
-def plan_for(job: JobDemand, free_mb: int, *, override: str = "auto", allow_lossy: bool = False,
-             book: PeakBook | None = None) -> Plan | None:
+def plan_for(
+    job: JobDemand, free_mb: int, *, override: str = "auto", allow_lossy: bool = False, book: PeakBook | None = None
+) -> Plan | None:
     """The fastest (mode, tiling, fp8) whose estimate fits ``free_mb``; None when none does.
 
     Order: resident, resident+tiling, model, model+tiling, group, group+tiling, sequential,
@@ -320,19 +353,42 @@ def plan_for(job: JobDemand, free_mb: int, *, override: str = "auto", allow_loss
     fp8 are still tried).
     """
     for mode, tiling, fp8 in candidates(override=override, allow_lossy=allow_lossy):
-        est = estimate_mb(job.architecture, job.width, job.height, job.frames, mode, dtype=job.dtype, fp8=fp8,
-                          vae_tiling=tiling, book=book, tiny=job.tiny)
+        est = estimate_mb(
+            job.architecture,
+            job.width,
+            job.height,
+            job.frames,
+            mode,
+            dtype=job.dtype,
+            fp8=fp8,
+            vae_tiling=tiling,
+            book=book,
+            tiny=job.tiny,
+        )
         if est <= free_mb:
             return Plan(mode, tiling, fp8, est)
     return None
 
 
-def strongest_estimate_mb(job: JobDemand, *, override: str = "auto", allow_lossy: bool = False,
-                          book: PeakBook | None = None) -> int:
+def strongest_estimate_mb(
+    job: JobDemand, *, override: str = "auto", allow_lossy: bool = False, book: PeakBook | None = None
+) -> int:
     """The smallest estimate over every allowed candidate (what an empty GPU must at least hold)."""
-    return min(estimate_mb(job.architecture, job.width, job.height, job.frames, mode, dtype=job.dtype, fp8=fp8,
-                           vae_tiling=tiling, book=book, tiny=job.tiny)
-               for mode, tiling, fp8 in candidates(override=override, allow_lossy=allow_lossy))
+    return min(
+        estimate_mb(
+            job.architecture,
+            job.width,
+            job.height,
+            job.frames,
+            mode,
+            dtype=job.dtype,
+            fp8=fp8,
+            vae_tiling=tiling,
+            book=book,
+            tiny=job.tiny,
+        )
+        for mode, tiling, fp8 in candidates(override=override, allow_lossy=allow_lossy)
+    )
 
 
 def optimizations(plan: Plan) -> list[str]:

@@ -24,7 +24,9 @@ I2V_A14B = "wan2.2-i2v-a14b"
 TI2V_5B = "wan2.2-ti2v-5b"
 T2V_SINGLE = "wan-t2v"  # one-transformer text-to-video (Wan2.1 style), for local folders
 
-TASKS_BY_ARCH: dict[str, tuple[str, ...]] = {
+#: What a job asks for: text-to-video, image-to-video, or the TI2V models' own mode.
+Task = Literal["t2v", "i2v", "ti2v"]
+TASKS_BY_ARCH: dict[str, tuple[Task, ...]] = {
     T2V_A14B: ("t2v",),
     I2V_A14B: ("i2v",),
     TI2V_5B: ("ti2v", "t2v", "i2v"),
@@ -66,7 +68,7 @@ class ModelInfo:
     description: str = ""
 
     @property
-    def tasks(self) -> tuple[str, ...]:
+    def tasks(self) -> tuple[Task, ...]:
         return TASKS_BY_ARCH[self.architecture]
 
     @property
@@ -77,30 +79,142 @@ class ModelInfo:
 REGISTRY: dict[str, ModelInfo] = {
     m.name: m
     for m in [
-        ModelInfo(T2V_A14B, T2V_A14B, "Wan-AI/Wan2.2-T2V-A14B-Diffusers", 1280, 720, 81, 16, 40, 4.0, 3.0, 12.0, 16,
-                  description="Wan2.2 text-to-video, two 14B experts (boundary 0.875)"),
-        ModelInfo(I2V_A14B, I2V_A14B, "Wan-AI/Wan2.2-I2V-A14B-Diffusers", 1280, 720, 81, 16, 40, 3.5, 3.5, 5.0, 16,
-                  description="Wan2.2 image-to-video, two 14B experts (boundary 0.9)"),
-        ModelInfo(TI2V_5B, TI2V_5B, "Wan-AI/Wan2.2-TI2V-5B-Diffusers", 1280, 704, 121, 24, 50, 5.0, None, 5.0, 32,
-                  description="Wan2.2 text/image-to-video 5B, 48-channel VAE"),
+        ModelInfo(
+            T2V_A14B,
+            T2V_A14B,
+            "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+            1280,
+            720,
+            81,
+            16,
+            40,
+            4.0,
+            3.0,
+            12.0,
+            16,
+            description="Wan2.2 text-to-video, two 14B experts (boundary 0.875)",
+        ),
+        ModelInfo(
+            I2V_A14B,
+            I2V_A14B,
+            "Wan-AI/Wan2.2-I2V-A14B-Diffusers",
+            1280,
+            720,
+            81,
+            16,
+            40,
+            3.5,
+            3.5,
+            5.0,
+            16,
+            description="Wan2.2 image-to-video, two 14B experts (boundary 0.9)",
+        ),
+        ModelInfo(
+            TI2V_5B,
+            TI2V_5B,
+            "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+            1280,
+            704,
+            121,
+            24,
+            50,
+            5.0,
+            None,
+            5.0,
+            32,
+            description="Wan2.2 text/image-to-video 5B, 48-channel VAE",
+        ),
         # Tiny twins: the same architectures with random weights, built locally. The video is noise.
-        ModelInfo("tiny-t2v-a14b", T2V_A14B, None, 64, 64, 9, 16, 3, 4.0, 3.0, 12.0, 16, tiny=True,
-                  description="TEST MODEL: T2V-A14B architecture, tiny, random weights (video is noise)"),
-        ModelInfo("tiny-i2v-a14b", I2V_A14B, None, 64, 64, 9, 16, 3, 3.5, 3.5, 5.0, 16, tiny=True,
-                  description="TEST MODEL: I2V-A14B architecture, tiny, random weights (video is noise)"),
-        ModelInfo("tiny-ti2v-5b", TI2V_5B, None, 64, 64, 9, 24, 3, 5.0, None, 5.0, 32, tiny=True,
-                  description="TEST MODEL: TI2V-5B architecture, tiny, random weights (video is noise)"),
+        ModelInfo(
+            "tiny-t2v-a14b",
+            T2V_A14B,
+            None,
+            64,
+            64,
+            9,
+            16,
+            3,
+            4.0,
+            3.0,
+            12.0,
+            16,
+            tiny=True,
+            description="TEST MODEL: T2V-A14B architecture, tiny, random weights (video is noise)",
+        ),
+        ModelInfo(
+            "tiny-i2v-a14b",
+            I2V_A14B,
+            None,
+            64,
+            64,
+            9,
+            16,
+            3,
+            3.5,
+            3.5,
+            5.0,
+            16,
+            tiny=True,
+            description="TEST MODEL: I2V-A14B architecture, tiny, random weights (video is noise)",
+        ),
+        ModelInfo(
+            "tiny-ti2v-5b",
+            TI2V_5B,
+            None,
+            64,
+            64,
+            9,
+            24,
+            3,
+            5.0,
+            None,
+            5.0,
+            32,
+            tiny=True,
+            description="TEST MODEL: TI2V-5B architecture, tiny, random weights (video is noise)",
+        ),
         # For small GPUs (about 8 GB of VRAM): Wan2.1 1.3B text-to-video, one transformer, 16-channel VAE;
         # Wan2.1's recommended 480p settings (50 steps, guidance 5.0, shift 3.0).
-        ModelInfo("wan2.1-t2v-1.3b", T2V_SINGLE, "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 832, 480, 81, 16, 50, 5.0, None,
-                  3.0, 16, description="Wan2.1 text-to-video 1.3B, one transformer (small GPUs, about 8 GB)"),
-        ModelInfo("tiny-t2v-1.3b", T2V_SINGLE, None, 64, 64, 9, 16, 3, 5.0, None, 3.0, 16, tiny=True,
-                  description="TEST MODEL: Wan2.1 T2V-1.3B architecture, tiny, random weights (video is noise)"),
+        ModelInfo(
+            "wan2.1-t2v-1.3b",
+            T2V_SINGLE,
+            "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+            832,
+            480,
+            81,
+            16,
+            50,
+            5.0,
+            None,
+            3.0,
+            16,
+            description="Wan2.1 text-to-video 1.3B, one transformer (small GPUs, about 8 GB)",
+        ),
+        ModelInfo(
+            "tiny-t2v-1.3b",
+            T2V_SINGLE,
+            None,
+            64,
+            64,
+            9,
+            16,
+            3,
+            5.0,
+            None,
+            3.0,
+            16,
+            tiny=True,
+            description="TEST MODEL: Wan2.1 T2V-1.3B architecture, tiny, random weights (video is noise)",
+        ),
     ]
 }
 
-TINY_FOR: dict[str, str] = {T2V_A14B: "tiny-t2v-a14b", I2V_A14B: "tiny-i2v-a14b", TI2V_5B: "tiny-ti2v-5b",
-                             T2V_SINGLE: "tiny-t2v-1.3b"}
+TINY_FOR: dict[str, str] = {
+    T2V_A14B: "tiny-t2v-a14b",
+    I2V_A14B: "tiny-i2v-a14b",
+    TI2V_5B: "tiny-ti2v-5b",
+    T2V_SINGLE: "tiny-t2v-1.3b",
+}
 
 
 class LocatedModel(BaseModel):
@@ -120,11 +234,31 @@ class LocatedModel(BaseModel):
     def _from_flat_summary(cls, data: Any) -> Any:
         if isinstance(data, dict) and "info" not in data and "name" in data:
             known = REGISTRY.get(data["name"])
-            info = known if known is not None and known.architecture == data.get("architecture") else ModelInfo(
-                data["name"], data.get("architecture", ""), data.get("repo_id"), 0, 0, 0, 0, 0, 0.0, None, 0.0,
-                int(data.get("multiple") or 16), tiny=bool(data.get("tiny_random_weights")))
-            return {"info": info, "path": data.get("path"), "source": data.get("source", "local"),
-                    "revision": data.get("revision")}
+            info = (
+                known
+                if known is not None and known.architecture == data.get("architecture")
+                else ModelInfo(
+                    data["name"],
+                    data.get("architecture", ""),
+                    data.get("repo_id"),
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0.0,
+                    None,
+                    0.0,
+                    int(data.get("multiple") or 16),
+                    tiny=bool(data.get("tiny_random_weights")),
+                )
+            )
+            return {
+                "info": info,
+                "path": data.get("path"),
+                "source": data.get("source", "local"),
+                "revision": data.get("revision"),
+            }
         return data
 
     @property
@@ -177,8 +311,10 @@ def needed_patterns(architecture: str) -> list[str]:
     if arch not in ARCHITECTURES:
         info = REGISTRY.get(arch)
         if info is None:
-            raise ValueError(f"unknown architecture or model {architecture!r}; expected one of "
-                             f"{', '.join(ARCHITECTURES)} or a registry name")
+            raise ValueError(
+                f"unknown architecture or model {architecture!r}; expected one of "
+                f"{', '.join(ARCHITECTURES)} or a registry name"
+            )
         arch = info.architecture
     weights = ["text_encoder", "transformer", "vae"]
     if arch in TWO_EXPERT_ARCHITECTURES:
@@ -240,8 +376,15 @@ def _folder_multiple(path: Path) -> int:
 def info_for_folder(name: str, path: Path, repo_id: str | None = None) -> ModelInfo:
     arch = inspect_folder(path)
     base = REGISTRY["wan2.1-t2v-1.3b"] if arch == T2V_SINGLE else (REGISTRY.get(arch) or REGISTRY[TI2V_5B])
-    return replace(base, name=name, architecture=arch, repo_id=repo_id, multiple=_folder_multiple(path), tiny=False,
-                   description=f"local diffusers folder ({arch})")
+    return replace(
+        base,
+        name=name,
+        architecture=arch,
+        repo_id=repo_id,
+        multiple=_folder_multiple(path),
+        tiny=False,
+        description=f"local diffusers folder ({arch})",
+    )
 
 
 def locate(model: str, *, models_dir: Path, model_roots: list[Path]) -> LocatedModel:
@@ -254,14 +397,17 @@ def locate(model: str, *, models_dir: Path, model_roots: list[Path]) -> LocatedM
         folder = tiny_model_dir(models_dir, info.name)
         return LocatedModel(info=info, path=folder if (folder / "model_index.json").is_file() else None, source="tiny")
     if info is not None:
+        assert info.repo_id is not None  # every registry model that is not tiny names its hub repo
         snap = hub_snapshot(info.repo_id)
         if snap is None:
             raise JobError(
                 Category.MODEL_NOT_FOUND,
                 f"model {model!r} ({info.repo_id}) is not in the local Hugging Face cache",
-                [f"Download it: `wan-daemon models download {info.name}` (about 30-120 GB), "
-                 "or turn on models.auto_download.",
-                 f"Or set `model:` to {TINY_FOR[info.architecture]!r} to test the daemon with a tiny random model."],
+                [
+                    f"Download it: `wan-daemon models download {info.name}` (about 30-120 GB), "
+                    "or turn on models.auto_download.",
+                    f"Or set `model:` to {TINY_FOR[info.architecture]!r} to test the daemon with a tiny random model.",
+                ],
                 {"repo_id": info.repo_id},
             )
         return LocatedModel(info=info, path=snap[0], source="hub-cache", revision=snap[1])
@@ -275,8 +421,9 @@ def locate(model: str, *, models_dir: Path, model_roots: list[Path]) -> LocatedM
     if "/" in model and not raw.is_absolute() and model.count("/") == 1:
         snap = hub_snapshot(model)
         if snap is not None:
-            return LocatedModel(info=info_for_folder(model, snap[0], repo_id=model), path=snap[0], source="hub-cache",
-                                revision=snap[1])
+            return LocatedModel(
+                info=info_for_folder(model, snap[0], repo_id=model), path=snap[0], source="hub-cache", revision=snap[1]
+            )
         raise JobError(
             Category.MODEL_NOT_FOUND,
             f"model {model!r} is neither a registry name, a local diffusers folder, nor a repo in the local "
@@ -296,6 +443,8 @@ def default_model(configured: str, *, cuda_available: bool) -> str:
     present, otherwise the tiny TI2V-5B test model (and the daemon says so loudly)."""
     if configured != "auto":
         return configured
-    if cuda_available and hub_snapshot(REGISTRY[TI2V_5B].repo_id) is not None:
+    repo_id = REGISTRY[TI2V_5B].repo_id
+    assert repo_id is not None  # a real registry model
+    if cuda_available and hub_snapshot(repo_id) is not None:
         return TI2V_5B
     return "tiny-ti2v-5b"

@@ -23,8 +23,12 @@ from daemon.jobspec.params import ResolvedParams
 from daemon.models import REGISTRY, TI2V_5B, TINY_FOR
 
 OFFLOAD_LADDER = ("none", "model", "group", "sequential")
-SMALLER_MODEL = {"wan2.2-t2v-a14b": TI2V_5B, "wan2.2-i2v-a14b": TI2V_5B,
-                 "tiny-t2v-a14b": TINY_FOR[TI2V_5B], "tiny-i2v-a14b": TINY_FOR[TI2V_5B]}
+SMALLER_MODEL = {
+    "wan2.2-t2v-a14b": TI2V_5B,
+    "wan2.2-i2v-a14b": TI2V_5B,
+    "tiny-t2v-a14b": TINY_FOR[TI2V_5B],
+    "tiny-i2v-a14b": TINY_FOR[TI2V_5B],
+}
 RESOLUTION_STEP = 0.75  # per side: about 56% of the pixels
 
 
@@ -41,8 +45,7 @@ def _snap(value: float, multiple: int) -> int:
     return max(multiple, int(value) // multiple * multiple)
 
 
-def _oom_rung(params: ResolvedParams, model: str, fallback: list[str], device: str,
-              multiple: int) -> Decision | None:
+def _oom_rung(params: ResolvedParams, model: str, fallback: list[str], device: str, multiple: int) -> Decision | None:
     offload = params.offload
     if device == "cuda" and offload != OFFLOAD_LADDER[-1]:
         nxt = OFFLOAD_LADDER[OFFLOAD_LADDER.index(offload) + 1]
@@ -53,34 +56,60 @@ def _oom_rung(params: ResolvedParams, model: str, fallback: list[str], device: s
         if kind == "lower_resolution":
             w, h = _snap(params.width * RESOLUTION_STEP, multiple), _snap(params.height * RESOLUTION_STEP, multiple)
             if (w, h) != (params.width, params.height):
-                return Decision(True, 0.0, f"out of memory: lowering the resolution to {w}x{h}",
-                                {"width": w, "height": h},
-                                {"kind": "lower_resolution", "from": f"{params.width}x{params.height}",
-                                 "to": f"{w}x{h}"})
+                return Decision(
+                    True,
+                    0.0,
+                    f"out of memory: lowering the resolution to {w}x{h}",
+                    {"width": w, "height": h},
+                    {"kind": "lower_resolution", "from": f"{params.width}x{params.height}", "to": f"{w}x{h}"},
+                )
         elif kind == "fewer_frames":
             frames = (params.frames - 1) // 2 // 4 * 4 + 1
             if 5 <= frames < params.frames:
-                return Decision(True, 0.0, f"out of memory: generating {frames} frames instead of "
-                                f"{params.frames}", {"frames": frames},
-                                {"kind": "fewer_frames", "from": params.frames, "to": frames})
+                return Decision(
+                    True,
+                    0.0,
+                    f"out of memory: generating {frames} frames instead of {params.frames}",
+                    {"frames": frames},
+                    {"kind": "fewer_frames", "from": params.frames, "to": frames},
+                )
         elif kind == "smaller_model" and model in SMALLER_MODEL:
             smaller = SMALLER_MODEL[model]
-            return Decision(True, 0.0, f"out of memory: switching to the smaller model {smaller}",
-                            {"model": smaller}, {"kind": "smaller_model", "from": model, "to": smaller})
+            return Decision(
+                True,
+                0.0,
+                f"out of memory: switching to the smaller model {smaller}",
+                {"model": smaller},
+                {"kind": "smaller_model", "from": model, "to": smaller},
+            )
     return None
 
 
-def decide(error: JobError, attempts: int, *, params: ResolvedParams | None = None, model: str = "",
-           fallback: list[str] | None = None, device: str = "cpu", max_attempts: int, base_seconds: float,
-           cap_seconds: float, rng: random.Random | None = None, multiple: int | None = None) -> Decision:
+def decide(
+    error: JobError,
+    attempts: int,
+    *,
+    params: ResolvedParams | None = None,
+    model: str = "",
+    fallback: list[str] | None = None,
+    device: str = "cpu",
+    max_attempts: int,
+    base_seconds: float,
+    cap_seconds: float,
+    rng: random.Random | None = None,
+    multiple: int | None = None,
+) -> Decision:
     if error.category is Category.OUT_OF_MEMORY and params is not None:
         multiple = multiple or (REGISTRY[model].multiple if model in REGISTRY else 32)
         rung = _oom_rung(params, model, fallback or [], device, multiple)
         if rung is not None:
             return rung
         tried = f"offload {params.offload}, VAE tiling"
-        return Decision(False, reason=f"out of memory with every allowed measure applied ({tried}"
-                        f"{', fallbacks ' + ', '.join(fallback) if fallback else ''})")
+        return Decision(
+            False,
+            reason=f"out of memory with every allowed measure applied ({tried}"
+            f"{', fallbacks ' + ', '.join(fallback) if fallback else ''})",
+        )
     if error.outcome is not Outcome.RETRY:
         return Decision(False, reason=f"{error.category.value} is not retryable")
     draw = (rng or random).random()

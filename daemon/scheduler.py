@@ -31,8 +31,9 @@ constant), one ``plan`` call per (job, slot) tried. So :func:`assign` is O(n log
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple, TypeGuard
 
 from daemon.jobs import JobRecord, JobState
 from daemon.memory import MODES, JobDemand, Plan
@@ -50,16 +51,10 @@ def pick_next(queued: Iterable[JobRecord], now: float) -> JobRecord | None:
     return min(ready, key=order_key, default=None)
 
 
-def next_wakeup(queued: Iterable[JobRecord], now: float) -> float | None:
-    """When the earliest job still in backoff becomes ready (None if none waits)."""
-    later = [r.not_before for r in queued if r.state is JobState.QUEUED and r.not_before > now]
-    return min(later, default=None)
-
-
 # ---- aging ------------------------------------------------------------------------------------------
 
 
-def _aging_on(aging_bound_seconds: float | None) -> bool:
+def _aging_on(aging_bound_seconds: float | None) -> TypeGuard[float]:
     return aging_bound_seconds is not None and 0 < aging_bound_seconds < math.inf
 
 
@@ -68,8 +63,9 @@ def waited(record: JobRecord, now: float) -> float:
     return max(0.0, now - since)
 
 
-def effective_priority(record: JobRecord, now: float, aging_bound_seconds: float | None, *,
-                       span: float | None = None) -> float:
+def effective_priority(
+    record: JobRecord, now: float, aging_bound_seconds: float | None, *, span: float | None = None
+) -> float:
     """``priority + waited / aging_bound * span``.
 
     ``span`` is the priority distance aging must cover within the bound. Default :data:`PRIORITY_SPAN`
@@ -114,9 +110,15 @@ def _plan_rank(plan: Plan | None) -> tuple[int, int, int]:
     return (int(plan.fp8), MODES.index(plan.mode) if plan.mode in MODES else len(MODES), int(plan.vae_tiling))
 
 
-def assign(queued: list[JobRecord], slots: list[Slot], now: float, *, aging_bound_seconds: float | None,
-           demand: Callable[[JobRecord], JobDemand | None],
-           plan: Callable[[JobDemand, int], Plan | None]) -> list[Assignment]:
+def assign(
+    queued: list[JobRecord],
+    slots: list[Slot],
+    now: float,
+    *,
+    aging_bound_seconds: float | None,
+    demand: Callable[[JobRecord], JobDemand | None],
+    plan: Callable[[JobDemand, int], Plan | None],
+) -> list[Assignment]:
     """Jobs to start now, each on its own slot, in assignment order (see the module doc for the rules).
 
     ``demand(record)`` -> the job's :class:`daemon.memory.JobDemand`, or None when unknown (then any slot
@@ -150,7 +152,7 @@ def assign(queued: list[JobRecord], slots: list[Slot], now: float, *, aging_boun
 
     def options(r: JobRecord, warm_only: bool) -> list[tuple[tuple, int, Slot, Plan | None]]:
         d, name = demand_of(r), _model_name(r)
-        found = []
+        found: list[tuple[tuple, int, Slot, Plan | None]] = []
         for n, s in enumerate(free_slots):
             warm = name is not None and name in s.warm_models
             if warm_only and not warm:
@@ -209,8 +211,7 @@ def assign(queued: list[JobRecord], slots: list[Slot], now: float, *, aging_boun
 # ---- jobs no GPU can hold -------------------------------------------------------------------------
 
 
-def fits_nowhere(demand: JobDemand, gpu_totals_mb: list[int],
-                 plan: Callable[[JobDemand, int], Plan | None]) -> bool:
+def fits_nowhere(demand: JobDemand, gpu_totals_mb: list[int], plan: Callable[[JobDemand, int], Plan | None]) -> bool:
     """True when the job fits no GPU of the inventory even empty, in any mode ``plan`` allows.
 
     An empty inventory gives False: with no GPU, admission is not this function's business (a CPU host is
@@ -224,7 +225,9 @@ def insufficient_vram_message(demand: JobDemand, gpu_totals_mb: list[int], best_
     smallest estimate over the allowed modes, e.g. :func:`daemon.memory.strongest_estimate_mb`)."""
     largest = max(gpu_totals_mb, default=0)
     sizes = ", ".join(f"{t} MiB" for t in gpu_totals_mb) or "none"
-    return (f"{demand.architecture} at {demand.width}x{demand.height}, {demand.frames} frames needs about "
-            f"{best_estimate_mb} MiB ({best_estimate_mb / 1024:.1f} GiB) of GPU memory even with the strongest "
-            f"allowed offload and VAE tiling, but the largest GPU has {largest} MiB ({largest / 1024:.1f} GiB) "
-            f"(GPUs: {sizes}); lower the resolution or the frame count, or allow lossy fp8 weights")
+    return (
+        f"{demand.architecture} at {demand.width}x{demand.height}, {demand.frames} frames needs about "
+        f"{best_estimate_mb} MiB ({best_estimate_mb / 1024:.1f} GiB) of GPU memory even with the strongest "
+        f"allowed offload and VAE tiling, but the largest GPU has {largest} MiB ({largest / 1024:.1f} GiB) "
+        f"(GPUs: {sizes}); lower the resolution or the frame count, or allow lossy fp8 weights"
+    )

@@ -25,11 +25,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # The daemon's names for attention backends -> diffusers' AttentionBackendName values. Hub-kernel variants
 # are left out on purpose: they download code at run time.
 ATTENTION_BACKENDS: dict[str, str] = {
-    "native": "native",          # torch scaled_dot_product_attention, whichever kernel torch picks
-    "flash": "flash",            # flash-attn 2
-    "flash_3": "_flash_3",       # flash-attn 3 (Hopper)
-    "sage": "sage",              # SageAttention
-    "cudnn": "_native_cudnn",    # torch SDPA, cuDNN kernel
+    "native": "native",  # torch scaled_dot_product_attention, whichever kernel torch picks
+    "flash": "flash",  # flash-attn 2
+    "flash_3": "_flash_3",  # flash-attn 3 (Hopper)
+    "sage": "sage",  # SageAttention
+    "cudnn": "_native_cudnn",  # torch SDPA, cuDNN kernel
     "efficient": "_native_efficient",
     "flex": "flex",
     "xformers": "xformers",
@@ -37,7 +37,7 @@ ATTENTION_BACKENDS: dict[str, str] = {
 CPU_ATTENTION = {"native", "flex"}
 
 DEFAULT_FIRST_BLOCK_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default
-DEFAULT_MAG_THRESHOLD = 0.06          # the MagCache authors' setting for Wan2.2
+DEFAULT_MAG_THRESHOLD = 0.06  # the MagCache authors' setting for Wan2.2
 
 
 class CacheOptions(BaseModel):
@@ -46,22 +46,28 @@ class CacheOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["none", "first_block", "mag"] = Field(
-        "none", description="first_block: skip the remaining blocks while the first block's output barely "
-        "changes; mag: MagCache (needs mag_ratios); none: compute every step."
+        "none",
+        description="first_block: skip the remaining blocks while the first block's output barely "
+        "changes; mag: MagCache (needs mag_ratios); none: compute every step.",
     )
-    threshold: float | None = Field(None, gt=0, le=1, description="Higher skips more and costs quality. Default: "
-                                    "0.05 (first_block), 0.06 (mag).")
+    threshold: float | None = Field(
+        None, gt=0, le=1, description="Higher skips more and costs quality. Default: 0.05 (first_block), 0.06 (mag)."
+    )
     mag_ratios: list[float] | None = Field(
-        None, min_length=2, max_length=1000,
+        None,
+        min_length=2,
+        max_length=1000,
         description="MagCache's per-step magnitude ratios for this model (published per Wan2.2 model by the "
         "MagCache authors); interpolated to the job's step count.",
     )
 
     @model_validator(mode="after")
-    def _mag_needs_ratios(self) -> "CacheOptions":
+    def _mag_needs_ratios(self) -> CacheOptions:
         if self.type == "mag" and not self.mag_ratios:
-            raise ValueError("cache type mag needs mag_ratios: MagCache's magnitude ratios are model-specific "
-                             "(the MagCache authors publish them for each Wan2.2 model)")
+            raise ValueError(
+                "cache type mag needs mag_ratios: MagCache's magnitude ratios are model-specific "
+                "(the MagCache authors publish them for each Wan2.2 model)"
+            )
         if self.type != "mag" and self.mag_ratios:
             raise ValueError("mag_ratios apply only to cache type mag")
         return self
@@ -72,8 +78,11 @@ class SpeedConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    compile: bool = Field(False, description="torch.compile the transformer's repeated blocks (diffusers "
-                          "compile_repeated_blocks); compiled once per warm pipeline, reused by later jobs.")
+    compile: bool = Field(
+        False,
+        description="torch.compile the transformer's repeated blocks (diffusers "
+        "compile_repeated_blocks); compiled once per warm pipeline, reused by later jobs.",
+    )
     cache: CacheOptions = CacheOptions()
     attention_backend: Literal[tuple(ATTENTION_BACKENDS)] = "native"  # type: ignore[valid-type]
     min_cache_steps: int = Field(10, ge=1, description="Runs with fewer steps never use a cache.")
@@ -100,8 +109,9 @@ class SpeedPlan:
         return out + self.notes
 
 
-def plan_speed(params: Mapping[str, Any] | Any, *, two_experts: bool, device: str,
-               attention_problem: str | None = None) -> SpeedPlan:
+def plan_speed(
+    params: Mapping[str, Any] | Any, *, two_experts: bool, device: str, attention_problem: str | None = None
+) -> SpeedPlan:
     """Decide what a run applies from its resolved parameters (a ResolvedParams, or its fields as a
     mapping). Pure: no torch, no diffusers. ``attention_problem``: why the requested attention backend
     cannot run here (daemon.worker.speed.attention_available)."""
@@ -119,13 +129,18 @@ def plan_speed(params: Mapping[str, Any] | Any, *, two_experts: bool, device: st
             notes.append(f"cache:{kind} off ({steps} steps < speed.min_cache_steps {min_steps})")
             cache = None
         elif kind == "mag" and two_experts:
-            notes.append("cache:mag off (two-expert model: diffusers' MagCache assumes one transformer running "
-                         "every step, diffusers#14025)")
+            notes.append(
+                "cache:mag off (two-expert model: diffusers' MagCache assumes one transformer running "
+                "every step, diffusers#14025)"
+            )
             cache = None
         else:
             default = DEFAULT_MAG_THRESHOLD if kind == "mag" else DEFAULT_FIRST_BLOCK_THRESHOLD
-            cache = {"type": kind, "threshold": cache.get("threshold") or default,
-                     "mag_ratios": cache.get("mag_ratios")}
+            cache = {
+                "type": kind,
+                "threshold": cache.get("threshold") or default,
+                "mag_ratios": cache.get("mag_ratios"),
+            }
     else:
         cache = None
     attention = params.get("attention_backend") or "native"

@@ -48,8 +48,11 @@ class CueBackend:
         self.models_dir = Path(models_dir)
 
     def describe(self) -> DeviceInfo:
-        return DeviceInfo(device="cpu", device_name="cue-backend (test stand-in)",
-                          versions={"torch": "n/a", "diffusers": "n/a", "transformers": "n/a", "python": "n/a"})
+        return DeviceInfo(
+            device="cpu",
+            device_name="cue-backend (test stand-in)",
+            versions={"torch": "n/a", "diffusers": "n/a", "transformers": "n/a", "python": "n/a"},
+        )
 
     @staticmethod
     def _cues(payload: JobPayload) -> dict[str, str]:
@@ -108,6 +111,12 @@ class CueBackend:
             peak_rss_mb=0.0,
             frames_generated=params.frames,
             video_tmp=str(out),
-            video=VideoFacts(bytes=out.stat().st_size, sha256=sha256_file(out), frames=params.frames,
-                             fps=float(params.fps), width=params.width, height=params.height),
+            video=VideoFacts(
+                bytes=out.stat().st_size,
+                sha256=sha256_file(out),
+                frames=params.frames,
+                fps=float(params.fps),
+                width=params.width,
+                height=params.height,
+            ),
         )

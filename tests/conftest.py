@@ -8,8 +8,9 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -31,8 +32,12 @@ def models_dir(tmp_path_factory) -> Path:
 
 def fast_settings(root: Path, models_dir: Path, **overrides: Any):
     base: dict[str, Any] = {
-        "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "models": str(models_dir),
-                  "model_roots": [str(root)]},
+        "paths": {
+            "inbox": str(root / "inbox"),
+            "outbox": str(root / "outbox"),
+            "models": str(models_dir),
+            "model_roots": [str(root)],
+        },
         "watch": {"settle_seconds": 0.3, "rescan_interval_seconds": 1.0, "poll_interval_seconds": 0.2},
         "worker": {"retry_base_seconds": 0.0, "max_cached_pipelines": 2},
         "health": {"interval_seconds": 0.5},
@@ -72,7 +77,7 @@ class DaemonHarness:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
 
-    def start(self) -> "DaemonHarness":
+    def start(self) -> DaemonHarness:
         self.daemon = Daemon(self.settings, backend=self.backend, inventory=self.inventory)
         self.daemon.start()
 
@@ -175,6 +180,9 @@ SLOW_FIXTURES = {
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         name = item.path.name
-        if (name in SLOW_FILES or f"{name}::{item.originalname}" in SLOW_TESTS
-                or SLOW_FIXTURES.keys() & set(item.fixturenames)):
+        if (
+            name in SLOW_FILES
+            or f"{name}::{item.originalname}" in SLOW_TESTS
+            or SLOW_FIXTURES.keys() & set(item.fixturenames)
+        ):
             item.add_marker(pytest.mark.slow)

@@ -37,14 +37,31 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import parse_qs, unquote, urlsplit
 
-LFS_SUFFIXES = frozenset({".safetensors", ".bin", ".pth", ".pt", ".ckpt", ".model", ".onnx", ".gguf",
-                          ".png", ".jpg", ".jpeg", ".gif", ".webp", ".mp4", ".webm"})
+LFS_SUFFIXES = frozenset(
+    {
+        ".safetensors",
+        ".bin",
+        ".pth",
+        ".pt",
+        ".ckpt",
+        ".model",
+        ".onnx",
+        ".gguf",
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".gif",
+        ".webp",
+        ".mp4",
+        ".webm",
+    }
+)
 LFS_MIN_SIZE = 10 * 1024 * 1024
 POINTER_SIZE = 134
 PIECE = 16 * 1024
@@ -117,8 +134,14 @@ class _Repo:
 class HubServer:
     """The fake hub. Use as a context manager; ``url`` is the value for HF_ENDPOINT."""
 
-    def __init__(self, repos: dict[str, Path] | None = None, *, gated: dict[str, str] | None = None,
-                 lfs_redirect: bool = True, throttle_bps: float | None = None) -> None:
+    def __init__(
+        self,
+        repos: dict[str, Path] | None = None,
+        *,
+        gated: dict[str, str] | None = None,
+        lfs_redirect: bool = True,
+        throttle_bps: float | None = None,
+    ) -> None:
         self.repos: dict[str, _Repo] = {}
         for repo_id, folder in (repos or {}).items():
             self.add_repo(repo_id, folder)
@@ -177,13 +200,14 @@ class HubServer:
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
-    def start(self) -> "HubServer":
+    def start(self) -> HubServer:
         for listener in ("hub", "cdn"):
             handler = type(f"_{listener.title()}Handler", (_Handler,), {"hub": self, "listener": listener})
             server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
             server.daemon_threads = True
-            thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                      name=f"hubserver-{listener}", daemon=True)
+            thread = threading.Thread(
+                target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"hubserver-{listener}", daemon=True
+            )
             thread.start()
             self._servers.append(server)
             self._threads.append(thread)
@@ -201,7 +225,7 @@ class HubServer:
         self._servers.clear()
         self._threads.clear()
 
-    def __enter__(self) -> "HubServer":
+    def __enter__(self) -> HubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -235,15 +259,17 @@ class _Handler(BaseHTTPRequestHandler):
         parts = urlsplit(self.path)
         query = parse_qs(parts.query)
         with self.hub._lock:
-            self.hub.requests.append(Request(self.command, parts.path, query,
-                                             {k.lower(): v for k, v in self.headers.items()}, self.listener))
+            self.hub.requests.append(
+                Request(self.command, parts.path, query, {k.lower(): v for k, v in self.headers.items()}, self.listener)
+            )
         try:
             self._route(unquote(parts.path), query, head=head)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    def _send(self, status: int, headers: dict[str, str] | None = None, body: bytes = b"",
-              *, head: bool = False) -> None:
+    def _send(
+        self, status: int, headers: dict[str, str] | None = None, body: bytes = b"", *, head: bool = False
+    ) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -256,8 +282,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, data, *, head: bool) -> None:
         self._send(200, {"Content-Type": "application/json"}, json.dumps(data).encode(), head=head)
 
-    def _error(self, status: int, code: str | None, message: str, *, head: bool,
-               extra: dict[str, str] | None = None) -> None:
+    def _error(
+        self, status: int, code: str | None, message: str, *, head: bool, extra: dict[str, str] | None = None
+    ) -> None:
         headers = {"Content-Type": "application/json", "X-Error-Message": message, **(extra or {})}
         if code:
             headers["X-Error-Code"] = code
@@ -294,8 +321,12 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         needed = self.hub.gated.get(repo_id)
         if needed is not None and self.headers.get("authorization") != f"Bearer {needed}":
-            self._error(401, "GatedRepo", "Access to model is restricted. You must have access to it and be "
-                        "authenticated to access it.", head=head)
+            self._error(
+                401,
+                "GatedRepo",
+                "Access to model is restricted. You must have access to it and be authenticated to access it.",
+                head=head,
+            )
             return False
         return True
 
@@ -322,11 +353,25 @@ class _Handler(BaseHTTPRequestHandler):
                 if e.lfs:
                     s["lfs"] = {"size": e.size, "sha256": e.sha256, "pointerSize": POINTER_SIZE}
             siblings.append(s)
-        self._json({"_id": commit[:24], "id": repo_id, "modelId": repo_id, "author": repo_id.split("/")[0],
-                    "sha": commit, "lastModified": "2025-07-28T00:00:00.000Z", "private": False,
-                    "gated": "manual" if repo_id in self.hub.gated else False, "disabled": False,
-                    "downloads": 0, "likes": 0, "tags": ["diffusers"], "library_name": "diffusers",
-                    "siblings": siblings}, head=head)
+        self._json(
+            {
+                "_id": commit[:24],
+                "id": repo_id,
+                "modelId": repo_id,
+                "author": repo_id.split("/")[0],
+                "sha": commit,
+                "lastModified": "2025-07-28T00:00:00.000Z",
+                "private": False,
+                "gated": "manual" if repo_id in self.hub.gated else False,
+                "disabled": False,
+                "downloads": 0,
+                "likes": 0,
+                "tags": ["diffusers"],
+                "library_name": "diffusers",
+                "siblings": siblings,
+            },
+            head=head,
+        )
 
     def _tree(self, repo_id: str, revision: str, sub: str, query: dict, *, head: bool) -> None:
         resolved = self._resolve_rev(repo_id, revision, head=head)
@@ -339,7 +384,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, e in files.items():
             if not name.startswith(prefix):
                 continue
-            rel = name[len(prefix):]
+            rel = name[len(prefix) :]
             folders = rel.split("/")[:-1]
             for i in range(len(folders) if recursive else min(len(folders), 1)):
                 dirs.add(prefix + "/".join(folders[: i + 1]))
@@ -352,8 +397,7 @@ class _Handler(BaseHTTPRequestHandler):
         if prefix and not entries and not dirs:
             return self._error(404, "EntryNotFound", f"{sub} does not exist", head=head)
         tree_oid = lambda d: hashlib.sha1(d.encode()).hexdigest()  # noqa: E731
-        self._json([{"type": "directory", "oid": tree_oid(d), "path": d} for d in sorted(dirs)] + entries,
-                   head=head)
+        self._json([{"type": "directory", "oid": tree_oid(d), "path": d} for d in sorted(dirs)] + entries, head=head)
 
     def _resolve(self, repo_id: str, revision: str, filename: str, *, head: bool) -> None:
         resolved = self._resolve_rev(repo_id, revision, head=head)
@@ -362,12 +406,26 @@ class _Handler(BaseHTTPRequestHandler):
         commit, files = resolved
         e = files.get(filename)
         if e is None:
-            return self._error(404, "EntryNotFound", f"{filename} does not exist on {revision}", head=head,
-                               extra={"X-Repo-Commit": commit})
+            return self._error(
+                404,
+                "EntryNotFound",
+                f"{filename} does not exist on {revision}",
+                head=head,
+                extra={"X-Repo-Commit": commit},
+            )
         if e.lfs and self.hub.lfs_redirect:
             location = f"{self.hub.cdn_url}/cdn/{repo_id}/{e.sha256}?file={filename}"
-            return self._send(302, {"Location": location, "X-Repo-Commit": commit, "ETag": f'"{e.git_oid}"',
-                                    "X-Linked-Etag": f'"{e.sha256}"', "X-Linked-Size": str(e.size)}, head=head)
+            return self._send(
+                302,
+                {
+                    "Location": location,
+                    "X-Repo-Commit": commit,
+                    "ETag": f'"{e.git_oid}"',
+                    "X-Linked-Etag": f'"{e.sha256}"',
+                    "X-Linked-Size": str(e.size),
+                },
+                head=head,
+            )
         self._body(repo_id, e, {"X-Repo-Commit": commit}, head=head)
 
     def _cdn(self, repo_id: str, sha256: str, *, head: bool) -> None:
@@ -388,11 +446,10 @@ class _Handler(BaseHTTPRequestHandler):
             data = bytes(flipped)
         start, end = 0, len(data) - 1
         status = 200
-        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
-                   "ETag": f'"{e.etag}"', **extra}
+        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes", "ETag": f'"{e.etag}"', **extra}
         rng = self.headers.get("Range")
         if rng and rng.startswith("bytes="):
-            lo, _, hi = rng[len("bytes="):].partition("-")
+            lo, _, hi = rng[len("bytes=") :].partition("-")
             try:
                 start = int(lo) if lo else max(len(data) - int(hi), 0)
                 end = min(int(hi), len(data) - 1) if (hi and lo) else len(data) - 1
@@ -402,7 +459,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(416, {"Content-Range": f"bytes */{len(data)}"}, head=head)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        chunk = data[start:end + 1]
+        chunk = data[start : end + 1]
         headers["Content-Length"] = str(len(chunk))
         self.send_response(status)
         for k, v in headers.items():
@@ -416,7 +473,7 @@ class _Handler(BaseHTTPRequestHandler):
         limit = len(chunk) if cut is None and stall is None else min(len(chunk), cut if cut is not None else stall)
         sent = 0
         while sent < limit:
-            piece = chunk[sent:min(sent + PIECE, limit)]
+            piece = chunk[sent : min(sent + PIECE, limit)]
             self.wfile.write(piece)
             sent += len(piece)
             if self.hub.throttle_bps:

@@ -124,8 +124,22 @@ def test_console_script_help(cmd):
 
 
 def test_run_until_idle_with_nothing_to_do_says_so(tmp_path, models_dir):
-    res = subprocess.run([sys.executable, "-m", "daemon", "run", "--until-idle", "--inbox", str(tmp_path / "in"),
-                          "--outbox", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "daemon",
+            "run",
+            "--until-idle",
+            "--inbox",
+            str(tmp_path / "in"),
+            "--outbox",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     assert "nothing to do" in res.stdout
 
@@ -133,12 +147,18 @@ def test_run_until_idle_with_nothing_to_do_says_so(tmp_path, models_dir):
 def test_run_until_idle_gives_up_when_the_worker_cannot_start_and_keeps_the_job(tmp_path, models_dir):
     """device: cuda on a host without CUDA: a clear error and exit 1, and the job stays spooled."""
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"paths: {{inbox: {tmp_path / 'in'}, outbox: {tmp_path / 'out'}, models: {models_dir}}}\n"
-                   "worker: {device: cuda}\nmodels: {default: tiny-ti2v-5b}\n")
+    cfg.write_text(
+        f"paths: {{inbox: {tmp_path / 'in'}, outbox: {tmp_path / 'out'}, models: {models_dir}}}\n"
+        "worker: {device: cuda}\nmodels: {default: tiny-ti2v-5b}\n"
+    )
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "j.yaml").write_text("prompt: waiting for a GPU\n")
-    res = subprocess.run([sys.executable, "-m", "daemon", "run", "--until-idle", "--config", str(cfg)],
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--until-idle", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == EXIT_FAIL, res.stdout + res.stderr
     assert "no CUDA device" in res.stderr
     spooled = list((tmp_path / "in" / ".wan-daemon" / "owners").glob("*/jobs/*"))

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from daemon.config import load_settings
+from daemon.fsutil import TEMP_PREFIX
+from daemon.models import REGISTRY
 from daemon.ops.doctor import (
     NETWORK_FS_TYPES,
     Check,
@@ -19,8 +21,6 @@ from daemon.ops.doctor import (
     fs_type,
     run_checks,
 )
-from daemon.fsutil import TEMP_PREFIX
-from daemon.models import REGISTRY
 
 LOCAL_MOUNTS = """\
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
@@ -57,9 +57,21 @@ def machine_checks(tmp_path_factory) -> tuple[Path, list[Check]]:
 def test_all_checks_present_and_well_formed(machine_checks):
     _root, checks = machine_checks
     checks_by_name = by_name(checks)
-    expected = {"python", "torch", "nvml", "video encoding", "disk: spool", "disk: outbox", "disk: models",
-                "disk: hf cache", "write: inbox", "write: outbox", "write: state", "write: models",
-                "inbox filesystem"} | {f"model: {name}" for name in REGISTRY}
+    expected = {
+        "python",
+        "torch",
+        "nvml",
+        "video encoding",
+        "disk: spool",
+        "disk: outbox",
+        "disk: models",
+        "disk: hf cache",
+        "write: inbox",
+        "write: outbox",
+        "write: state",
+        "write: models",
+        "inbox filesystem",
+    } | {f"model: {name}" for name in REGISTRY}
     assert expected <= set(checks_by_name), expected - set(checks_by_name)
     for c in checks:
         assert c.status in ("ok", "warn", "fail"), c
@@ -184,9 +196,13 @@ def test_missing_inbox_is_judged_by_its_existing_parent(tmp_path: Path):
 
 
 def test_default_model_not_present_fails(tmp_path: Path):
-    settings = load_settings(None, {"paths": {"inbox": str(tmp_path / "i"), "outbox": str(tmp_path / "o"),
-                                              "models": str(tmp_path / "m")},
-                                    "models": {"default": "wan2.2-t2v-a14b"}})
+    settings = load_settings(
+        None,
+        {
+            "paths": {"inbox": str(tmp_path / "i"), "outbox": str(tmp_path / "o"), "models": str(tmp_path / "m")},
+            "models": {"default": "wan2.2-t2v-a14b"},
+        },
+    )
     from daemon.models import hub_snapshot
 
     if hub_snapshot(REGISTRY["wan2.2-t2v-a14b"].repo_id) is not None:
@@ -195,7 +211,9 @@ def test_default_model_not_present_fails(tmp_path: Path):
 
     checks = by_name(check_models(settings.paths.models, settings.models.default))
     assert checks["model: default"].status == "fail"
-    assert checks["model: wan2.2-t2v-a14b"].status == "warn" and "hf download" in checks["model: wan2.2-t2v-a14b"].advice
+    assert (
+        checks["model: wan2.2-t2v-a14b"].status == "warn" and "hf download" in checks["model: wan2.2-t2v-a14b"].advice
+    )
 
 
 def test_a_crashing_check_is_reported_not_raised(tmp_path: Path, monkeypatch):
@@ -210,7 +228,11 @@ def test_a_crashing_check_is_reported_not_raised(tmp_path: Path, monkeypatch):
 
 
 def test_format_and_exit_code():
-    checks = [Check("a", "ok", "fine"), Check("b", "warn", "hmm", "do this\nthen that"), Check("c", "fail", "bad", "fix")]
+    checks = [
+        Check("a", "ok", "fine"),
+        Check("b", "warn", "hmm", "do this\nthen that"),
+        Check("c", "fail", "bad", "fix"),
+    ]
     text = format_checks(checks)
     lines = text.splitlines()
     assert lines[0].startswith("✓ a") and lines[1].startswith("! b") and lines[4].startswith("✗ c")
@@ -263,11 +285,14 @@ def test_nvml_with_gpus(monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     check = check_nvml()
     assert check.status == "ok", check
-    assert "driver 570.124.06, 2 GPU(s)" in check.detail and "1: NVIDIA H100 80GB HBM3 (2.0 GiB used of 80.0 GiB)" \
-        in check.detail
+    assert (
+        "driver 570.124.06, 2 GPU(s)" in check.detail
+        and "1: NVIDIA H100 80GB HBM3 (2.0 GiB used of 80.0 GiB)" in check.detail
+    )
     assert read_gpus() == [
         {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81920.0, "memory_used_mb": 1024.0},
-        {"index": 1, "name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81920.0, "memory_used_mb": 2048.0}]
+        {"index": 1, "name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81920.0, "memory_used_mb": 2048.0},
+    ]
     assert fake.shutdowns == 2
     monkeypatch.setitem(sys.modules, "pynvml", FakeNVML([]))
     assert check_nvml().status == "warn"

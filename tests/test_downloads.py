@@ -37,20 +37,25 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
+from hubserver import HubServer
 
 from daemon.hub.cache import MANIFEST_NAME, list_cached, remove, snapshot_path
 from daemon.hub.download import DownloadError, download
 from daemon.hub.remote import filter_files
 from daemon.hub.verify import verify, verify_local
 from daemon.models import I2V_A14B, T2V_A14B, TI2V_5B, needed_patterns
-from hubserver import HubServer
 
 REPO = "Wan-AI/Tiny-Test-Diffusers"
 TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
 VAE = "vae/diffusion_pytorch_model.safetensors"
 # Files a real repo carries that the pipeline does not load: never fetched.
-UNWANTED = ["original_checkpoint.pth", "README.md", "assets/demo.png", "text_encoder/pytorch_model.bin",
-            "wan_daemon_tiny.json"]
+UNWANTED = [
+    "original_checkpoint.pth",
+    "README.md",
+    "assets/demo.png",
+    "text_encoder/pytorch_model.bin",
+    "wan_daemon_tiny.json",
+]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -75,15 +80,21 @@ def hub(fake_repo, monkeypatch, tmp_path):
 
     with HubServer({REPO: fake_repo}) as server:
         home = tmp_path / "hf-home"
-        for key, value in {"HF_ENDPOINT": server.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                           "HF_HOME": str(home), "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+        for key, value in {
+            "HF_ENDPOINT": server.url,
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HOME": str(home),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }.items():
             monkeypatch.setenv(key, value)
         monkeypatch.delenv("HF_TOKEN", raising=False)
         monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
         monkeypatch.delenv("HF_HUB_CACHE", raising=False)
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                            server.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(
+            constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
+        )
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
@@ -117,26 +128,43 @@ def wait_for(predicate, timeout: float, what: str):
 # ---- which files --------------------------------------------------------------------------------------
 
 REAL_REPO_FILES = [  # the layout of Wan-AI/Wan2.2-*-Diffusers, plus things a repo may also carry
-    ".gitattributes", "README.md", "assets/logo.png", "examples/i2v_input.JPG", "model_index.json",
-    "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model-00001-of-00005.safetensors",
-    "text_encoder/model.safetensors.index.json", "text_encoder/pytorch_model.bin",
-    "tokenizer/special_tokens_map.json", "tokenizer/spiece.model", "tokenizer/tokenizer.json",
-    "tokenizer/tokenizer_config.json", "transformer/config.json",
+    ".gitattributes",
+    "README.md",
+    "assets/logo.png",
+    "examples/i2v_input.JPG",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model-00001-of-00005.safetensors",
+    "text_encoder/model.safetensors.index.json",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/spiece.model",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "transformer/config.json",
     "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
-    "transformer/diffusion_pytorch_model.safetensors.index.json", "transformer_2/config.json",
+    "transformer/diffusion_pytorch_model.safetensors.index.json",
+    "transformer_2/config.json",
     "transformer_2/diffusion_pytorch_model-00001-of-00003.safetensors",
-    "transformer_2/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.pth", "Wan2.2_VAE.pth",
-    "models_t5_umt5-xxl-enc-bf16.pth", "high_noise_model/diffusion_pytorch_model.safetensors",
+    "transformer_2/diffusion_pytorch_model.safetensors.index.json",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.pth",
+    "Wan2.2_VAE.pth",
+    "models_t5_umt5-xxl-enc-bf16.pth",
+    "high_noise_model/diffusion_pytorch_model.safetensors",
 ]
 
 
 def test_the_hub_imports_neither_the_model_registry_nor_torch():
     """One direction: daemon.models looks snapshots up in the hub's cache; no hub module imports the registry
     (or torch) when it is imported."""
-    code = ("import sys, daemon.hub.cache, daemon.hub.remote, daemon.hub.verify, daemon.hub.download, "
-            "daemon.hub.commands; bad = {'daemon.models', 'torch', 'diffusers'} & set(sys.modules); "
-            "assert not bad, bad")
+    code = (
+        "import sys, daemon.hub.cache, daemon.hub.remote, daemon.hub.verify, daemon.hub.download, "
+        "daemon.hub.commands; bad = {'daemon.models', 'torch', 'diffusers'} & set(sys.modules); "
+        "assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -144,18 +172,27 @@ def test_needed_patterns_keep_only_what_the_pipeline_loads():
     five_b = set(filter_files(REAL_REPO_FILES, needed_patterns(TI2V_5B)))
     a14b = set(filter_files(REAL_REPO_FILES, needed_patterns(T2V_A14B)))
     common = {
-        "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
-        "text_encoder/model-00001-of-00005.safetensors", "text_encoder/model.safetensors.index.json",
-        "tokenizer/special_tokens_map.json", "tokenizer/spiece.model", "tokenizer/tokenizer.json",
-        "tokenizer/tokenizer_config.json", "transformer/config.json",
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "text_encoder/config.json",
+        "text_encoder/model-00001-of-00005.safetensors",
+        "text_encoder/model.safetensors.index.json",
+        "tokenizer/special_tokens_map.json",
+        "tokenizer/spiece.model",
+        "tokenizer/tokenizer.json",
+        "tokenizer/tokenizer_config.json",
+        "transformer/config.json",
         "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
-        "transformer/diffusion_pytorch_model.safetensors.index.json", "vae/config.json",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "vae/config.json",
         "vae/diffusion_pytorch_model.safetensors",
     }
     assert five_b == common
-    assert a14b == common | {"transformer_2/config.json",
-                             "transformer_2/diffusion_pytorch_model-00001-of-00003.safetensors",
-                             "transformer_2/diffusion_pytorch_model.safetensors.index.json"}
+    assert a14b == common | {
+        "transformer_2/config.json",
+        "transformer_2/diffusion_pytorch_model-00001-of-00003.safetensors",
+        "transformer_2/diffusion_pytorch_model.safetensors.index.json",
+    }
     assert needed_patterns(I2V_A14B) == needed_patterns(T2V_A14B)
     assert needed_patterns("tiny-ti2v-5b") == needed_patterns(TI2V_5B)  # registry names work too
     with pytest.raises(ValueError, match="unknown architecture"):
@@ -209,8 +246,14 @@ def test_progress_reaches_the_callback_without_a_tty(hub, tmp_path, monkeypatch)
     assert any(0 < b < total for b in seen), f"no intermediate progress: {seen}"
     assert {e["total_bytes"] for e in events} == {total}
     last = events[-1]
-    assert last == {"repo": REPO, "downloaded_bytes": total, "total_bytes": total, "files_done": len(needed(hub)),
-                    "files_total": len(needed(hub)), "phase": "done"}
+    assert last == {
+        "repo": REPO,
+        "downloaded_bytes": total,
+        "total_bytes": total,
+        "files_done": len(needed(hub)),
+        "files_total": len(needed(hub)),
+        "phase": "done",
+    }
     assert [e["phase"] for e in events][-2:] == ["verifying", "done"]
     assert "Fetching" not in fake_stderr.getvalue(), "progress bars were written to a non-terminal stderr"
 
@@ -242,8 +285,9 @@ def test_download_killed_midway_is_resumed_by_the_next_call(hub, tmp_path):
     cache = tmp_path / "cache"
     stalled = hub.stall(REPO, TRANSFORMER, 120_000)
     # The child reads HF_ENDPOINT, HF_HUB_OFFLINE=0, HF_HUB_DISABLE_XET=1 from the environment at import.
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, REPO, str(cache)], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, REPO, str(cache)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         if not stalled.wait(60):
             child.kill()
@@ -419,16 +463,20 @@ def test_a_job_waits_for_its_model_while_it_downloads_then_runs(hub, harness_fac
 
     from daemon import models
 
-    info = replace(models.REGISTRY["wan2.2-ti2v-5b"], name="hub-5b", repo_id=REPO, width=64, height=64, frames=9,
-                   steps=2)
+    info = replace(
+        models.REGISTRY["wan2.2-ti2v-5b"], name="hub-5b", repo_id=REPO, width=64, height=64, frames=9, steps=2
+    )
     monkeypatch.setitem(models.REGISTRY, "hub-5b", info)
     hub.throttle_bps = 2_000_000  # slow enough to see the waiting state
     h = harness_factory(worker={"allow_cpu_for_real_models": True}).start()
     h.drop("wants.yaml", "model: hub-5b\nprompt: after the download\n")
     h.drop("other.yaml", "model: tiny-ti2v-5b\nprompt: meanwhile\nsteps: 2\n")
     wait_for_state = __import__("conftest").wait_for
-    wait_for_state(lambda: json.loads(h.settings.health_path.read_text()).get("waiting_for_model") == 1, 30,
-                   what="the job to wait for its model")
+    wait_for_state(
+        lambda: json.loads(h.settings.health_path.read_text()).get("waiting_for_model") == 1,
+        30,
+        what="the job to wait for its model",
+    )
     assert h.sidecar("other")["status"] == "done"
     side = h.sidecar("wants", timeout=120)
     assert side["model_used"]["name"] == "hub-5b" and side["model_used"]["source"] == "hub-cache"

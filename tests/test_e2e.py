@@ -9,14 +9,27 @@ import time
 
 import imageio_ffmpeg
 import pytest
+from conftest import spool_root, wait_for
 from PIL import Image
 
-from conftest import spool_root, wait_for
-
 SIDECAR_KEYS = {
-    "id", "status", "spec", "parameters", "model_used", "device", "timings", "generation_time_seconds",
-    "peak_vram_usage_mb", "peak_rss_mb", "optimizations_applied", "attempts", "video", "versions", "host",
-    "timestamps", "job_token",
+    "id",
+    "status",
+    "spec",
+    "parameters",
+    "model_used",
+    "device",
+    "timings",
+    "generation_time_seconds",
+    "peak_vram_usage_mb",
+    "peak_rss_mb",
+    "optimizations_applied",
+    "attempts",
+    "video",
+    "versions",
+    "host",
+    "timestamps",
+    "job_token",
 }
 
 
@@ -42,8 +55,10 @@ def make_image(path, size=(64, 64)):
 )
 def test_job_file_becomes_video_with_requested_frames_size_fps(harness, model, task, extra, fps):
     make_image(harness.inbox / "start.png")
-    harness.drop("job.yaml", f"model: {model}\ntask: {task}\nprompt: a small test\nframes: 13\nsize: 96x64\n"
-                             f"steps: 2\nseed: 3\n{extra}")
+    harness.drop(
+        "job.yaml",
+        f"model: {model}\ntask: {task}\nprompt: a small test\nframes: 13\nsize: 96x64\nsteps: 2\nseed: 3\n{extra}",
+    )
     side = harness.sidecar("job")
     assert SIDECAR_KEYS <= set(side)
     assert side["status"] == "done" and side["id"] == "job"
@@ -91,9 +106,12 @@ def test_two_jobs_with_the_same_model_load_it_once(harness):
 
 
 def test_batch_file_gives_stem_numbered_ids_and_explicit_ids(harness):
-    harness.drop("shots.yaml", "defaults:\n  model: tiny-ti2v-5b\n  steps: 2\njobs:\n"
-                               "  - prompt: first\n  - prompt: second\n    priority: 3\n"
-                               "  - id: named\n    prompt: third\n    output: {basename: named-out}\n")
+    harness.drop(
+        "shots.yaml",
+        "defaults:\n  model: tiny-ti2v-5b\n  steps: 2\njobs:\n"
+        "  - prompt: first\n  - prompt: second\n    priority: 3\n"
+        "  - id: named\n    prompt: third\n    output: {basename: named-out}\n",
+    )
     assert harness.sidecar("shots-1")["spec"]["prompt"] == "first"
     assert harness.sidecar("shots-2")["parameters"]["prompt"] == "second"
     named = harness.sidecar("named-out")
@@ -174,8 +192,10 @@ def test_hostile_bytes_are_rejected_and_the_daemon_goes_on(harness):
 
 
 def test_one_bad_job_in_a_batch_does_not_stop_the_others(harness):
-    harness.drop("mixed.yaml", "defaults: {steps: 2}\njobs:\n  - prompt: good\n  - prompt: bad\n    frames: 10\n"
-                               "  - prompt: also good\n")
+    harness.drop(
+        "mixed.yaml",
+        "defaults: {steps: 2}\njobs:\n  - prompt: good\n  - prompt: bad\n    frames: 10\n  - prompt: also good\n",
+    )
     assert harness.sidecar("mixed-1")["status"] == "done"
     assert harness.sidecar("mixed-3")["status"] == "done"
     assert harness.failure("mixed-2")["error_category"] == "invalid_spec"
@@ -198,8 +218,13 @@ def test_a_job_id_already_published_is_not_done_twice(harness):
     harness.drop("once.yaml", "prompt: only once\nsteps: 2\n")
     first = harness.sidecar("once")
     harness.drop("once.yaml", "prompt: only once\nsteps: 2\n")
-    dup = json.loads(wait_for(lambda: next((p.read_text() for p in (harness.outbox / "failed").glob("once.dup*")),
-                                           None), 60, what="duplicate record"))
+    dup = json.loads(
+        wait_for(
+            lambda: next((p.read_text() for p in (harness.outbox / "failed").glob("once.dup*")), None),
+            60,
+            what="duplicate record",
+        )
+    )
     assert dup["error_category"] == "duplicate_job"
     assert json.loads((harness.outbox / "once.json").read_text())["job_token"] == first["job_token"]
 

@@ -146,8 +146,9 @@ def test_fifo_and_oversized_files_are_refused(roots):
         read("big.png", root)
 
 
-def test_the_health_snapshot_is_throttled_and_not_fsynced_while_state_changes_are_written_at_once(tmp_path,
-                                                                                                   monkeypatch):
+def test_the_health_snapshot_is_throttled_and_not_fsynced_while_state_changes_are_written_at_once(
+    tmp_path, monkeypatch
+):
     # Progress changes the health document at every denoising step: writing (and fsyncing) it each time
     # cost the daemon more CPU than anything else it does per job.
     from daemon.runtime.health import HealthWriter

@@ -9,14 +9,16 @@ import shutil
 import time
 from datetime import datetime, timedelta, timezone
 
+from conftest import wait_for
+
 from daemon.cli import main
 from daemon.ops.history import History
 from daemon.ops.inventory import GpuInfo, StaticInventory
 
-from conftest import wait_for
-
-TWO_GPUS = [GpuInfo(index=0, name="Fake 24 GiB", total_mb=24576, used_mb=0, free_mb=24576),
-            GpuInfo(index=1, name="Fake 80 GiB", total_mb=81920, used_mb=0, free_mb=81920)]
+TWO_GPUS = [
+    GpuInfo(index=0, name="Fake 24 GiB", total_mb=24576, used_mb=0, free_mb=24576),
+    GpuInfo(index=1, name="Fake 80 GiB", total_mb=81920, used_mb=0, free_mb=81920),
+]
 
 
 def test_two_workers_run_jobs_concurrently_one_per_gpu(harness_factory):
@@ -52,8 +54,9 @@ def test_workers_sharing_the_cpu_split_its_cores_between_them(harness_factory):
 def test_mixed_queue_loads_each_model_once_thanks_to_affinity(harness_factory):
     h = harness_factory(worker={"max_cached_pipelines": 1}).start()
     wait_for(h.daemon.workers_ready, 60, what="worker")
-    jobs = "".join(f"  - model: {'tiny-t2v-a14b' if n % 2 else 'tiny-ti2v-5b'}\n    prompt: job {n}\n"
-                   for n in range(10))
+    jobs = "".join(
+        f"  - model: {'tiny-t2v-a14b' if n % 2 else 'tiny-ti2v-5b'}\n    prompt: job {n}\n" for n in range(10)
+    )
     h.drop("mixed.yaml", "defaults: {steps: 2}\njobs:\n" + jobs)
     sides = [h.sidecar(f"mixed-{n}") for n in range(1, 11)]
     loads = [s["model_used"]["name"] for s in sides if s["model_used"]["cache"] == "loaded"]
@@ -63,8 +66,9 @@ def test_mixed_queue_loads_each_model_once_thanks_to_affinity(harness_factory):
 def test_each_model_loaded_at_most_once_per_worker_on_two_gpus(harness_factory):
     h = harness_factory(inventory=StaticInventory(TWO_GPUS), worker={"max_cached_pipelines": 1}).start()
     wait_for(h.daemon.workers_ready, 60, what="workers")
-    jobs = "".join(f"  - model: {'tiny-t2v-a14b' if n % 2 else 'tiny-ti2v-5b'}\n    prompt: job {n}\n"
-                   for n in range(10))
+    jobs = "".join(
+        f"  - model: {'tiny-t2v-a14b' if n % 2 else 'tiny-ti2v-5b'}\n    prompt: job {n}\n" for n in range(10)
+    )
     h.drop("alt.yaml", "defaults: {steps: 2}\njobs:\n" + jobs)
     sides = [h.sidecar(f"alt-{n}") for n in range(1, 11)]
     loads = [(s["worker"], s["model_used"]["name"]) for s in sides if s["model_used"]["cache"] == "loaded"]

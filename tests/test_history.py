@@ -14,13 +14,13 @@ import pytest
 from loguru import logger
 from rich.console import Console
 
-from daemon.ops.analysis import analyse, analyse_rows, percentile, render_analysis, render_tasks
 from daemon.errors import Category, JobError
-from daemon.ops.history import COLUMNS, MIGRATIONS, History, HistoryError, SchemaTooNew, row_from_record
 from daemon.jobs import JobRecord, JobState
-from daemon.models import REGISTRY, LocatedModel
 from daemon.jobspec.params import resolve_params
 from daemon.jobspec.spec import JobSpec
+from daemon.models import REGISTRY, LocatedModel
+from daemon.ops.analysis import analyse, analyse_rows, percentile, render_analysis, render_tasks
+from daemon.ops.history import COLUMNS, MIGRATIONS, History, HistoryError, SchemaTooNew, row_from_record
 
 ROOT = Path(__file__).resolve().parents[1]
 T2V, TI2V, I2V = "wan2.2-t2v-a14b", "wan2.2-ti2v-5b", "wan2.2-i2v-a14b"
@@ -32,21 +32,34 @@ NOW = 1_750_000_000.0
 _seq = iter(range(1, 10_000))
 
 
-def make_record(job_id: str, *, model: str = T2V, queued_at: float = NOW - 3600, size: str | None = None,
-                **spec: Any) -> JobRecord:
+def make_record(
+    job_id: str, *, model: str = T2V, queued_at: float = NOW - 3600, size: str | None = None, **spec: Any
+) -> JobRecord:
     info = REGISTRY[model]
-    fields: dict[str, Any] = {"id": job_id, "prompt": "A red fox trotting through fresh snow", "model": model,
-                              "seed": 42, **spec}
+    fields: dict[str, Any] = {
+        "id": job_id,
+        "prompt": "A red fox trotting through fresh snow",
+        "model": model,
+        "seed": 42,
+        **spec,
+    }
     if size:
         fields["size"] = size
     if model == I2V:
         fields["image"] = "fox.png"
-    params = resolve_params(JobSpec.model_validate(fields), info, max_side=2048, max_frames=481,
-                            max_steps=500)
-    return JobRecord(id=job_id, token=f"tok-{job_id}", source=f"{next(_seq):06d}-{job_id}.yaml",
-                     source_name=f"{job_id}.yaml", seq=next(_seq), spec=fields, params=params,
-                     model=LocatedModel(info=info, path=Path(f"/hf/{info.name}"), source="hub-cache", revision="abc123"),
-                     received_at=queued_at, queued_at=queued_at)
+    params = resolve_params(JobSpec.model_validate(fields), info, max_side=2048, max_frames=481, max_steps=500)
+    return JobRecord(
+        id=job_id,
+        token=f"tok-{job_id}",
+        source=f"{next(_seq):06d}-{job_id}.yaml",
+        source_name=f"{job_id}.yaml",
+        seq=next(_seq),
+        spec=fields,
+        params=params,
+        model=LocatedModel(info=info, path=Path(f"/hf/{info.name}"), source="hub-cache", revision="abc123"),
+        received_at=queued_at,
+        queued_at=queued_at,
+    )
 
 
 def move(rec: JobRecord, state: JobState, **changes: Any) -> JobRecord:
@@ -56,32 +69,54 @@ def move(rec: JobRecord, state: JobState, **changes: Any) -> JobRecord:
     return updated
 
 
-def sidecar_for(rec: JobRecord, *, vram: float | None = 30_000.0, instance: str = "gpu-host-1",
-                device: str = "cuda") -> dict[str, Any]:
+def sidecar_for(
+    rec: JobRecord, *, vram: float | None = 30_000.0, instance: str = "gpu-host-1", device: str = "cuda"
+) -> dict[str, Any]:
     """The keys of Daemon._sidecar that the history reads, with the same definitions."""
     started, now = rec.started_at, rec.finished_at
     return {
-        "id": rec.id, "job_token": rec.token, "status": "done", "file": rec.source_name, "spec": rec.spec,
+        "id": rec.id,
+        "job_token": rec.token,
+        "status": "done",
+        "file": rec.source_name,
+        "spec": rec.spec,
         "parameters": rec.params.model_dump(mode="json"),
         "model_used": {**rec.model.to_dict(), "cache": "miss", "load_seconds": 12.5},
         "device": {"type": device, "name": "NVIDIA H100 80GB HBM3"},
-        "timings": {"queue_wait": round(started - rec.queued_at, 4), "model_load": 12.5, "denoise": 100.0,
-                    "total": round(now - started, 4)},
+        "timings": {
+            "queue_wait": round(started - rec.queued_at, 4),
+            "model_load": 12.5,
+            "denoise": 100.0,
+            "total": round(now - started, 4),
+        },
         "generation_time_seconds": round(now - started, 4),
-        "peak_vram_usage_mb": vram, "peak_rss_mb": 2048.5,
+        "peak_vram_usage_mb": vram,
+        "peak_rss_mb": 2048.5,
         "optimizations_applied": ["vae_tiling"] if rec.params.vae_tiling else [],
-        "degradations": rec.degradations, "attempts": rec.attempts, "instance": instance,
+        "degradations": rec.degradations,
+        "attempts": rec.attempts,
+        "instance": instance,
     }
 
 
-def run_done(h: History, rec: JobRecord, *, wait: float, gen: float, vram: float | None = 30_000.0,
-             degradations: list[dict] | None = None, last_error: JobError | None = None) -> JobRecord:
+def run_done(
+    h: History,
+    rec: JobRecord,
+    *,
+    wait: float,
+    gen: float,
+    vram: float | None = 30_000.0,
+    degradations: list[dict] | None = None,
+    last_error: JobError | None = None,
+) -> JobRecord:
     """queued -> running -> done, recording every transition as the daemon does."""
     assert h.record(rec.summary())
     rec = move(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=rec.queued_at + wait)
     assert h.record(rec.summary())
-    changes: dict[str, Any] = {"finished_at": rec.started_at + gen,
-                               "outputs": {"video": f"/out/{rec.id}.mp4", "sidecar": f"/out/{rec.id}.json"}}
+    changes: dict[str, Any] = {
+        "finished_at": rec.started_at + gen,
+        "outputs": {"video": f"/out/{rec.id}.mp4", "sidecar": f"/out/{rec.id}.json"},
+    }
     if degradations:
         changes["degradations"] = degradations
     if last_error:
@@ -96,8 +131,14 @@ def run_failed(h: History, rec: JobRecord, category: Category, *, wait: float, r
     rec = move(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=rec.queued_at + wait)
     assert h.record(rec.summary())
     err = JobError(category, f"{category.value} while running {rec.id}")
-    rec = move(rec, JobState.FAILED, finished_at=rec.started_at + ran, last_error=err.to_dict(),
-               errors=[{**err.to_dict(), "attempt": rec.attempts}], outputs={"failure": f"/out/failed/{rec.id}.json"})
+    rec = move(
+        rec,
+        JobState.FAILED,
+        finished_at=rec.started_at + ran,
+        last_error=err.to_dict(),
+        errors=[{**err.to_dict(), "attempt": rec.attempts}],
+        outputs={"failure": f"/out/failed/{rec.id}.json"},
+    )
     assert h.record(rec.summary())
     return rec
 
@@ -128,6 +169,7 @@ def text_of(*renderables) -> str:
 
 # ---- schema and migrations -----------------------------------------------------------------------
 
+
 def test_creates_folders_and_the_current_schema_from_nothing(tmp_path):
     path = tmp_path / "a" / "b" / "history.sqlite3"
     with History(path) as h:
@@ -136,9 +178,13 @@ def test_creates_folders_and_the_current_schema_from_nothing(tmp_path):
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert [r[1] for r in conn.execute("PRAGMA table_info(generation_tasks)")] == list(COLUMNS)
     assert [r[1] for r in conn.execute("PRAGMA table_info(generation_tasks)") if r[5]] == ["token"]  # primary key
-    indexed = {conn.execute(f"PRAGMA index_info({name})").fetchone()[2]
-               for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' "
-                                           "AND tbl_name = 'generation_tasks' AND name LIKE 'idx_%'")}
+    indexed = {
+        conn.execute(f"PRAGMA index_info({name})").fetchone()[2]
+        for (name,) in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' "
+            "AND tbl_name = 'generation_tasks' AND name LIKE 'idx_%'"
+        )
+    }
     assert indexed == {"status", "finished_at", "model_used"}
     conn.close()
 
@@ -210,8 +256,10 @@ def test_several_processes_opening_a_fresh_file_at_once_all_succeed(tmp_path):
         assert h.record({"id": sys.argv[2], "token": sys.argv[2], "status": "queued", "queued_at": 1.0})
         h.close()
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(path), f"p{i}"], cwd=ROOT, stderr=subprocess.PIPE,
-                              text=True) for i in range(4)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(path), f"p{i}"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        for i in range(4)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
@@ -222,12 +270,23 @@ def test_several_processes_opening_a_fresh_file_at_once_all_succeed(tmp_path):
 
 # ---- mapping and upserts -------------------------------------------------------------------------
 
+
 def test_row_from_record_maps_a_real_job_record_dump():
     rec = make_record("fox", model=TI2V, size="1280x704", frames=121)
     row = row_from_record(rec.summary())
-    assert row == {"id": "fox", "token": "tok-fox", "file": "fox.yaml", "model_used": TI2V, "task": "ti2v",
-                   "resolution": "1280x704", "frames": 121, "steps": 50, "attempts": 0,
-                   "queued_at": NOW - 3600, "degradations": []}  # state is None before intake's transition
+    assert row == {
+        "id": "fox",
+        "token": "tok-fox",
+        "file": "fox.yaml",
+        "model_used": TI2V,
+        "task": "ti2v",
+        "resolution": "1280x704",
+        "frames": 121,
+        "steps": 50,
+        "attempts": 0,
+        "queued_at": NOW - 3600,
+        "degradations": [],
+    }  # state is None before intake's transition
     assert set(row) <= set(COLUMNS)
 
 
@@ -235,26 +294,44 @@ def test_upsert_queued_running_done_keeps_earlier_fields(history):
     rec = make_record("fox", queued_at=NOW - 100)
     assert history.record(move(rec, JobState.QUEUED).summary())
     (row,) = history.tasks()
-    assert (row["status"], row["model_used"], row["resolution"], row["frames"], row["steps"], row["task"]) == \
-        ("queued", T2V, "1280x720", 81, 40, "t2v")
+    assert (row["status"], row["model_used"], row["resolution"], row["frames"], row["steps"], row["task"]) == (
+        "queued",
+        T2V,
+        "1280x720",
+        81,
+        40,
+        "t2v",
+    )
     assert row["started_at"] is None and row["updated_at"] is not None
 
     rec = move(rec, JobState.RUNNING, attempts=1, started_at=NOW - 70)
     assert history.record(rec.summary())
     (row,) = history.tasks()
-    assert (row["status"], row["attempts"], row["queued_at"], row["started_at"], row["queue_wait_seconds"]) == \
-        ("running", 1, NOW - 100, NOW - 70, 30.0)
+    assert (row["status"], row["attempts"], row["queued_at"], row["started_at"], row["queue_wait_seconds"]) == (
+        "running",
+        1,
+        NOW - 100,
+        NOW - 70,
+        30.0,
+    )
 
     rec = move(rec, JobState.DONE, finished_at=NOW, outputs={"video": "/out/fox.mp4", "sidecar": "/out/fox.json"})
     assert history.record(rec.summary(), sidecar_for(rec, vram=41_000.0))
     (row,) = history.tasks()
     assert row["status"] == "done" and row["file"] == "fox.yaml" and row["queued_at"] == NOW - 100
     assert row["generation_time_seconds"] == 70.0 and row["queue_wait_seconds"] == 30.0
-    assert (row["peak_vram_usage_mb"], row["peak_rss_mb"], row["device"], row["instance"]) == \
-        (41_000.0, 2048.5, "cuda", "gpu-host-1")
+    assert (row["peak_vram_usage_mb"], row["peak_rss_mb"], row["device"], row["instance"]) == (
+        41_000.0,
+        2048.5,
+        "cuda",
+        "gpu-host-1",
+    )
     assert row["optimizations_applied"] == [] and row["degradations"] == []
-    assert (row["output_video"], row["output_sidecar"], row["failure_record"]) == \
-        ("/out/fox.mp4", "/out/fox.json", None)
+    assert (row["output_video"], row["output_sidecar"], row["failure_record"]) == (
+        "/out/fox.mp4",
+        "/out/fox.json",
+        None,
+    )
 
     # A JobRecord itself works too, and a partial row dict only touches what it names.
     assert history.record(rec)
@@ -269,18 +346,29 @@ def test_retry_then_failure_records_the_error_and_the_failure_record(history):
     rec = move(rec, JobState.RUNNING, attempts=1, started_at=NOW - 90)
     history.record(rec.summary())
     oom = JobError(Category.OUT_OF_MEMORY, "the device ran out of memory: CUDA out of memory")
-    rec = move(rec, JobState.QUEUED, last_error=oom.to_dict(), params=rec.params.model_copy(update={"vae_tiling": True}))
+    rec = move(
+        rec, JobState.QUEUED, last_error=oom.to_dict(), params=rec.params.model_copy(update={"vae_tiling": True})
+    )
     history.record(rec.summary())
     assert history.tasks()[0]["status"] == "queued" and history.tasks()[0]["error_category"] == "out_of_memory"
 
     rec = move(rec, JobState.RUNNING, attempts=2, started_at=NOW - 50)
     history.record(rec.summary())
-    rec = move(rec, JobState.FAILED, finished_at=NOW - 40, last_error=oom.to_dict(),
-               outputs={"failure": "/out/failed/big.json"})
+    rec = move(
+        rec,
+        JobState.FAILED,
+        finished_at=NOW - 40,
+        last_error=oom.to_dict(),
+        outputs={"failure": "/out/failed/big.json"},
+    )
     history.record(rec.summary())
     (row,) = history.tasks()
-    assert (row["status"], row["attempts"], row["error_category"], row["failure_record"]) == \
-        ("failed", 2, "out_of_memory", "/out/failed/big.json")
+    assert (row["status"], row["attempts"], row["error_category"], row["failure_record"]) == (
+        "failed",
+        2,
+        "out_of_memory",
+        "/out/failed/big.json",
+    )
     assert row["error_message"].startswith("the device ran out of memory")
     assert row["recovery_suggestions"] == oom.all_suggestions() and isinstance(row["recovery_suggestions"], list)
     assert row["generation_time_seconds"] is None  # only done jobs have one
@@ -328,8 +416,9 @@ def test_readers_in_other_processes_never_see_database_is_locked(tmp_path):
     snapshot.execute("BEGIN")
     assert snapshot.execute("SELECT count(*) FROM generation_tasks").fetchone()[0] == 0
 
-    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path), str(n)], cwd=ROOT, stderr=subprocess.PIPE,
-                              text=True)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), str(n)], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
     seen, reads = 0, 0
     while writer.poll() is None:
         rows = reader.tasks(last=None)  # raises on "database is locked"
@@ -351,15 +440,27 @@ def test_readers_in_other_processes_never_see_database_is_locked(tmp_path):
 
 # ---- reading -----------------------------------------------------------------------------------------
 
+
 def test_tasks_are_newest_first_and_filter_by_status(history):
-    history.record({"id": "old-done", "token": "t1", "status": "done", "queued_at": 10.0, "started_at": 20.0,
-                    "finished_at": 30.0})
+    history.record(
+        {"id": "old-done", "token": "t1", "status": "done", "queued_at": 10.0, "started_at": 20.0, "finished_at": 30.0}
+    )
     history.record({"id": "waiting", "token": "t2", "status": "queued", "queued_at": 35.0})
     history.record({"id": "running", "token": "t3", "status": "running", "queued_at": 5.0, "started_at": 40.0})
-    history.record({"id": "new-fail", "token": "t4", "status": "failed", "queued_at": 1.0, "started_at": 2.0,
-                    "finished_at": 50.0, "error_category": "timeout"})
-    history.record({"id": "new-done", "token": "t5", "status": "done", "queued_at": 41.0, "started_at": 42.0,
-                    "finished_at": 45.0})
+    history.record(
+        {
+            "id": "new-fail",
+            "token": "t4",
+            "status": "failed",
+            "queued_at": 1.0,
+            "started_at": 2.0,
+            "finished_at": 50.0,
+            "error_category": "timeout",
+        }
+    )
+    history.record(
+        {"id": "new-done", "token": "t5", "status": "done", "queued_at": 41.0, "started_at": 42.0, "finished_at": 45.0}
+    )
     assert [r["id"] for r in history.tasks()] == ["new-fail", "new-done", "running", "waiting", "old-done"]
     assert [r["id"] for r in history.tasks(last=2)] == ["new-fail", "new-done"]
     assert [r["id"] for r in history.tasks(status="done")] == ["new-done", "old-done"]
@@ -372,11 +473,16 @@ def test_tasks_are_newest_first_and_filter_by_status(history):
 
 # ---- analysis ----------------------------------------------------------------------------------------
 
+
 def test_percentile_is_nearest_rank():
     assert percentile([], 50) is None and percentile([None], 95) is None
     values = [7, 1, 3, 9, 5, 2, 8, 4, 10, 6]
-    assert (percentile(values, 0), percentile(values, 50), percentile(values, 95), percentile(values, 100)) == \
-        (1, 5, 10, 10)
+    assert (percentile(values, 0), percentile(values, 50), percentile(values, 95), percentile(values, 100)) == (
+        1,
+        5,
+        10,
+        10,
+    )
     assert percentile([640, 600, 900, 620, None, 660, 700], 50) == 640
     assert percentile([4.0], 95) == 4.0
 
@@ -388,21 +494,27 @@ def busy_history(history):
     q = NOW - 6 * 3600
     # wan2.2-t2v-a14b at 1280x720: 6 done, 4 out of memory.
     for i, gen in enumerate([600, 620, 640, 660, 700, 900]):
-        run_done(history, make_record(f"t2v-{i}", queued_at=q + i * 60), wait=60.0 * (i + 1), gen=gen,
-                 vram=60_000 + i * 1000)
+        run_done(
+            history, make_record(f"t2v-{i}", queued_at=q + i * 60), wait=60.0 * (i + 1), gen=gen, vram=60_000 + i * 1000
+        )
     for i in range(4):
-        run_failed(history, make_record(f"t2v-oom-{i}", queued_at=q + 1000 + i), Category.OUT_OF_MEMORY,
-                   wait=900.0 + i)
+        run_failed(history, make_record(f"t2v-oom-{i}", queued_at=q + 1000 + i), Category.OUT_OF_MEMORY, wait=900.0 + i)
     # wan2.2-ti2v-5b at 1280x704: 8 done (one degraded, one saved by a retry after a crash), 1 worker crash.
     for i, gen in enumerate([200, 210, 220, 230, 240, 250, 260, 400]):
-        run_done(history, make_record(f"ti2v-{i}", model=TI2V, queued_at=q + 2000 + i), wait=30.0, gen=gen,
-                 vram=22_000.0,
-                 degradations=[{"kind": "fewer_frames", "from": 121, "to": 57}] if i == 7 else None,
-                 last_error=JobError(Category.WORKER_CRASHED, "worker died") if i == 6 else None)
+        run_done(
+            history,
+            make_record(f"ti2v-{i}", model=TI2V, queued_at=q + 2000 + i),
+            wait=30.0,
+            gen=gen,
+            vram=22_000.0,
+            degradations=[{"kind": "fewer_frames", "from": 121, "to": 57}] if i == 7 else None,
+            last_error=JobError(Category.WORKER_CRASHED, "worker died") if i == 6 else None,
+        )
     run_failed(history, make_record("ti2v-crash", model=TI2V, queued_at=q + 3000), Category.WORKER_CRASHED, wait=20.0)
     # wan2.2-i2v-a14b: weights missing.
-    run_failed(history, make_record("i2v-missing", model=I2V, queued_at=q + 4000), Category.MODEL_NOT_FOUND,
-               wait=1.0, ran=0.5)
+    run_failed(
+        history, make_record("i2v-missing", model=I2V, queued_at=q + 4000), Category.MODEL_NOT_FOUND, wait=1.0, ran=0.5
+    )
     # Still waiting now.
     waiting = move(make_record("waiting", model=TI2V, queued_at=NOW - 60), JobState.QUEUED)
     history.record(waiting.summary())
@@ -445,12 +557,15 @@ def test_analysis_of_a_realistic_history(busy_history):
     assert (result["generation_p50_seconds"], result["generation_p95_seconds"]) == (260, 900)
 
     recs = result["recommendations"]
-    assert ("out_of_memory failed 4 of 10 jobs on wan2.2-t2v-a14b at 1280x720: allow `fallback: "
-            "[lower_resolution]` or use a GPU with more memory") in recs
+    assert (
+        "out_of_memory failed 4 of 10 jobs on wan2.2-t2v-a14b at 1280x720: allow `fallback: "
+        "[lower_resolution]` or use a GPU with more memory"
+    ) in recs
     assert "p95 queue wait is 15.0 min: add a GPU/worker or lower priorities" in recs
     assert any(r.startswith("worker_crashed on 2 jobs: check dmesg for the OOM killer") for r in recs)
-    assert ("model_not_found on 1 job for wan2.2-i2v-a14b: download with "
-            "`hf download Wan-AI/Wan2.2-I2V-A14B-Diffusers`") in recs
+    assert (
+        "model_not_found on 1 job for wan2.2-i2v-a14b: download with `hf download Wan-AI/Wan2.2-I2V-A14B-Diffusers`"
+    ) in recs
     assert any(r.startswith("success rate below 90%: 70% (14 of 20 finished jobs)") for r in recs)
     assert any(r.startswith("1 job finished degraded") for r in recs)
     assert not any("timeout" in r for r in recs)  # the ancient timeouts are outside the window
@@ -489,11 +604,20 @@ def test_analysis_with_zero_rows_is_well_defined(history):
 
 # ---- rendering -----------------------------------------------------------------------------------------
 
+
 def test_render_tasks(busy_history):
     text = text_of(render_tasks(busy_history.tasks(last=50)))
-    for expected in ("wan-daemon tasks", "t2v-oom-3 failed wan2.2-t2v-a14b 1280x720 81 1", "out_of_memory",
-                     "ti2v-7 done wan2.2-ti2v-5b 1280x704 121 1", "400.0s 30.0s 22,000 ti2v-7.mp4",
-                     "65,000", "waiting queued", "model_not_found", "worker_crashed"):
+    for expected in (
+        "wan-daemon tasks",
+        "t2v-oom-3 failed wan2.2-t2v-a14b 1280x720 81 1",
+        "out_of_memory",
+        "ti2v-7 done wan2.2-ti2v-5b 1280x704 121 1",
+        "400.0s 30.0s 22,000 ti2v-7.mp4",
+        "65,000",
+        "waiting queued",
+        "model_not_found",
+        "worker_crashed",
+    ):
         assert expected in text, expected
     only_failed = text_of(render_tasks(busy_history.tasks(status="failed")))
     assert "t2v-oom-0" in only_failed and "ti2v-0 " not in only_failed
@@ -501,11 +625,19 @@ def test_render_tasks(busy_history):
 
 def test_render_analysis(busy_history):
     text = text_of(*render_analysis(analyse(busy_history, hours=24, now=NOW)))
-    for expected in ("wan-daemon analysis (last 24 h)", "21 (14 done, 6 failed, 0 running, 1 queued)",
-                     "success rate 70%", "per model and resolution", "failures by category",
-                     "out_of_memory 4", "model_not_found 1", "Recommendations",
-                     "out_of_memory failed 4 of 10 jobs on wan2.2-t2v-a14b at 1280x720",
-                     "p95 queue wait is 15.0 min", "generation p50 / p95 260.0s / 15.0m",
-                     "wan2.2-t2v-a14b 1280x720 10 6 4 60% 10.7m 15.0m 486.6s 65,000",
-                     "wan2.2-i2v-a14b 1280x720 1 0 1 0% - - 1.0s -"):
+    for expected in (
+        "wan-daemon analysis (last 24 h)",
+        "21 (14 done, 6 failed, 0 running, 1 queued)",
+        "success rate 70%",
+        "per model and resolution",
+        "failures by category",
+        "out_of_memory 4",
+        "model_not_found 1",
+        "Recommendations",
+        "out_of_memory failed 4 of 10 jobs on wan2.2-t2v-a14b at 1280x720",
+        "p95 queue wait is 15.0 min",
+        "generation p50 / p95 260.0s / 15.0m",
+        "wan2.2-t2v-a14b 1280x720 10 6 4 60% 10.7m 15.0m 486.6s 65,000",
+        "wan2.2-i2v-a14b 1280x720 1 0 1 0% - - 1.0s -",
+    ):
         assert expected in text, expected

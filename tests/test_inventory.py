@@ -12,7 +12,6 @@ from daemon.ops.inventory import (
     GpuInventory,
     NvmlInventory,
     StaticInventory,
-    nvml_available,
     nvml_unavailable_reason,
     parse_visible_devices,
 )
@@ -20,22 +19,25 @@ from daemon.ops.inventory import (
 MIB = 1 << 20
 
 
-@pytest.mark.parametrize("text,expected", [
-    (None, None),  # unset: every GPU
-    ("", []),  # set but empty: none
-    ("0", ["0"]),
-    ("1,0", ["1", "0"]),  # order matters: CUDA index 0 is physical 1
-    (" 2 , 3 ", ["2", "3"]),
-    ("01", ["1"]),
-    ("-1", []),  # the usual way to hide every GPU
-    ("0,-1,1", ["0"]),  # CUDA stops at the first invalid entry
-    ("0,,1", ["0"]),
-    ("0,abc,1", ["0"]),
-    ("0,0,1", ["0", "1"]),
-    ("GPU-8932f937-d72c-4106-c12f-20bd9faed9f6,1", ["GPU-8932f937-d72c-4106-c12f-20bd9faed9f6", "1"]),
-    ("GPU-8932f937", ["GPU-8932f937"]),  # a unique prefix is allowed
-    ("MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f", ["MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f"]),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (None, None),  # unset: every GPU
+        ("", []),  # set but empty: none
+        ("0", ["0"]),
+        ("1,0", ["1", "0"]),  # order matters: CUDA index 0 is physical 1
+        (" 2 , 3 ", ["2", "3"]),
+        ("01", ["1"]),
+        ("-1", []),  # the usual way to hide every GPU
+        ("0,-1,1", ["0"]),  # CUDA stops at the first invalid entry
+        ("0,,1", ["0"]),
+        ("0,abc,1", ["0"]),
+        ("0,0,1", ["0", "1"]),
+        ("GPU-8932f937-d72c-4106-c12f-20bd9faed9f6,1", ["GPU-8932f937-d72c-4106-c12f-20bd9faed9f6", "1"]),
+        ("GPU-8932f937", ["GPU-8932f937"]),  # a unique prefix is allowed
+        ("MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f", ["MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f"]),
+    ],
+)
 def test_parse_visible_devices(text, expected):
     assert parse_visible_devices(text) == expected
 
@@ -97,12 +99,25 @@ class FakeNvml:
 
 def devices():
     return [
-        {"uuid": "GPU-aaaa-0000", "name": "NVIDIA H100 80GB HBM3", "total": 81559, "used": 1000, "util": 10,
-         "temp": 40, "procs": [(111, 900)]},
-        {"uuid": "GPU-bbbb-1111", "name": "NVIDIA H100 80GB HBM3", "total": 81559, "used": 0, "temp": 35,
-         "procs": []},
-        {"uuid": "GPU-cccc-2222", "name": "NVIDIA RTX 4090", "total": 24564, "used": 20000, "util": 99, "temp": 70,
-         "procs": [(222, 19000), (333, None)]},
+        {
+            "uuid": "GPU-aaaa-0000",
+            "name": "NVIDIA H100 80GB HBM3",
+            "total": 81559,
+            "used": 1000,
+            "util": 10,
+            "temp": 40,
+            "procs": [(111, 900)],
+        },
+        {"uuid": "GPU-bbbb-1111", "name": "NVIDIA H100 80GB HBM3", "total": 81559, "used": 0, "temp": 35, "procs": []},
+        {
+            "uuid": "GPU-cccc-2222",
+            "name": "NVIDIA RTX 4090",
+            "total": 24564,
+            "used": 20000,
+            "util": 99,
+            "temp": 70,
+            "procs": [(222, 19000), (333, None)],
+        },
     ]
 
 
@@ -110,7 +125,10 @@ def test_all_gpus_when_cuda_visible_devices_is_unset():
     nvml = FakeNvml(devices())
     gpus = NvmlInventory(nvml=nvml).gpus()
     assert [(g.index, g.physical_index, g.uuid) for g in gpus] == [
-        (0, 0, "GPU-aaaa-0000"), (1, 1, "GPU-bbbb-1111"), (2, 2, "GPU-cccc-2222")]
+        (0, 0, "GPU-aaaa-0000"),
+        (1, 1, "GPU-bbbb-1111"),
+        (2, 2, "GPU-cccc-2222"),
+    ]
     first = gpus[0]
     assert (first.name, first.total_mb, first.used_mb, first.free_mb) == ("NVIDIA H100 80GB HBM3", 81559, 1000, 80559)
     assert (first.utilization_percent, first.temperature_c, first.processes) == (10, 40, ((111, 900),))
@@ -119,31 +137,37 @@ def test_all_gpus_when_cuda_visible_devices_is_unset():
     assert nvml.inits == nvml.shutdowns == 1
 
 
-@pytest.mark.parametrize("visible,allowed,expected", [
-    # (CUDA index, physical index) pairs: CUDA renumbers the visible devices 0..n-1 in the listed order.
-    ("2,0", None, [(0, 2), (1, 0)]),
-    ("GPU-cccc,GPU-aaaa-0000", None, [(0, 2), (1, 0)]),  # UUIDs and unique prefixes
-    ("GPU-", None, []),  # ambiguous prefix: CUDA stops there
-    ("GPU-ffff", None, []),  # no such GPU
-    ("1,7,2", None, [(0, 1)]),  # index 7 does not exist: CUDA stops there
-    ("", None, []),
-    ("-1", None, []),
-    (None, [1, 2], [(1, 1), (2, 2)]),  # hardware.gpus filters by CUDA index
-    ("2,1,0", [0, 2], [(0, 2), (2, 0)]),
-    ("2", [1], []),
-    ("MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f", None, []),  # MIG slices are not inventoried
-])
+@pytest.mark.parametrize(
+    "visible,allowed,expected",
+    [
+        # (CUDA index, physical index) pairs: CUDA renumbers the visible devices 0..n-1 in the listed order.
+        ("2,0", None, [(0, 2), (1, 0)]),
+        ("GPU-cccc,GPU-aaaa-0000", None, [(0, 2), (1, 0)]),  # UUIDs and unique prefixes
+        ("GPU-", None, []),  # ambiguous prefix: CUDA stops there
+        ("GPU-ffff", None, []),  # no such GPU
+        ("1,7,2", None, [(0, 1)]),  # index 7 does not exist: CUDA stops there
+        ("", None, []),
+        ("-1", None, []),
+        (None, [1, 2], [(1, 1), (2, 2)]),  # hardware.gpus filters by CUDA index
+        ("2,1,0", [0, 2], [(0, 2), (2, 0)]),
+        ("2", [1], []),
+        ("MIG-5c89852c-d268-c3f3-1b07-005d5ae1dc3f", None, []),  # MIG slices are not inventoried
+    ],
+)
 def test_visible_devices_and_allowed_list(visible, allowed, expected):
     gpus = NvmlInventory(visible_devices=visible, allowed=allowed, nvml=FakeNvml(devices())).gpus()
     assert [(g.index, g.physical_index) for g in gpus] == expected
 
 
-@pytest.mark.parametrize("limit_gb,expected", [
-    (None, [(81559, 80559), (81559, 81559), (24564, 4564)]),
-    (40, [(40960, 39960), (40960, 40960), (24564, 4564)]),
-    (20, [(20480, 19480), (20480, 20480), (20480, 480)]),
-    (19, [(19456, 18456), (19456, 19456), (19456, 0)]),  # used above the cap: nothing free, never negative
-])
+@pytest.mark.parametrize(
+    "limit_gb,expected",
+    [
+        (None, [(81559, 80559), (81559, 81559), (24564, 4564)]),
+        (40, [(40960, 39960), (40960, 40960), (24564, 4564)]),
+        (20, [(20480, 19480), (20480, 20480), (20480, 480)]),
+        (19, [(19456, 18456), (19456, 19456), (19456, 0)]),  # used above the cap: nothing free, never negative
+    ],
+)
 def test_vram_limit_caps_total_and_free(limit_gb, expected):
     gpus = NvmlInventory(vram_limit_gb=limit_gb, nvml=FakeNvml(devices())).gpus()
     assert [(g.total_mb, g.free_mb) for g in gpus] == expected
@@ -202,10 +226,10 @@ def test_both_inventories_satisfy_the_protocol():
 def test_real_nvml_inventory():
     reason = nvml_unavailable_reason()
     if reason is not None:
-        assert not nvml_available()
+        assert nvml_unavailable_reason() is not None
         assert NvmlInventory().gpus() == []  # a CPU-only host: no GPUs, no exception
         pytest.skip(f"NVML not available on this host: {reason}")
-    assert nvml_available()
+    assert nvml_unavailable_reason() is None
     gpus = NvmlInventory().gpus()
     assert gpus, "NVML initialised but reported no GPU"
     for n, g in enumerate(gpus):

@@ -6,13 +6,13 @@ import json
 import random
 
 import pytest
-
 from factories import make_record
+
 from daemon.errors import Category, JobError, classify_exception
 from daemon.jobs import TRANSITIONS, InvalidTransition, JobRecord, JobState
 from daemon.policy import decide
-from daemon.scheduler import next_wakeup, pick_next
 from daemon.runtime.spool import Spool
+from daemon.scheduler import pick_next
 
 
 def record(job_id="j", *, state=None, **kw) -> JobRecord:
@@ -76,15 +76,23 @@ def test_claim_moves_the_file_and_keeps_intake_order(tmp_path):
     ],
 )
 def test_retry_decisions(category, attempts, retry):
-    d = decide(JobError(category, "x"), attempts, max_attempts=3, base_seconds=2, cap_seconds=30,
-               rng=random.Random(1))
+    d = decide(JobError(category, "x"), attempts, max_attempts=3, base_seconds=2, cap_seconds=30, rng=random.Random(1))
     assert d.retry is retry and d.reason
 
 
 @pytest.mark.parametrize("attempts,cap", [(1, 2), (2, 4), (3, 8), (6, 30), (20, 30)])
 def test_backoff_is_full_jitter_under_an_exponential_cap(attempts, cap):
-    delays = [decide(JobError(Category.IO_ERROR, "x"), attempts, max_attempts=99, base_seconds=2, cap_seconds=30,
-                     rng=random.Random(seed)).delay_seconds for seed in range(200)]
+    delays = [
+        decide(
+            JobError(Category.IO_ERROR, "x"),
+            attempts,
+            max_attempts=99,
+            base_seconds=2,
+            cap_seconds=30,
+            rng=random.Random(seed),
+        ).delay_seconds
+        for seed in range(200)
+    ]
     assert all(0 <= d <= cap for d in delays)
     assert max(delays) > cap * 0.9 and min(delays) < cap * 0.1
 
@@ -99,7 +107,6 @@ def test_scheduler_orders_by_priority_then_fifo_and_respects_backoff():
     ]
     assert pick_next(recs, now=50.0).id == "high-old"
     assert pick_next(recs, now=100.0).id == "top-backoff"
-    assert next_wakeup(recs, now=50.0) == 100.0
     assert pick_next([r for r in recs if r.priority == 0], now=0).id == "low-old"
     assert pick_next([], now=0) is None
 
@@ -125,18 +132,64 @@ def test_exceptions_are_classified_in_one_place(exc, category):
 # A job.json as daemons before the typed records wrote it: the model as its flat summary, the parameters as a
 # plain dict (no fp8 field). Spools left by an older daemon must still load after an upgrade.
 OLD_RECORD = {
-    "id": "fox", "token": "9f2c4e6a8b0d1c3e", "state": "queued", "source": "000000000007.host.1.fox.yaml",
-    "source_name": "fox.yaml", "seq": 7, "priority": 0, "spec": {"prompt": "a fox", "model": "tiny-ti2v-5b"},
-    "params": {"task": "ti2v", "pipeline": "t2v", "prompt": "a fox", "negative_prompt": "bad", "width": 64,
-               "height": 64, "frames": 9, "fps": 24, "steps": 3, "guidance_scale": 5.0, "guidance_scale_2": None,
-               "flow_shift": 5.0, "seed": 42, "seed_was_drawn": False, "quality": 8.0, "basename": "fox",
-               "offload": "none", "vae_tiling": False, "timeout_seconds": None, "loras": [], "preset": None,
-               "compile": False, "cache": None, "attention_backend": "native", "min_cache_steps": 10},
-    "model": {"name": "tiny-ti2v-5b", "architecture": "wan2.2-ti2v-5b", "repo_id": None, "revision": None,
-              "path": "/models/tiny-ti2v-5b", "source": "tiny", "tiny_random_weights": True, "multiple": 32},
-    "input_image": None, "attempts": 1, "worker": "cpu", "received_at": 1764000000.0, "queued_at": 1764000000.0,
-    "started_at": None, "finished_at": None, "not_before": 0.0, "last_error": None, "errors": [],
-    "events": [{"state": "queued", "at": 1764000000.0, "note": "from fox.yaml"}], "outputs": {}, "degradations": [],
+    "id": "fox",
+    "token": "9f2c4e6a8b0d1c3e",
+    "state": "queued",
+    "source": "000000000007.host.1.fox.yaml",
+    "source_name": "fox.yaml",
+    "seq": 7,
+    "priority": 0,
+    "spec": {"prompt": "a fox", "model": "tiny-ti2v-5b"},
+    "params": {
+        "task": "ti2v",
+        "pipeline": "t2v",
+        "prompt": "a fox",
+        "negative_prompt": "bad",
+        "width": 64,
+        "height": 64,
+        "frames": 9,
+        "fps": 24,
+        "steps": 3,
+        "guidance_scale": 5.0,
+        "guidance_scale_2": None,
+        "flow_shift": 5.0,
+        "seed": 42,
+        "seed_was_drawn": False,
+        "quality": 8.0,
+        "basename": "fox",
+        "offload": "none",
+        "vae_tiling": False,
+        "timeout_seconds": None,
+        "loras": [],
+        "preset": None,
+        "compile": False,
+        "cache": None,
+        "attention_backend": "native",
+        "min_cache_steps": 10,
+    },
+    "model": {
+        "name": "tiny-ti2v-5b",
+        "architecture": "wan2.2-ti2v-5b",
+        "repo_id": None,
+        "revision": None,
+        "path": "/models/tiny-ti2v-5b",
+        "source": "tiny",
+        "tiny_random_weights": True,
+        "multiple": 32,
+    },
+    "input_image": None,
+    "attempts": 1,
+    "worker": "cpu",
+    "received_at": 1764000000.0,
+    "queued_at": 1764000000.0,
+    "started_at": None,
+    "finished_at": None,
+    "not_before": 0.0,
+    "last_error": None,
+    "errors": [],
+    "events": [{"state": "queued", "at": 1764000000.0, "note": "from fox.yaml"}],
+    "outputs": {},
+    "degradations": [],
 }
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from daemon.errors import Category, JobError
 from daemon.jobspec import lora as L
 from daemon.jobspec import lora_files as F
 from daemon.jobspec import lora_keys as K
 from daemon.worker import lora as W
-from daemon.errors import Category, JobError
 
 RANK = 4
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -91,8 +92,9 @@ def lora_root(models_dir, tmp_path_factory) -> Path:
         torch.manual_seed(seed)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-            transformer.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets,
-                                               init_lora_weights=False), adapter_name=name)
+            transformer.add_adapter(
+                LoraConfig(r=RANK, lora_alpha=RANK, target_modules=targets, init_lora_weights=False), adapter_name=name
+            )
         sd = get_peft_model_state_dict(transformer, adapter_name=name)
         WanPipeline.save_lora_weights(root, transformer_lora_layers=sd, weight_name=f"{name}.safetensors")
         return {f"transformer.{k}": v.clone() for k, v in sd.items()}
@@ -107,8 +109,10 @@ def lora_root(models_dir, tmp_path_factory) -> Path:
     save_file(to_wan(full), str(root / "wan" / "full_wan.safetensors"))
     save_file(to_musubi(full), str(root / "wan" / "full_musubi.safetensors"))
     # peft's own naming: adapter segment in the key, no "transformer." prefix
-    save_file({k.removeprefix("transformer.").replace(".weight", ".default.weight"): v for k, v in a.items()},
-              str(root / "a_default.safetensors"))
+    save_file(
+        {k.removeprefix("transformer.").replace(".weight", ".default.weight"): v for k, v in a.items()},
+        str(root / "a_default.safetensors"),
+    )
     return root
 
 
@@ -118,8 +122,10 @@ def lora_root(models_dir, tmp_path_factory) -> Path:
 
 
 def test_parent_half_imports_no_torch():
-    code = ("import sys, daemon.jobspec.lora, daemon.jobspec.lora_files, daemon.jobspec.lora_keys, "
-            "daemon.jobspec.resolve; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules")
+    code = (
+        "import sys, daemon.jobspec.lora, daemon.jobspec.lora_files, daemon.jobspec.lora_keys, "
+        "daemon.jobspec.resolve; assert 'torch' not in sys.modules and 'diffusers' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
@@ -127,10 +133,16 @@ def test_lora_spec_is_strict():
     spec = L.LoraSpec.model_validate({"path": "x.safetensors"})
     assert (spec.strength, spec.expert) == (1.0, "high")
     assert L.LoraSpec.model_validate({"path": "x.safetensors", "strength": 2, "expert": "low"}).strength == 2.0
-    for bad in ({"path": "x.safetensors", "strength": 4.5}, {"path": "x.safetensors", "strength": -1},
-                {"path": "x.safetensors", "strength": "1"}, {"path": "x.safetensors", "expert": "mid"},
-                {"path": "x.safetensors", "scale": 1.0}, {"path": ""}, {}):
-        with pytest.raises(Exception):
+    for bad in (
+        {"path": "x.safetensors", "strength": 4.5},
+        {"path": "x.safetensors", "strength": -1},
+        {"path": "x.safetensors", "strength": "1"},
+        {"path": "x.safetensors", "expert": "mid"},
+        {"path": "x.safetensors", "scale": 1.0},
+        {"path": ""},
+        {},
+    ):
+        with pytest.raises(ValidationError):
             L.LoraSpec.model_validate(bad)
 
 
@@ -192,9 +204,14 @@ def test_transformer_keys_single_file_and_sharded_index(models_dir, tmp_path):
     sharded.mkdir(parents=True)
     write_safetensors(sharded / "s1.safetensors", {"blocks.0.attn1.to_q.weight": [8, 8]})
     write_safetensors(sharded / "s2.safetensors", {"proj_out.weight": [4, 8]})
-    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {"blocks.0.attn1.to_q.weight": "s1.safetensors",
-                                        "proj_out.weight": "s2.safetensors"}}))
+    (sharded / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps(
+            {
+                "metadata": {},
+                "weight_map": {"blocks.0.attn1.to_q.weight": "s1.safetensors", "proj_out.weight": "s2.safetensors"},
+            }
+        )
+    )
     assert F.transformer_header(tmp_path / "m") == {"blocks.0.attn1.to_q.weight": [8, 8], "proj_out.weight": [4, 8]}
     with pytest.raises(JobError) as info:
         F.transformer_keys(tmp_path / "nothing")
@@ -203,21 +220,26 @@ def test_transformer_keys_single_file_and_sharded_index(models_dir, tmp_path):
 
 def test_check_lora_fits_names_and_shapes(models_dir):
     model = F.transformer_header(models_dir / "tiny-t2v-a14b")
-    ok = {"transformer.blocks.0.attn1.to_q.lora_A.weight": [4, 32],
-          "transformer.blocks.0.attn1.to_q.lora_B.weight": [32, 4],
-          "transformer.blocks.1.ffn.net.2.lora_A.default.weight": [4, 64],
-          "transformer.blocks.1.ffn.net.2.lora_B.default.weight": [32, 4]}
+    ok = {
+        "transformer.blocks.0.attn1.to_q.lora_A.weight": [4, 32],
+        "transformer.blocks.0.attn1.to_q.lora_B.weight": [32, 4],
+        "transformer.blocks.1.ffn.net.2.lora_A.default.weight": [4, 64],
+        "transformer.blocks.1.ffn.net.2.lora_B.default.weight": [32, 4],
+    }
     assert K.check_lora_fits(ok, model).modules == ["blocks.0.attn1.to_q", "blocks.1.ffn.net.2"]
     K.check_lora_fits(list(ok), list(model))  # names only
     # made for a deeper model: blocks 2..7 do not exist in the 2-block tiny model
     deep = [f"transformer.blocks.{b}.attn1.{p}.lora_{ab}.weight" for b in range(8) for p in ATTN for ab in "AB"]
     err = _invalid(K.check_lora_fits, deep, model, match="24 of the 32 modules")
     assert "blocks.2.attn1.to_k" in err.message and err.details["missing_count"] == 24
-    _invalid(K.check_lora_fits, ["transformer.blocks.0.attn1.to_qkv.lora_A.weight"], model,
-             match="blocks.0.attn1.to_qkv")
+    _invalid(
+        K.check_lora_fits, ["transformer.blocks.0.attn1.to_qkv.lora_A.weight"], model, match="blocks.0.attn1.to_qkv"
+    )
     # same names, other sizes (e.g. a LoRA for a model with a wider transformer)
-    wide = {"transformer.blocks.0.attn1.to_q.lora_A.weight": [4, 64],
-            "transformer.blocks.0.attn1.to_q.lora_B.weight": [64, 4]}
+    wide = {
+        "transformer.blocks.0.attn1.to_q.lora_A.weight": [4, 64],
+        "transformer.blocks.0.attn1.to_q.lora_B.weight": [64, 4],
+    }
     _invalid(K.check_lora_fits, wide, model, match="other sizes")
     _invalid(K.check_lora_fits, ["transformer.blocks.0.attn1.to_q.alpha"], model, match="not a LoRA weight")
     _invalid(K.check_lora_fits, ["text_encoder.encoder.lora_A.weight"], model, match="no LoRA weights")
@@ -226,36 +248,77 @@ def test_check_lora_fits_names_and_shapes(models_dir):
 
 def test_check_lora_fits_wan_and_musubi_names(models_dir):
     model = F.transformer_header(models_dir / "tiny-t2v-a14b")
-    wan = ["blocks.0.self_attn.q.DOWN.weight", "blocks.0.self_attn.q.UP.weight", "blocks.0.self_attn.q.alpha",
-           "blocks.1.cross_attn.o.DOWN.weight", "blocks.1.cross_attn.o.UP.weight", "blocks.1.cross_attn.o.diff_b",
-           "blocks.1.ffn.0.DOWN.weight", "blocks.1.ffn.2.UP.weight", "head.head.DOWN.weight",
-           "time_embedding.0.DOWN.weight", "time_embedding.0.UP.weight",
-           "blocks.0.norm3.diff", "blocks.0.norm3.diff_b", "blocks.0.modulation.diff"]
+    wan = [
+        "blocks.0.self_attn.q.DOWN.weight",
+        "blocks.0.self_attn.q.UP.weight",
+        "blocks.0.self_attn.q.alpha",
+        "blocks.1.cross_attn.o.DOWN.weight",
+        "blocks.1.cross_attn.o.UP.weight",
+        "blocks.1.cross_attn.o.diff_b",
+        "blocks.1.ffn.0.DOWN.weight",
+        "blocks.1.ffn.2.UP.weight",
+        "head.head.DOWN.weight",
+        "time_embedding.0.DOWN.weight",
+        "time_embedding.0.UP.weight",
+        "blocks.0.norm3.diff",
+        "blocks.0.norm3.diff_b",
+        "blocks.0.modulation.diff",
+    ]
     for down, up in (("lora_down", "lora_up"), ("lora_A", "lora_B")):  # ComfyUI / original Wan trainers
         keys = ["diffusion_model." + k.replace("DOWN", down).replace("UP", up) for k in wan]
         analysis = K.check_lora_fits(keys, model)
         assert analysis.format == "wan"
-        assert analysis.modules == ["blocks.0.attn1.to_q", "blocks.1.attn2.to_out.0", "blocks.1.ffn.net.0.proj",
-                                    "blocks.1.ffn.net.2", "condition_embedder.time_embedder.linear_1", "proj_out"]
+        assert analysis.modules == [
+            "blocks.0.attn1.to_q",
+            "blocks.1.attn2.to_out.0",
+            "blocks.1.ffn.net.0.proj",
+            "blocks.1.ffn.net.2",
+            "condition_embedder.time_embedder.linear_1",
+            "proj_out",
+        ]
         assert len(analysis.ignored) == 3  # norm diffs and a full-weight diff: diffusers drops them
-    _invalid(K.check_lora_fits, ["diffusion_model.blocks.0.self_attn.q.lora_down.weight",
-                                 "diffusion_model.blocks.0.self_attn.k.lora_A.weight"], model, match="mixes")
-    _invalid(K.check_lora_fits, ["diffusion_model.blocks.7.self_attn.q.lora_down.weight"], model,
-             match="blocks.7.attn1.to_q")
-    _invalid(K.check_lora_fits, ["diffusion_model.blocks.0.self_attn.norm_q.lora_down.weight"], model,
-             match="no mapping")
+    _invalid(
+        K.check_lora_fits,
+        ["diffusion_model.blocks.0.self_attn.q.lora_down.weight", "diffusion_model.blocks.0.self_attn.k.lora_A.weight"],
+        model,
+        match="mixes",
+    )
+    _invalid(
+        K.check_lora_fits, ["diffusion_model.blocks.7.self_attn.q.lora_down.weight"], model, match="blocks.7.attn1.to_q"
+    )
+    _invalid(
+        K.check_lora_fits, ["diffusion_model.blocks.0.self_attn.norm_q.lora_down.weight"], model, match="no mapping"
+    )
     # image-to-video projections (Wan2.1 I2V) do not exist in Wan2.2's transformers
-    _invalid(K.check_lora_fits, ["diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight",
-                                 "diffusion_model.blocks.0.cross_attn.v_img.lora_down.weight"], model,
-             match="add_k_proj")
-    musubi = [f"lora_unet_blocks_{b}_{p}.{s}" for b in range(2)
-              for p in ["self_attn_q", "self_attn_k", "self_attn_v", "self_attn_o", "cross_attn_q", "cross_attn_k",
-                        "cross_attn_v", "cross_attn_o", "ffn_0", "ffn_2"]
-              for s in ("lora_down.weight", "lora_up.weight", "alpha")]
+    _invalid(
+        K.check_lora_fits,
+        [
+            "diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight",
+            "diffusion_model.blocks.0.cross_attn.v_img.lora_down.weight",
+        ],
+        model,
+        match="add_k_proj",
+    )
+    musubi = [
+        f"lora_unet_blocks_{b}_{p}.{s}"
+        for b in range(2)
+        for p in [
+            "self_attn_q",
+            "self_attn_k",
+            "self_attn_v",
+            "self_attn_o",
+            "cross_attn_q",
+            "cross_attn_k",
+            "cross_attn_v",
+            "cross_attn_o",
+            "ffn_0",
+            "ffn_2",
+        ]
+        for s in ("lora_down.weight", "lora_up.weight", "alpha")
+    ]
     assert K.check_lora_fits(musubi, model).format == "musubi"
     _invalid(K.check_lora_fits, musubi[3:], model, match="keys are missing")  # diffusers' converter would crash
-    _invalid(K.check_lora_fits, [k.replace("blocks_1_", "blocks_7_") for k in musubi], model,
-             match="numbered 0..1")
+    _invalid(K.check_lora_fits, [k.replace("blocks_1_", "blocks_7_") for k in musubi], model, match="numbered 0..1")
 
 
 def test_presets():
@@ -267,8 +330,14 @@ def test_presets():
     params, _ = L.apply_preset("lightning-4step", [hi, lo], {"steps": 6, "flow_shift": None})
     assert params == {"guidance_scale": 1.0, "guidance_scale_2": 1.0, "flow_shift": 5.0}
     _invalid(L.apply_preset, "lightning-4step", [hi], {}, two_experts=True, match="two LoRA files")
-    _invalid(L.apply_preset, "lightning-4step", [hi, hi.model_copy(update={"expert": "both"})], {}, two_experts=True,
-             match="two LoRA files")
+    _invalid(
+        L.apply_preset,
+        "lightning-4step",
+        [hi, hi.model_copy(update={"expert": "both"})],
+        {},
+        two_experts=True,
+        match="two LoRA files",
+    )
     params, _ = L.apply_preset("lightning-4step", [hi], {}, two_experts=False)  # TI2V-5B: one LoRA, expert high
     assert params == {"steps": 4, "guidance_scale": 1.0, "flow_shift": 5.0}
     _invalid(L.apply_preset, "lightning-4step", [hi, lo], {}, two_experts=False, match="expert: high")
@@ -290,13 +359,22 @@ def test_validate(lora_root, models_dir):
     assert resolved[0].adapter_name == "l_" + resolved[0].sha256[:16]
     assert L.validate([], [lora_root], a14b, True) == []
     L.validate([L.LoraSpec(path="a.safetensors")], [lora_root], ti2v, two_experts=False)
-    err = _invalid(L.validate, [L.LoraSpec(path="a.safetensors", expert="low")], [lora_root], ti2v, False,
-                   match="one transformer")
+    err = _invalid(
+        L.validate, [L.LoraSpec(path="a.safetensors", expert="low")], [lora_root], ti2v, False, match="one transformer"
+    )
     assert err.message.startswith("loras[0] (a.safetensors): ")
-    _invalid(L.validate, [L.LoraSpec(path="a.safetensors"), L.LoraSpec(path="a.safetensors", expert="both")],
-             [lora_root], a14b, True, match="already listed as loras[0]")
-    write_safetensors(lora_root / "deep.safetensors", {f"transformer.blocks.7.attn1.to_q.lora_{x}.weight": s
-                                                       for x, s in (("A", [4, 32]), ("B", [32, 4]))})
+    _invalid(
+        L.validate,
+        [L.LoraSpec(path="a.safetensors"), L.LoraSpec(path="a.safetensors", expert="both")],
+        [lora_root],
+        a14b,
+        True,
+        match="already listed as loras[0]",
+    )
+    write_safetensors(
+        lora_root / "deep.safetensors",
+        {f"transformer.blocks.7.attn1.to_q.lora_{x}.weight": s for x, s in (("A", [4, 32]), ("B", [32, 4]))},
+    )
     _invalid(L.validate, [L.LoraSpec(path="deep.safetensors")], [lora_root], ti2v, False, match="blocks.7")
     L.validate([L.LoraSpec(path="deep.safetensors")], [lora_root], None, False)  # no model folder: no fit check
     _invalid(L.validate, [L.LoraSpec(path="../x.safetensors")], [lora_root], a14b, True, match="loras[0]")
@@ -317,9 +395,17 @@ class _Loaded:
     def generate(self) -> np.ndarray:
         import torch
 
-        kwargs = dict(prompt="a red fox runs", negative_prompt="", height=64, width=64, num_frames=5,
-                      num_inference_steps=2, guidance_scale=4.0, output_type="np",
-                      generator=torch.Generator(device="cpu").manual_seed(7))
+        kwargs = dict(
+            prompt="a red fox runs",
+            negative_prompt="",
+            height=64,
+            width=64,
+            num_frames=5,
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            output_type="np",
+            generator=torch.Generator(device="cpu").manual_seed(7),
+        )
         if self.two_experts:
             kwargs["guidance_scale_2"] = 3.0
         with torch.inference_mode():

@@ -20,8 +20,10 @@ def loras(models_dir, tmp_path_factory):
     transformer = WanTransformer3DModel.from_pretrained(models_dir / "tiny-t2v-a14b" / "transformer")
     torch.manual_seed(7)
     # init_lora_weights=False: with peft's default init lora_B is zero and the adapter would change nothing.
-    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                       init_lora_weights=False), adapter_name="style")
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False),
+        adapter_name="style",
+    )
     sd = get_peft_model_state_dict(transformer, adapter_name="style")
     WanPipeline.save_lora_weights(root, transformer_lora_layers=sd, weight_name="style.safetensors")
     (root / "notes.txt").write_text("not a lora")
@@ -56,12 +58,15 @@ def test_lora_changes_the_video_and_switching_never_reloads_the_base(harness_fac
     assert sides[1]["parameters"]["loras"][0]["expert"] == "high"
 
 
-@pytest.mark.parametrize("entry,needle", [
-    ("{path: ../escape.safetensors}", ".."),
-    ("{path: missing.safetensors}", "missing.safetensors"),
-    ("{path: notes.txt}", ".safetensors"),
-    ("{path: style.safetensors, expert: low}", None),
-])
+@pytest.mark.parametrize(
+    "entry,needle",
+    [
+        ("{path: ../escape.safetensors}", ".."),
+        ("{path: missing.safetensors}", "missing.safetensors"),
+        ("{path: notes.txt}", ".safetensors"),
+        ("{path: style.safetensors, expert: low}", None),
+    ],
+)
 def test_bad_loras_are_refused_before_the_job_runs(harness_factory, loras, entry, needle):
     h = harness_factory(paths={"lora_roots": [str(loras)]}).start()
     model = "tiny-ti2v-5b" if "low" in entry else "tiny-t2v-a14b"

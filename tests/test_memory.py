@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
-
 from factories import make_record
+
 from daemon.memory import (
     CUDA_CONTEXT_MB,
     MODES,
@@ -64,7 +65,7 @@ def test_stronger_modes_and_tiling_never_cost_more(arch, w, h, f):
     ests = {(m, t): estimate_mb(arch, w, h, f, m, vae_tiling=t) for m in MODES for t in (False, True)}
     for m in MODES:
         assert ests[(m, True)] <= ests[(m, False)]
-    for a, b in zip(MODES, MODES[1:]):
+    for a, b in itertools.pairwise(MODES):
         assert ests[(b, False)] <= ests[(a, False)] and ests[(b, True)] <= ests[(a, True)]
     assert ests[("sequential", False)] < 0.6 * ests[("resident", False)]  # much smaller
     assert estimate_mb(arch, w, h, f, "resident", fp8=True) < ests[("resident", False)]
@@ -103,29 +104,32 @@ T21_JOB = JobDemand(T2V_SINGLE, 832, 480, 81)
 TINY_JOB = JobDemand(TI2V_5B, 64, 64, 9, tiny=True)
 
 
-@pytest.mark.parametrize("job,free_gib,expected", [
-    # TI2V-5B 720p: resident on an 80 GiB card, tiling at 40, model offload + tiling on a 24 GiB card.
-    (TI2V_JOB, 80, ("resident", False)),
-    (TI2V_JOB, 40, ("resident", True)),
-    (TI2V_JOB, 24, ("model", True)),
-    (TI2V_JOB, 16, ("group", True)),
-    (TI2V_JOB, 13, ("sequential", True)),
-    (TI2V_JOB, 2, None),
-    # A14B 720p: both experts + UMT5 resident need ~86 GiB (H200 yes; 80 GiB only with tiling, and not
-    # the ~78.1 GiB an H100 80GB really has free), one expert at a time ~39 GiB, a 24 GiB card needs
-    # group offload, 12 GiB sequential + tiling, 8 GiB is not enough.
-    (A14B_JOB, 139, ("resident", False)),
-    (A14B_JOB, 80, ("resident", True)),
-    (A14B_JOB, 78.1, ("model", False)),
-    (A14B_JOB, 24, ("group", False)),
-    (A14B_JOB, 16, ("group", True)),
-    (A14B_JOB, 12, ("sequential", True)),
-    (A14B_JOB, 8, None),
-    # Wan2.1 1.3B at 832x480x81: resident on 24 GiB, about 8 GiB with group offload.
-    (T21_JOB, 24, ("resident", False)),
-    (T21_JOB, 10, ("group", False)),
-    (TINY_JOB, 2, ("resident", False)),
-])
+@pytest.mark.parametrize(
+    "job,free_gib,expected",
+    [
+        # TI2V-5B 720p: resident on an 80 GiB card, tiling at 40, model offload + tiling on a 24 GiB card.
+        (TI2V_JOB, 80, ("resident", False)),
+        (TI2V_JOB, 40, ("resident", True)),
+        (TI2V_JOB, 24, ("model", True)),
+        (TI2V_JOB, 16, ("group", True)),
+        (TI2V_JOB, 13, ("sequential", True)),
+        (TI2V_JOB, 2, None),
+        # A14B 720p: both experts + UMT5 resident need ~86 GiB (H200 yes; 80 GiB only with tiling, and not
+        # the ~78.1 GiB an H100 80GB really has free), one expert at a time ~39 GiB, a 24 GiB card needs
+        # group offload, 12 GiB sequential + tiling, 8 GiB is not enough.
+        (A14B_JOB, 139, ("resident", False)),
+        (A14B_JOB, 80, ("resident", True)),
+        (A14B_JOB, 78.1, ("model", False)),
+        (A14B_JOB, 24, ("group", False)),
+        (A14B_JOB, 16, ("group", True)),
+        (A14B_JOB, 12, ("sequential", True)),
+        (A14B_JOB, 8, None),
+        # Wan2.1 1.3B at 832x480x81: resident on 24 GiB, about 8 GiB with group offload.
+        (T21_JOB, 24, ("resident", False)),
+        (T21_JOB, 10, ("group", False)),
+        (TINY_JOB, 2, ("resident", False)),
+    ],
+)
 def test_plan_for_picks_the_fastest_mode_that_fits(job, free_gib, expected):
     plan = plan_for(job, int(free_gib * GIB))
     if expected is None:
@@ -133,19 +137,23 @@ def test_plan_for_picks_the_fastest_mode_that_fits(job, free_gib, expected):
     else:
         assert (plan.mode, plan.vae_tiling, plan.fp8) == (*expected, False)
         assert plan.estimate_mb <= free_gib * GIB
-        assert plan.estimate_mb == estimate_mb(job.architecture, job.width, job.height, job.frames, plan.mode,
-                                               vae_tiling=plan.vae_tiling, tiny=job.tiny)
+        assert plan.estimate_mb == estimate_mb(
+            job.architecture, job.width, job.height, job.frames, plan.mode, vae_tiling=plan.vae_tiling, tiny=job.tiny
+        )
 
 
-@pytest.mark.parametrize("override,free_gib,expected", [
-    ("group", 80, ("group", False, False)),  # forced even where resident would fit
-    ("model", 80, ("model", False, False)),
-    ("sequential", 80, ("sequential", False, False)),
-    ("none", 80, ("resident", False, False)),
-    ("resident", 40, ("resident", True, False)),
-    ("none", 24, None),  # resident only: does not fit, even though model offload would
-    ("sequential", 2, None),
-])
+@pytest.mark.parametrize(
+    "override,free_gib,expected",
+    [
+        ("group", 80, ("group", False, False)),  # forced even where resident would fit
+        ("model", 80, ("model", False, False)),
+        ("sequential", 80, ("sequential", False, False)),
+        ("none", 80, ("resident", False, False)),
+        ("resident", 40, ("resident", True, False)),
+        ("none", 24, None),  # resident only: does not fit, even though model offload would
+        ("sequential", 2, None),
+    ],
+)
 def test_the_offload_override_is_honoured(override, free_gib, expected):
     plan = plan_for(TI2V_JOB, free_gib * GIB, override=override)
     assert (None if plan is None else (plan.mode, plan.vae_tiling, plan.fp8)) == expected
@@ -167,12 +175,15 @@ def test_strongest_estimate_is_the_smallest_candidate():
     assert strongest_estimate_mb(A14B_JOB, allow_lossy=True) <= strongest_estimate_mb(A14B_JOB)
 
 
-@pytest.mark.parametrize("plan,names", [
-    (Plan("resident", False, False, 1), []),
-    (Plan("resident", True, False, 1), ["vae_tiling"]),
-    (Plan("group", True, True, 1), ["offload:group", "vae_tiling", "fp8_weights"]),
-    (Plan("sequential", False, False, 1), ["offload:sequential"]),
-])
+@pytest.mark.parametrize(
+    "plan,names",
+    [
+        (Plan("resident", False, False, 1), []),
+        (Plan("resident", True, False, 1), ["vae_tiling"]),
+        (Plan("group", True, True, 1), ["offload:group", "vae_tiling", "fp8_weights"]),
+        (Plan("sequential", False, False, 1), ["offload:sequential"]),
+    ],
+)
 def test_optimizations_use_the_names_pipelines_reports(plan, names):
     assert optimizations(plan) == names
     assert plan.offload == ("none" if plan.mode == "resident" else plan.mode)
@@ -202,7 +213,7 @@ def test_estimates_move_toward_measured_peaks_and_persist(tmp_path):
         history.append(estimate_mb(*TI2V, "model", vae_tiling=True, book=book))
     # Monotone toward the target (measured + margin), within 5% after five runs, never below it.
     target = measured * (1 + SAFETY_MARGIN)
-    assert all(a > b for a, b in zip(history, history[1:]))
+    assert all(a > b for a, b in itertools.pairwise(history))
     assert history[-1] == pytest.approx(target, rel=0.05) and history[-1] >= target
     assert book.correction(key) == pytest.approx(0.7, abs=0.02)
     # Other keys are untouched; a fresh instance reads the same corrections from disk.

@@ -18,9 +18,15 @@ HOSTILE = 'we"ird\\inst\nance'
 
 def health(**over):
     base = {
-        "version": "0.1.0", "state": "busy", "instance": "node-a", "paused": None,
-        "queue_depth": 4, "queue_by_priority": {"0": 3, "10": 1},
-        "running": {"id": "job-1", "attempt": 1}, "done": 5, "failed": 2,
+        "version": "0.1.0",
+        "state": "busy",
+        "instance": "node-a",
+        "paused": None,
+        "queue_depth": 4,
+        "queue_by_priority": {"0": 3, "10": 1},
+        "running": {"id": "job-1", "attempt": 1},
+        "done": 5,
+        "failed": 2,
         "device": {"state": "ready", "pid": 123, "device": "cuda"},
     }
     base.update(over)
@@ -28,20 +34,27 @@ def health(**over):
 
 
 COUNTERS = {"done_total": 7, "failed_total_by_category": {"out_of_memory": 2, "invalid_spec": 1}}
-DURATIONS = [("wan2.2-ti2v-5b", 0.5), ("wan2.2-ti2v-5b", 45.0), ("wan2.2-ti2v-5b", 4000.0),
-             ("tiny-ti2v-5b", 1.0), ("tiny-ti2v-5b", 2.5)]
-GPUS = [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559, "memory_used_mb": 1024.5},
-        {"index": 1, "name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559, "memory_used_mb": 0}]
+DURATIONS = [
+    ("wan2.2-ti2v-5b", 0.5),
+    ("wan2.2-ti2v-5b", 45.0),
+    ("wan2.2-ti2v-5b", 4000.0),
+    ("tiny-ti2v-5b", 1.0),
+    ("tiny-ti2v-5b", 2.5),
+]
+GPUS = [
+    {"index": 0, "name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559, "memory_used_mb": 1024.5},
+    {"index": 1, "name": "NVIDIA H100 80GB HBM3", "memory_total_mb": 81559, "memory_used_mb": 0},
+]
 
 
 # --- a strict parser for the text format (used when prometheus_client is not installed) ----------------------
 
-_SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
 _LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\\\|\\"|\\n)*)"(,|$)')
 
 
 def _unescape(v: str) -> str:
-    return re.sub(r'\\(.)', lambda m: {"n": "\n", "\\": "\\", '"': '"'}[m.group(1)], v)
+    return re.sub(r"\\(.)", lambda m: {"n": "\n", "\\": "\\", '"': '"'}[m.group(1)], v)
 
 
 def strict_parse(text: str) -> dict[str, dict]:
@@ -72,8 +85,9 @@ def strict_parse(text: str) -> dict[str, dict]:
                 labels[lm.group(1)] = _unescape(lm.group(2))
                 pos = lm.end()
             fam = families[current]
-            allowed = {current} | ({current + s for s in ("_bucket", "_sum", "_count")} if fam["type"] == "histogram"
-                                   else set())
+            allowed = {current} | (
+                {current + s for s in ("_bucket", "_sum", "_count")} if fam["type"] == "histogram" else set()
+            )
             assert name in allowed, f"{name} outside its family {current}"
             fam["samples"].append((name, labels, float(raw_value)))
     return families
@@ -99,8 +113,11 @@ def samples(fams, metric, /, **labels):
     for suffix in ("_bucket", "_sum", "_count"):
         if metric.endswith(suffix) and metric[: -len(suffix)] in fams:
             family = metric[: -len(suffix)]
-    return [(lbl, v) for n, lbl, v in fams[family]["samples"]
-            if n == metric and all(lbl.get(k) == str(val) for k, val in labels.items())]
+    return [
+        (lbl, v)
+        for n, lbl, v in fams[family]["samples"]
+        if n == metric and all(lbl.get(k) == str(val) for k, val in labels.items())
+    ]
 
 
 def value(fams, metric, /, **labels):
@@ -111,11 +128,13 @@ def value(fams, metric, /, **labels):
 
 # --- tests -------------------------------------------------------------------------------------------------
 
+
 def test_values_and_types():
     fams = parse(render(health(), COUNTERS, DURATIONS, GPUS))
     assert value(fams, "wan_daemon_up") == 1
     assert {lbl["state"]: v for lbl, v in samples(fams, "wan_daemon_state")} == {
-        s: (1.0 if s == "busy" else 0.0) for s in KNOWN_STATES}
+        s: (1.0 if s == "busy" else 0.0) for s in KNOWN_STATES
+    }
     assert value(fams, "wan_daemon_queue_depth", priority="0") == 3
     assert value(fams, "wan_daemon_queue_depth", priority="10") == 1
     assert value(fams, "wan_daemon_queued_jobs") == 4
@@ -134,8 +153,14 @@ def test_values_and_types():
 
 
 def test_idle_cpu_host_without_gpus_or_jobs():
-    fams = parse(render(health(state="idle", running=None, queue_by_priority={}, queue_depth=0, paused="disk full"),
-                        {"done_total": 0, "failed_total_by_category": {}}, [], []))
+    fams = parse(
+        render(
+            health(state="idle", running=None, queue_by_priority={}, queue_depth=0, paused="disk full"),
+            {"done_total": 0, "failed_total_by_category": {}},
+            [],
+            [],
+        )
+    )
     assert value(fams, "wan_daemon_state", state="idle") == 1
     assert value(fams, "wan_daemon_state", state="busy") == 0
     assert value(fams, "wan_daemon_running_jobs") == 0
@@ -162,11 +187,15 @@ def test_histogram_is_cumulative_per_model():
 
 def test_label_values_are_escaped():
     assert escape_label_value('a\\b"c\nd') == 'a\\\\b\\"c\\nd'
-    text = render(health(instance=HOSTILE, state='odd"state'), {"done_total": 1, "failed_total_by_category":
-                  {'cat"\n\\': 3}}, [('model "x"\n\\y', 3.0)], [{"index": 0, "name": 'G"P\nU', "memory_total_mb": 1,
-                                                                "memory_used_mb": 1}])
-    assert len([ln for ln in text.splitlines() if not ln.startswith("#")]) == text.count("} "), \
+    text = render(
+        health(instance=HOSTILE, state='odd"state'),
+        {"done_total": 1, "failed_total_by_category": {'cat"\n\\': 3}},
+        [('model "x"\n\\y', 3.0)],
+        [{"index": 0, "name": 'G"P\nU', "memory_total_mb": 1, "memory_used_mb": 1}],
+    )
+    assert len([ln for ln in text.splitlines() if not ln.startswith("#")]) == text.count("} "), (
         "a raw newline in a label split a line"
+    )
     fams = parse(text)
     assert value(fams, "wan_daemon_jobs_failed_total", category='cat"\n\\') == 3
     assert value(fams, "wan_daemon_state", state='odd"state') == 1

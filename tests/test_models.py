@@ -12,12 +12,19 @@ from daemon.models import I2V_A14B, REGISTRY, T2V_A14B, T2V_SINGLE, TI2V_5B, ins
 from daemon.worker.tiny import build_tiny
 
 
-@pytest.mark.parametrize("name,arch", [("tiny-t2v-a14b", T2V_A14B), ("tiny-i2v-a14b", I2V_A14B),
-                                       ("tiny-ti2v-5b", TI2V_5B), ("tiny-t2v-1.3b", T2V_SINGLE)])
+@pytest.mark.parametrize(
+    "name,arch",
+    [
+        ("tiny-t2v-a14b", T2V_A14B),
+        ("tiny-i2v-a14b", I2V_A14B),
+        ("tiny-ti2v-5b", TI2V_5B),
+        ("tiny-t2v-1.3b", T2V_SINGLE),
+    ],
+)
 def test_tiny_models_have_the_real_architectures(models_dir, name, arch):
     folder = models_dir / name
     assert inspect_folder(folder) == arch
-    from diffusers import WanPipeline, WanImageToVideoPipeline
+    from diffusers import WanImageToVideoPipeline, WanPipeline
 
     cls = WanImageToVideoPipeline if arch == I2V_A14B else WanPipeline
     pipe = cls.from_pretrained(folder)
@@ -101,7 +108,12 @@ def test_real_model_on_cpu_runs_when_allowed(harness_factory, tmp_path, models_d
 def test_small_model_and_its_tiny_twin(harness):
     info = REGISTRY["wan2.1-t2v-1.3b"]
     assert (info.repo_id, info.width, info.height, info.frames, info.fps) == (
-        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 832, 480, 81, 16)
+        "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+        832,
+        480,
+        81,
+        16,
+    )
     harness.drop("small.yaml", "model: tiny-t2v-1.3b\nprompt: small gpu\nsteps: 2\n")
     side = harness.sidecar("small")
     assert side["model_used"]["architecture"] == "wan-t2v" and side["video"]["frames"] == 9

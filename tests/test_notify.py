@@ -61,8 +61,7 @@ def listener(request, tmp_path):
         (lambda n: n.extend_timeout(0.57), b"EXTEND_TIMEOUT_USEC=570000"),  # not 569999: rounded
         (lambda n: n.send("STATUS=ünïcode", "MAINPID=42"), "STATUS=ünïcode\nMAINPID=42".encode()),
     ],
-    ids=["ready", "ready+status", "status", "status-newline", "stopping", "watchdog", "extend", "extend-frac",
-         "send"],
+    ids=["ready", "ready+status", "status", "status-newline", "stopping", "watchdog", "extend", "extend-frac", "send"],
 )
 def test_exact_datagrams(listener, call, expected, warnings_logged):
     address, sock = listener
@@ -96,8 +95,7 @@ def test_no_socket_is_a_no_op(socket_path, warnings_logged):
     assert warnings_logged == []
 
 
-@pytest.mark.parametrize("usec, interval", [("10000000", 5.0), (10_000_000, 5.0), ("60000000", 30.0),
-                                            ("1", 0.0000005)])
+@pytest.mark.parametrize("usec, interval", [("10000000", 5.0), (10_000_000, 5.0), ("60000000", 30.0), ("1", 0.0000005)])
 def test_watchdog_interval_is_half_of_watchdog_usec(usec, interval):
     assert SystemdNotifier("/run/notify", watchdog_usec=usec).watchdog_interval == pytest.approx(interval)
 
@@ -158,8 +156,18 @@ def test_warns_again_after_recovery(tmp_path, warnings_logged):
 
 # ---- the systemd units -------------------------------------------------------------------------------
 
-SYNTAX_WORDS = ("Unknown key", "Unknown section", "Unknown lvalue", "Invalid", "Failed to parse", "not absolute",
-                "bad unit file setting", "Missing '='", "is deprecated", "Refusing")
+SYNTAX_WORDS = (
+    "Unknown key",
+    "Unknown section",
+    "Unknown lvalue",
+    "Invalid",
+    "Failed to parse",
+    "not absolute",
+    "bad unit file setting",
+    "Missing '='",
+    "is deprecated",
+    "Refusing",
+)
 
 
 def unit_syntax_problems(unit: Path) -> list[str]:
@@ -168,8 +176,14 @@ def unit_syntax_problems(unit: Path) -> list[str]:
     On a machine without the daemon installed it also prints lines that say nothing about the unit file
     (``Command /opt/wan-daemon/.venv/bin/wan-daemon is not executable``, a missing user, other units), and
     exits 1 for them; those are ignored. Syntax complaints carry ``<path>:<line>:`` or name the unit."""
-    result = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
-                            timeout=60, cwd=unit.parent, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=unit.parent,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0"},
+    )
     stem = unit.name.split("@")[0]  # a template is verified as an instance: "wan-daemon@i.service"
     problems = []
     for line in (result.stdout + result.stderr).splitlines():
@@ -180,8 +194,9 @@ def unit_syntax_problems(unit: Path) -> list[str]:
     return problems
 
 
-needs_systemd_analyze = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                           reason="systemd-analyze is not installed (no systemd on this machine)")
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed (no systemd on this machine)"
+)
 
 
 @needs_systemd_analyze
@@ -193,9 +208,10 @@ def test_unit_file_has_no_syntax_errors(name, tmp_path):
 
 
 @needs_systemd_analyze
-@pytest.mark.parametrize("typo", [("Restart=on-failure", "Restrat=on-failure"),
-                                  ("WatchdogSec=60", "WatchdogSec=6o"),
-                                  ("[Install]", "[Instal]")])
+@pytest.mark.parametrize(
+    "typo",
+    [("Restart=on-failure", "Restrat=on-failure"), ("WatchdogSec=60", "WatchdogSec=6o"), ("[Install]", "[Instal]")],
+)
 def test_unit_check_catches_typos(typo, tmp_path):
     """The check above is not vacuous: a misspelt key, a bad value or section is reported."""
     for name in UNITS:
@@ -210,7 +226,14 @@ def test_unit_check_catches_typos(typo, tmp_path):
 def test_units_use_notify_and_watchdog(name):
     """What daemon/notify.py is for: the units must ask for it (readable without systemd-analyze too)."""
     lines = {line.strip() for line in (UNITS_DIR / name).read_text().splitlines()}
-    for expected in ("Type=notify", "NotifyAccess=main", "WatchdogSec=60", "KillMode=mixed", "TimeoutStopSec=90",
-                     "Restart=on-failure", "ExecStart=/opt/wan-daemon/.venv/bin/wan-daemon run"):
+    for expected in (
+        "Type=notify",
+        "NotifyAccess=main",
+        "WatchdogSec=60",
+        "KillMode=mixed",
+        "TimeoutStopSec=90",
+        "Restart=on-failure",
+        "ExecStart=/opt/wan-daemon/.venv/bin/wan-daemon run",
+    ):
         assert expected in lines, expected
     assert "PrivateDevices=yes" not in lines  # it would hide /dev/nvidia*

@@ -12,7 +12,6 @@ import sys
 import time
 
 import yaml
-
 from conftest import fast_settings, wait_for
 
 
@@ -25,8 +24,12 @@ def test_daemon_speaks_sd_notify_ready_status_watchdog_and_stopping(tmp_path, mo
     sock.bind(str(sock_path))
     sock.settimeout(0.2)
     env = {**os.environ, "NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"}
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     messages: list[str] = []
 
     def receive_until(pred, timeout=60):
@@ -34,7 +37,7 @@ def test_daemon_speaks_sd_notify_ready_status_watchdog_and_stopping(tmp_path, mo
         while time.monotonic() < deadline:
             try:
                 messages.append(sock.recv(4096).decode())
-            except socket.timeout:
+            except TimeoutError:
                 pass
             if pred():
                 return True

@@ -10,13 +10,13 @@ import queue
 import time
 from pathlib import Path
 
-from daemon.models import locate
+from conftest import wait_for
+
 from daemon.jobspec.params import resolve_params
 from daemon.jobspec.spec import JobSpec
+from daemon.models import locate
 from daemon.worker.main import worker_main
 from daemon.worker.protocol import Done, Failed, JobPayload, WorkerConfig, event_from_wire, to_wire
-
-from conftest import wait_for
 
 CUE = "daemon.testing:CueBackend"
 ON = {"overlap_encoding": "on"}  # the stand-in and these CPUs say "cpu": overlap is on for GPUs by default
@@ -24,20 +24,41 @@ ON = {"overlap_encoding": "on"}  # the stand-in and these CPUs say "cpu": overla
 
 def _payload(job_id: str, models_dir: Path, out: Path, steps: int = 3) -> JobPayload:
     located = locate("tiny-ti2v-5b", models_dir=models_dir, model_roots=[])
-    params = resolve_params(JobSpec(prompt=f"overlap {job_id}", seed=1, steps=steps), located.info,
-                            max_side=4096, max_frames=1000, max_steps=1000)
+    params = resolve_params(
+        JobSpec(prompt=f"overlap {job_id}", seed=1, steps=steps),
+        located.info,
+        max_side=4096,
+        max_frames=1000,
+        max_steps=1000,
+    )
     params = params.model_copy(update=dict(basename=job_id, offload="none", vae_tiling=False, fp8=False))
-    return JobPayload(id=job_id, token=f"t-{job_id}", attempt=1, model=located, params=params,
-                      input_image=None, video_tmp=str(out / f".{job_id}.tmp.mp4"))
+    return JobPayload(
+        id=job_id,
+        token=f"t-{job_id}",
+        attempt=1,
+        model=located,
+        params=params,
+        input_image=None,
+        video_tmp=str(out / f".{job_id}.tmp.mp4"),
+    )
 
 
 def _run_two_jobs_in_a_real_worker(models_dir: Path, out: Path, overlap: str) -> tuple[list, dict, int]:
     ctx = mp.get_context("spawn")
     jobs, events, interrupt = ctx.Queue(), ctx.Queue(), ctx.Event()
-    config = WorkerConfig(worker_name="cpu", device="cpu", models_dir=str(models_dir),
-                          allow_cpu_for_real_models=False, max_cached_pipelines=1, cache_budget_mb=None,
-                          cpu_threads=1, overlap_encoding=overlap, log_level="INFO", backend=None,
-                          visible_device=None)
+    config = WorkerConfig(
+        worker_name="cpu",
+        device="cpu",
+        models_dir=str(models_dir),
+        allow_cpu_for_real_models=False,
+        max_cached_pipelines=1,
+        cache_budget_mb=None,
+        cpu_threads=1,
+        overlap_encoding=overlap,
+        log_level="INFO",
+        backend=None,
+        visible_device=None,
+    )
     proc = ctx.Process(target=worker_main, args=(to_wire(config), jobs, events, interrupt), daemon=True)
     proc.start()
     try:
@@ -70,7 +91,7 @@ def test_the_real_worker_starts_the_next_job_before_the_previous_one_is_encoded(
     # one was still being encoded; results still come in order.
     assert seen.index(("device_free", "one")) < seen.index(("started", "two")) < seen.index(("done", "one")), seen
     assert seen.index(("done", "one")) < seen.index(("done", "two"))
-    for job_id, ev in results.items():
+    for ev in results.values():
         r = ev.result
         assert Path(r.video_tmp).stat().st_size > 0 and r.video.frames == r.frames_generated
         assert {"encode", "verify", "poster", "denoise", "vae_decode"} <= set(r.timings)
@@ -88,13 +109,20 @@ def test_the_daemon_dispatches_the_next_job_while_the_last_one_encodes(harness_f
     h = harness_factory(backend=CUE, worker=ON).start()
     wait_for(h.daemon.workers_ready, 60, what="worker")
     h.drop("slow.yaml", "prompt: sleep=0.2 encode_sleep=3\n")
-    wait_for(lambda: getattr(h.daemon.running.get("slow"), "phase", None) == "encoding", 30, interval=0.01,
-             what="slow to be encoding")
+    wait_for(
+        lambda: getattr(h.daemon.running.get("slow"), "phase", None) == "encoding",
+        30,
+        interval=0.01,
+        what="slow to be encoding",
+    )
     h.drop("next.yaml", "prompt: sleep=0.2\n")
     # Both at once on one worker: one being encoded, the other on the device.
-    both = wait_for(lambda: {i: job.on_device for i, job in h.daemon.running.items()} == {"slow": False,
-                                                                                                "next": True},
-                    30, interval=0.01, what="next on the device while slow encodes")
+    both = wait_for(
+        lambda: {i: job.on_device for i, job in h.daemon.running.items()} == {"slow": False, "next": True},
+        30,
+        interval=0.01,
+        what="next on the device while slow encodes",
+    )
     assert both
     assert h.sidecar("slow")["status"] == "done" and h.sidecar("next")["status"] == "done"
 
@@ -104,8 +132,12 @@ def _daemon_encoding(harness_factory, cues: str):
     h = harness_factory(backend=CUE, worker=ON).start()
     wait_for(h.daemon.workers_ready, 60, what="worker")
     h.drop("enc.yaml", f"prompt: {cues}\n")
-    wait_for(lambda: "enc" in h.daemon.running and not h.daemon.running["enc"].on_device, 30, interval=0.01,
-             what="enc to be encoding")
+    wait_for(
+        lambda: "enc" in h.daemon.running and not h.daemon.running["enc"].on_device,
+        30,
+        interval=0.01,
+        what="enc to be encoding",
+    )
     return h
 
 

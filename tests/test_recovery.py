@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import yaml
+from conftest import fast_settings, spool_root, wait_for
 
 from daemon.jobs import JobState
 from daemon.runtime.daemon import Daemon
-
-from conftest import fast_settings, spool_root, wait_for
 
 
 def queued_job(root: Path, models_dir: Path, text: str, name: str = "job.yaml"):
@@ -106,9 +105,13 @@ def wait_denoising(settings, job_id: str) -> dict:
 
 
 def _start_daemon_process(config: Path, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "daemon", "run", "--config", str(config), *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "daemon", "run", "--config", str(config), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def test_kill_9_of_the_daemon_mid_job_loses_nothing_and_publishes_once(tmp_path, models_dir):
@@ -183,7 +186,11 @@ def test_sigterm_drains_returns_the_running_job_to_the_queue_and_exits(tmp_path,
     assert record["state"] == "queued" and record["attempts"] == 0
     assert not list(settings.paths.outbox.glob("*.mp4"))
     assert not list(settings.paths.outbox.glob(".wan-tmp*"))
-    res = subprocess.run([sys.executable, "-m", "daemon", "run", "--until-idle", "--config", str(config)],
-                         capture_output=True, text=True, timeout=180)
+    res = subprocess.run(
+        [sys.executable, "-m", "daemon", "run", "--until-idle", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     assert json.loads((settings.paths.outbox / "t.json").read_text())["attempts"] == 1

@@ -17,12 +17,12 @@ from PIL import Image
 
 from daemon.errors import Category, JobError
 from daemon.fsutil import TEMP_PREFIX, atomic_write_json
-from daemon.runtime.outbox import Outbox
-from daemon.worker.backend import encode_mp4, probe_video
 from daemon.ops.report import TITLE, build_report, write_poster
+from daemon.runtime.outbox import Outbox
 from daemon.runtime.publishing import TINY_NOTE
+from daemon.worker.media import encode_mp4, probe_video
 
-HOSTILE_PROMPT = "<script>alert(1)</script> a fox & a \"hound\" in the snow"
+HOSTILE_PROMPT = '<script>alert(1)</script> a fox & a "hound" in the snow'
 HOSTILE_FILE = "<img src=x onerror=alert(2)>.yaml"
 HOSTILE_MESSAGE = "width: 1000 is not a multiple of 16 <b>bold</b>"
 
@@ -37,29 +37,73 @@ def make_video(path: Path, *, frames: int = 9, size: int = 64, fps: int = 16, gr
     return path
 
 
-def sidecar(job_id: str, video: Path, *, prompt: str, model: str, tiny: bool, gen: float, vram: int | None,
-            degradations: list | None = None, attempts: int = 1, finished: str = "2025-06-01T12:00:00+0000") -> dict:
+def sidecar(
+    job_id: str,
+    video: Path,
+    *,
+    prompt: str,
+    model: str,
+    tiny: bool,
+    gen: float,
+    vram: int | None,
+    degradations: list | None = None,
+    attempts: int = 1,
+    finished: str = "2025-06-01T12:00:00+0000",
+) -> dict:
     """Shaped like Daemon._sidecar."""
     info = probe_video(video)
     info.pop("path")
     out = {
-        "id": job_id, "job_token": f"tok-{job_id}", "status": "done", "file": f"{job_id}.yaml",
+        "id": job_id,
+        "job_token": f"tok-{job_id}",
+        "status": "done",
+        "file": f"{job_id}.yaml",
         "spec": {"id": job_id, "prompt": prompt},
-        "parameters": {"task": "t2v", "pipeline": "t2v", "prompt": prompt, "negative_prompt": "", "width": 64,
-                       "height": 64, "frames": 9, "fps": 16, "steps": 3, "guidance_scale": 5.0, "seed": 42,
-                       "basename": job_id},
-        "model_used": {"name": model, "architecture": "wan2.2-ti2v-5b", "repo_id": None, "source": "tiny" if tiny
-                       else "hub-cache", "tiny_random_weights": tiny, "path": "/models/x", "cache": "cold",
-                       "load_seconds": 1.5},
+        "parameters": {
+            "task": "t2v",
+            "pipeline": "t2v",
+            "prompt": prompt,
+            "negative_prompt": "",
+            "width": 64,
+            "height": 64,
+            "frames": 9,
+            "fps": 16,
+            "steps": 3,
+            "guidance_scale": 5.0,
+            "seed": 42,
+            "basename": job_id,
+        },
+        "model_used": {
+            "name": model,
+            "architecture": "wan2.2-ti2v-5b",
+            "repo_id": None,
+            "source": "tiny" if tiny else "hub-cache",
+            "tiny_random_weights": tiny,
+            "path": "/models/x",
+            "cache": "cold",
+            "load_seconds": 1.5,
+        },
         "device": {"type": "cpu" if vram is None else "cuda", "name": "cpu" if vram is None else "NVIDIA H100"},
-        "timings": {"queue_wait": 0.2, "model_load": 1.5, "denoise": gen * 0.7, "vae_decode": gen * 0.1,
-                    "encode": 0.3, "total": gen},
-        "generation_time_seconds": gen, "peak_vram_usage_mb": vram, "peak_rss_mb": 900.0,
-        "optimizations_applied": ["vae_tiling"] if degradations else [], "degradations": degradations or [],
-        "attempts": attempts, "video": {"file": video.name, **info},
-        "versions": {"wan_daemon": "0.1.0"}, "host": "node-a", "instance": "node-a", "worker_pid": 1,
-        "timestamps": {"received_at": finished, "queued_at": finished, "started_at": finished,
-                       "finished_at": finished},
+        "timings": {
+            "queue_wait": 0.2,
+            "model_load": 1.5,
+            "denoise": gen * 0.7,
+            "vae_decode": gen * 0.1,
+            "encode": 0.3,
+            "total": gen,
+        },
+        "generation_time_seconds": gen,
+        "peak_vram_usage_mb": vram,
+        "peak_rss_mb": 900.0,
+        "optimizations_applied": ["vae_tiling"] if degradations else [],
+        "degradations": degradations or [],
+        "attempts": attempts,
+        "video": {"file": video.name, **info},
+        "versions": {"wan_daemon": "0.1.0"},
+        "host": "node-a",
+        "instance": "node-a",
+        "worker_pid": 1,
+        "timestamps": {"received_at": finished, "queued_at": finished, "started_at": finished, "finished_at": finished},
     }
     if tiny:
         out["note"] = TINY_NOTE
@@ -71,11 +115,23 @@ def outbox(tmp_path: Path) -> Path:
     ob = Outbox(tmp_path / "outbox")
     root = ob.root
     jobs = [
-        ("alpha", dict(prompt="A red fox trotting through fresh snow", model="tiny-ti2v-5b", tiny=True, gen=2.5,
-                       vram=None)),
-        ("beta", dict(prompt=HOSTILE_PROMPT, model="wan2.2-ti2v-5b", tiny=False, gen=412.0, vram=23_500, attempts=3,
-                      degradations=[{"kind": "lower_resolution", "from": "1280x704", "to": "896x480"}],
-                      finished="2025-06-02T12:00:00+0000")),
+        (
+            "alpha",
+            dict(prompt="A red fox trotting through fresh snow", model="tiny-ti2v-5b", tiny=True, gen=2.5, vram=None),
+        ),
+        (
+            "beta",
+            dict(
+                prompt=HOSTILE_PROMPT,
+                model="wan2.2-ti2v-5b",
+                tiny=False,
+                gen=412.0,
+                vram=23_500,
+                attempts=3,
+                degradations=[{"kind": "lower_resolution", "from": "1280x704", "to": "896x480"}],
+                finished="2025-06-02T12:00:00+0000",
+            ),
+        ),
         ("gamma", dict(prompt="A lighthouse in a storm", model="wan2.2-ti2v-5b", tiny=False, gen=380.0, vram=21_000)),
     ]
     for job_id, kw in jobs:
@@ -87,11 +143,22 @@ def outbox(tmp_path: Path) -> Path:
     (root / f"{TEMP_PREFIX}delta-1234.json").write_text(json.dumps({"status": "done", "id": "delta"}))
     (root / "notes.json").write_text(json.dumps({"status": "draft", "id": "epsilon"}))
     (root / "broken.json").write_text("{not json")
-    ob.write_failure("oom-job", JobError(Category.OUT_OF_MEMORY, "CUDA out of memory at 1280x704",
-                                         ["Lower the resolution"]),
-                     job_id="oom-job", source_name="oom-job.yaml", spec={"prompt": "x"}, attempts=3)
-    ob.write_failure("bad-spec", JobError(Category.INVALID_SPEC, HOSTILE_MESSAGE),
-                     job_id=None, source_name=HOSTILE_FILE, spec=None, attempts=0)
+    ob.write_failure(
+        "oom-job",
+        JobError(Category.OUT_OF_MEMORY, "CUDA out of memory at 1280x704", ["Lower the resolution"]),
+        job_id="oom-job",
+        source_name="oom-job.yaml",
+        spec={"prompt": "x"},
+        attempts=3,
+    )
+    ob.write_failure(
+        "bad-spec",
+        JobError(Category.INVALID_SPEC, HOSTILE_MESSAGE),
+        job_id=None,
+        source_name=HOSTILE_FILE,
+        spec=None,
+        attempts=0,
+    )
     return root
 
 
@@ -139,7 +206,7 @@ def test_poster_of_random_video_and_bad_fraction(tmp_path: Path):
         assert len(img.getcolors(1 << 16) or range(1 << 16)) > 100, "random frames make a busy picture"
     with pytest.raises(ValueError):
         write_poster(video, tmp_path / "x.jpg", at=1.5)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError):
         write_poster(tmp_path / "missing.mp4", tmp_path / "y.jpg")
     assert not (tmp_path / "y.jpg").exists()
 
@@ -228,9 +295,19 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 
 
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-           f"--user-data-dir={profile}", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -252,8 +329,9 @@ def test_report_renders_in_headless_chromium(outbox: Path, tmp_path: Path):
     assert sum(t == "svg" for t, _a in doc.tags) == 2
 
     shot = tmp_path / "shot.png"
-    res = chromium([f"--screenshot={shot}", "--window-size=1200,900", "--hide-scrollbars", url],
-                   tmp_path / "profile-shot")
+    res = chromium(
+        [f"--screenshot={shot}", "--window-size=1200,900", "--hide-scrollbars", url], tmp_path / "profile-shot"
+    )
     deadline = time.monotonic() + 10
     while not shot.exists() and time.monotonic() < deadline:  # written just before exit; be lenient
         time.sleep(0.1)

@@ -13,28 +13,38 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fast_settings, spool_root, wait_for
+from factories import make_params
 
-from daemon.runtime import outbox as outbox_module
 from daemon.errors import Category, JobError
 from daemon.jobs import JobState
 from daemon.policy import decide
-from factories import make_params
+from daemon.runtime import outbox as outbox_module
 from daemon.runtime.daemon import Daemon
 from daemon.runtime.spool import Spool
-
-from conftest import fast_settings, spool_root, wait_for
 
 CUE = "daemon.testing:CueBackend"
 
 
 def params(**kw):
-    return make_params(**{"width": 1280, "height": 704, "frames": 121, "offload": "none", "vae_tiling": False,
-                          "seed": 1, **kw})
+    return make_params(
+        **{"width": 1280, "height": 704, "frames": 121, "offload": "none", "vae_tiling": False, "seed": 1, **kw}
+    )
 
 
 def oom(p, fallback=(), device="cuda", model="wan2.2-ti2v-5b"):
-    return decide(JobError(Category.OUT_OF_MEMORY, "oom"), 1, params=p, model=model, fallback=list(fallback),
-                  device=device, max_attempts=3, base_seconds=1, cap_seconds=10, rng=random.Random(0))
+    return decide(
+        JobError(Category.OUT_OF_MEMORY, "oom"),
+        1,
+        params=p,
+        model=model,
+        fallback=list(fallback),
+        device=device,
+        max_attempts=3,
+        base_seconds=1,
+        cap_seconds=10,
+        rng=random.Random(0),
+    )
 
 
 @pytest.mark.parametrize(
@@ -45,12 +55,27 @@ def oom(p, fallback=(), device="cuda", model="wan2.2-ti2v-5b"):
         (params(offload="group"), [], "cuda", {"offload": "sequential"}, None),
         (params(offload="sequential"), [], "cuda", {"vae_tiling": True}, None),
         (params(), [], "cpu", {"vae_tiling": True}, None),  # offload means nothing on a CPU
-        (params(vae_tiling=True), ["lower_resolution"], "cpu", {"width": 960, "height": 512},
-         {"kind": "lower_resolution", "from": "1280x704", "to": "960x512"}),
-        (params(vae_tiling=True), ["fewer_frames", "lower_resolution"], "cpu", {"frames": 61},
-         {"kind": "fewer_frames", "from": 121, "to": 61}),
-        (params(vae_tiling=True, frames=5), ["fewer_frames", "lower_resolution"], "cpu",
-         {"width": 960, "height": 512}, {"kind": "lower_resolution", "from": "1280x704", "to": "960x512"}),
+        (
+            params(vae_tiling=True),
+            ["lower_resolution"],
+            "cpu",
+            {"width": 960, "height": 512},
+            {"kind": "lower_resolution", "from": "1280x704", "to": "960x512"},
+        ),
+        (
+            params(vae_tiling=True),
+            ["fewer_frames", "lower_resolution"],
+            "cpu",
+            {"frames": 61},
+            {"kind": "fewer_frames", "from": 121, "to": 61},
+        ),
+        (
+            params(vae_tiling=True, frames=5),
+            ["fewer_frames", "lower_resolution"],
+            "cpu",
+            {"width": 960, "height": 512},
+            {"kind": "lower_resolution", "from": "1280x704", "to": "960x512"},
+        ),
     ],
 )
 def test_oom_ladder_climbs_one_rung_per_retry(p, fallback, device, changes, degradation):
@@ -61,8 +86,10 @@ def test_oom_ladder_climbs_one_rung_per_retry(p, fallback, device, changes, degr
 def test_oom_ladder_smaller_model_and_exhaustion():
     d = oom(params(vae_tiling=True, offload="sequential"), ["smaller_model"], model="wan2.2-t2v-a14b")
     assert d.changes == {"model": "wan2.2-ti2v-5b"} and d.degradation["kind"] == "smaller_model"
-    done = oom(params(vae_tiling=True, offload="sequential", width=32, height=32, frames=5),
-               ["lower_resolution", "fewer_frames", "smaller_model"])
+    done = oom(
+        params(vae_tiling=True, offload="sequential", width=32, height=32, frames=5),
+        ["lower_resolution", "fewer_frames", "smaller_model"],
+    )
     assert not done.retry and "every allowed measure" in done.reason
     assert not oom(params(vae_tiling=True, offload="sequential")).retry  # no fallback allowed: fail
 
@@ -154,14 +181,23 @@ def test_a_dead_daemons_jobs_are_taken_over_by_exactly_one_other(harness_factory
 
 def test_an_owner_that_lost_its_lease_does_not_publish(harness_factory, tmp_path):
     # alpha stops heartbeating (a frozen or partitioned host) while its job runs; bravo takes over.
-    a = harness_factory(tmp_path, backend=CUE,
-                        instance={"id": "alpha", "heartbeat_seconds": 1000, "lease_grace_seconds": 3000,
-                                  "takeover_check_seconds": 1000}).start()
+    a = harness_factory(
+        tmp_path,
+        backend=CUE,
+        instance={
+            "id": "alpha",
+            "heartbeat_seconds": 1000,
+            "lease_grace_seconds": 3000,
+            "takeover_check_seconds": 1000,
+        },
+    ).start()
     a.drop("slow.yaml", "prompt: sleep=4\n")
     wait_for(lambda: getattr(a.daemon.progress("slow"), "step", 0) >= 1, 30, what="alpha running the job")
-    b = harness_factory(tmp_path, backend=CUE,
-                        instance={"id": "bravo", "lease_grace_seconds": 1.0, "heartbeat_seconds": 0.2,
-                                  "takeover_check_seconds": 0.2}).start()
+    b = harness_factory(
+        tmp_path,
+        backend=CUE,
+        instance={"id": "bravo", "lease_grace_seconds": 1.0, "heartbeat_seconds": 0.2, "takeover_check_seconds": 0.2},
+    ).start()
     side = b.sidecar("slow", timeout=60)
     assert side["instance"] == "bravo" and side["attempts"] == 2
     wait_for(lambda: not a.daemon.running, 30, what="alpha to drop its job")
@@ -188,8 +224,10 @@ def test_claim_race_2000_files_8_claimers_no_double_no_loss(tmp_path):
     for n in range(2000):
         (inbox / f"f{n:04d}.yaml").write_text("prompt: x\n")
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_claimer, args=(str(tmp_path / "state"), str(inbox), f"c{i}",
-                                                 str(tmp_path / f"won{i}"))) for i in range(8)]
+    procs = [
+        ctx.Process(target=_claimer, args=(str(tmp_path / "state"), str(inbox), f"c{i}", str(tmp_path / f"won{i}")))
+        for i in range(8)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -231,8 +269,9 @@ def _fill(folder: Path, leave_bytes: int) -> Path:
 
 
 @pytest.mark.parametrize("min_free_mb", [1, 0], ids=["guard-pauses", "real-ENOSPC"])
-def test_full_outbox_pauses_loses_nothing_and_finishes_once_space_returns(harness_factory, tmp_path, small_fs,
-                                                                        min_free_mb):
+def test_full_outbox_pauses_loses_nothing_and_finishes_once_space_returns(
+    harness_factory, tmp_path, small_fs, min_free_mb
+):
     outbox = small_fs / "outbox"
     outbox.mkdir()
     filler = _fill(small_fs, leave_bytes=8 << 10)
@@ -268,7 +307,7 @@ def test_an_fsync_error_never_marks_a_job_done(harness_factory, monkeypatch):
     side = h.sidecar("io")
     assert failures and side["attempts"] == 2
     # The first attempt's sidecar write failed: that attempt was not marked done, the second was.
-    wait_for(lambda: (h.daemon.records.get("io") is None or h.daemon.records["io"].state is JobState.DONE), 10)
+    wait_for(lambda: h.daemon.records.get("io") is None or h.daemon.records["io"].state is JobState.DONE, 10)
     assert h.daemon.done == 1 and h.daemon.failed == 0
 
 
@@ -290,6 +329,9 @@ def test_two_active_jobs_cannot_write_the_same_output_name(harness_factory):
     h.drop("a.yaml", "id: first\nprompt: sleep=1\noutput: {basename: shared}\n")
     h.drop("b.yaml", "id: second\nprompt: sleep=0\noutput: {basename: shared}\n")
     assert h.sidecar("shared")["id"] == "first"
-    dup = wait_for(lambda: next((json.loads(p.read_text()) for p in (h.outbox / "failed").glob("second*.json")), None),
-                   30, what="the duplicate's record")
+    dup = wait_for(
+        lambda: next((json.loads(p.read_text()) for p in (h.outbox / "failed").glob("second*.json")), None),
+        30,
+        what="the duplicate's record",
+    )
     assert dup["error_category"] == "duplicate_job" and "shared.mp4" in dup["message"]

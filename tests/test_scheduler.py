@@ -5,8 +5,8 @@ from __future__ import annotations
 from functools import partial
 
 import pytest
-
 from factories import make_record
+
 from daemon.jobs import JobRecord, JobState
 from daemon.memory import JobDemand, Plan, plan_for, strongest_estimate_mb
 from daemon.models import T2V_A14B, TI2V_5B
@@ -17,7 +17,6 @@ from daemon.scheduler import (
     effective_priority,
     fits_nowhere,
     insufficient_vram_message,
-    next_wakeup,
     pick_next,
 )
 
@@ -25,13 +24,36 @@ HOUR = 3600.0
 GIB = 1024
 
 
-def rec(job_id, seq, *, priority=0, queued_at=0.0, not_before=0.0, model="m", need=1000, state=JobState.QUEUED,
-        params=None, architecture=None, **kw) -> JobRecord:
+def rec(
+    job_id,
+    seq,
+    *,
+    priority=0,
+    queued_at=0.0,
+    not_before=0.0,
+    model="m",
+    need=1000,
+    state=JobState.QUEUED,
+    params=None,
+    architecture=None,
+    **kw,
+) -> JobRecord:
     """A queued job; ``need`` is its memory need (MiB) for the fake planner below (carried as its width; None:
     a job whose demand is unknown)."""
     params = params or {"width": need if need is not None else 0}
-    return make_record(job_id, seq=seq, priority=priority, params=params, model=model, architecture=architecture,
-                       received_at=queued_at, queued_at=queued_at, not_before=not_before, state=state, **kw)
+    return make_record(
+        job_id,
+        seq=seq,
+        priority=priority,
+        params=params,
+        model=model,
+        architecture=architecture,
+        received_at=queued_at,
+        queued_at=queued_at,
+        not_before=not_before,
+        state=state,
+        **kw,
+    )
 
 
 def demand(r: JobRecord) -> JobDemand | None:
@@ -57,8 +79,9 @@ def cpu(worker="cpu", warm=()) -> Slot:
 
 
 def run(queue, slots, now=0.0, bound=HOUR, **kw):
-    out = assign(queue, slots, now, aging_bound_seconds=bound, demand=kw.get("demand", demand),
-                 plan=kw.get("plan", plan))
+    out = assign(
+        queue, slots, now, aging_bound_seconds=bound, demand=kw.get("demand", demand), plan=kw.get("plan", plan)
+    )
     return [(a.record.id, a.slot.worker, a.plan.mode if a.plan else None) for a in out]
 
 
@@ -69,29 +92,35 @@ def ids(queue, slots, now=0.0, bound=HOUR):
 # ---- order: priority, FIFO, aging, backoff ------------------------------------------------------
 
 
-@pytest.mark.parametrize("queue,expected", [
-    # highest priority first
-    ([rec("low", 1, priority=0), rec("high", 2, priority=5)], ["high", "low"]),
-    # FIFO (intake order) within a priority, whatever the list order
-    ([rec("b", 2), rec("a", 1), rec("c", 3)], ["a", "b", "c"]),
-    ([rec("n1", 1, priority=-3), rec("p", 3, priority=1), rec("z", 2)], ["p", "z", "n1"]),
-    # not the queued ones are skipped
-    ([rec("done", 1, state=JobState.DONE), rec("run", 2, state=JobState.RUNNING), rec("q", 3)], ["q"]),
-    ([], []),
-])
+@pytest.mark.parametrize(
+    "queue,expected",
+    [
+        # highest priority first
+        ([rec("low", 1, priority=0), rec("high", 2, priority=5)], ["high", "low"]),
+        # FIFO (intake order) within a priority, whatever the list order
+        ([rec("b", 2), rec("a", 1), rec("c", 3)], ["a", "b", "c"]),
+        ([rec("n1", 1, priority=-3), rec("p", 3, priority=1), rec("z", 2)], ["p", "z", "n1"]),
+        # not the queued ones are skipped
+        ([rec("done", 1, state=JobState.DONE), rec("run", 2, state=JobState.RUNNING), rec("q", 3)], ["q"]),
+        ([], []),
+    ],
+)
 def test_priority_then_fifo(queue, expected):
     slots = [cpu(f"w{i}") for i in range(4)]
     assert ids(queue, slots, now=1.0, bound=None) == expected
     assert ids(queue, slots, now=1.0, bound=HOUR) == expected  # everything queued at once: no aging effect
 
 
-@pytest.mark.parametrize("now,expected_first", [
-    (0.0, "fresh-high"),
-    (0.5 * HOUR, "fresh-high"),
-    (HOUR - 1, "fresh-high"),
-    (HOUR + 1, "old-low"),  # after the aging bound the old priority -5 job beats a fresh priority 5 job
-    (10 * HOUR, "old-low"),
-])
+@pytest.mark.parametrize(
+    "now,expected_first",
+    [
+        (0.0, "fresh-high"),
+        (0.5 * HOUR, "fresh-high"),
+        (HOUR - 1, "fresh-high"),
+        (HOUR + 1, "old-low"),  # after the aging bound the old priority -5 job beats a fresh priority 5 job
+        (10 * HOUR, "old-low"),
+    ],
+)
 def test_aging_bound(now, expected_first):
     queue = [rec("old-low", 1, priority=-5, queued_at=0.0), rec("fresh-high", 2, priority=5, queued_at=now)]
     assert ids(queue, [cpu()], now=now) == [expected_first]
@@ -111,14 +140,17 @@ def test_aging_span_covers_the_priorities_waiting_not_the_whole_range():
     assert ids(queue, [cpu()], now=5 * HOUR) == ["ten"]
 
 
-@pytest.mark.parametrize("priority,waited,span,expected", [
-    (0, 0.0, None, 0.0),
-    (0, HOUR, None, PRIORITY_SPAN),  # default span: the whole range -1000..1000
-    (-1000, HOUR, None, 1000.0),  # the lowest priority reaches the top within the bound
-    (-5, HOUR, 10, 5.0),
-    (-5, 0.5 * HOUR, 10, 0.0),
-    (3, 2 * HOUR, 10, 23.0),  # keeps rising after the bound: older aged jobs stay ahead
-])
+@pytest.mark.parametrize(
+    "priority,waited,span,expected",
+    [
+        (0, 0.0, None, 0.0),
+        (0, HOUR, None, PRIORITY_SPAN),  # default span: the whole range -1000..1000
+        (-1000, HOUR, None, 1000.0),  # the lowest priority reaches the top within the bound
+        (-5, HOUR, 10, 5.0),
+        (-5, 0.5 * HOUR, 10, 0.0),
+        (3, 2 * HOUR, 10, 23.0),  # keeps rising after the bound: older aged jobs stay ahead
+    ],
+)
 def test_effective_priority_formula(priority, waited, span, expected):
     r = rec("x", 1, priority=priority, queued_at=100.0)
     assert effective_priority(r, 100.0 + waited, HOUR, span=span) == pytest.approx(expected)
@@ -127,37 +159,58 @@ def test_effective_priority_formula(priority, waited, span, expected):
     assert effective_priority(unqueued, 100.0 + waited, HOUR, span=span) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("now,expected", [
-    (5.0, ["ready"]),  # the high-priority job is still in its retry backoff
-    (10.0, ["backoff", "ready"]),  # its time has come
-])
+@pytest.mark.parametrize(
+    "now,expected",
+    [
+        (5.0, ["ready"]),  # the high-priority job is still in its retry backoff
+        (10.0, ["backoff", "ready"]),  # its time has come
+    ],
+)
 def test_not_before(now, expected):
     queue = [rec("backoff", 1, priority=9, not_before=10.0), rec("ready", 2)]
     assert ids(queue, [cpu("a"), cpu("b")], now=now) == expected
-    assert next_wakeup(queue, 5.0) == 10.0 and pick_next(queue, 5.0).id == "ready"  # one-worker API unchanged
+    assert pick_next(queue, 5.0).id == "ready"  # one-worker API unchanged
 
 
 # ---- model affinity -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("queue,slots,expected", [
-    # Same priority: the job whose model is warm on the free slot goes first (no reload).
-    ([rec("a", 1, model="m1"), rec("b", 2, model="m2")], [gpu("g0", 80000, warm={"m2"})], [("b", "g0")]),
-    # Two slots: each job to the slot where its model is warm, even against FIFO order.
-    ([rec("a", 1, model="m1"), rec("b", 2, model="m2")],
-     [gpu("g0", 80000, warm={"m2"}), gpu("g1", 80000, warm={"m1"})], [("a", "g1"), ("b", "g0")]),
-    ([rec("a", 1, model="m1"), rec("b", 2, model="m2")],
-     [gpu("g0", 80000), gpu("g1", 80000, warm={"m2"})], [("b", "g1"), ("a", "g0")]),
-    # A higher effective priority beats affinity.
-    ([rec("a", 1, model="m1", priority=1), rec("b", 2, model="m2")], [gpu("g0", 80000, warm={"m2"})],
-     [("a", "g0")]),
-    # Warm but too big for that slot: no affinity there.
-    ([rec("a", 1, model="m1"), rec("b", 2, model="m2", need=100000)], [gpu("g0", 40000, warm={"m2"})],
-     [("a", "g0")]),
-    # A mixed queue: m1 stays on g0, m2 on g1 (no thrashing), FIFO within each.
-    ([rec("a1", 1, model="m1"), rec("b1", 2, model="m2"), rec("a2", 3, model="m1"), rec("b2", 4, model="m2")],
-     [gpu("g0", 80000, warm={"m1"}), gpu("g1", 80000, warm={"m2"})], [("a1", "g0"), ("b1", "g1")]),
-])
+@pytest.mark.parametrize(
+    "queue,slots,expected",
+    [
+        # Same priority: the job whose model is warm on the free slot goes first (no reload).
+        ([rec("a", 1, model="m1"), rec("b", 2, model="m2")], [gpu("g0", 80000, warm={"m2"})], [("b", "g0")]),
+        # Two slots: each job to the slot where its model is warm, even against FIFO order.
+        (
+            [rec("a", 1, model="m1"), rec("b", 2, model="m2")],
+            [gpu("g0", 80000, warm={"m2"}), gpu("g1", 80000, warm={"m1"})],
+            [("a", "g1"), ("b", "g0")],
+        ),
+        (
+            [rec("a", 1, model="m1"), rec("b", 2, model="m2")],
+            [gpu("g0", 80000), gpu("g1", 80000, warm={"m2"})],
+            [("b", "g1"), ("a", "g0")],
+        ),
+        # A higher effective priority beats affinity.
+        (
+            [rec("a", 1, model="m1", priority=1), rec("b", 2, model="m2")],
+            [gpu("g0", 80000, warm={"m2"})],
+            [("a", "g0")],
+        ),
+        # Warm but too big for that slot: no affinity there.
+        (
+            [rec("a", 1, model="m1"), rec("b", 2, model="m2", need=100000)],
+            [gpu("g0", 40000, warm={"m2"})],
+            [("a", "g0")],
+        ),
+        # A mixed queue: m1 stays on g0, m2 on g1 (no thrashing), FIFO within each.
+        (
+            [rec("a1", 1, model="m1"), rec("b1", 2, model="m2"), rec("a2", 3, model="m1"), rec("b2", 4, model="m2")],
+            [gpu("g0", 80000, warm={"m1"}), gpu("g1", 80000, warm={"m2"})],
+            [("a1", "g0"), ("b1", "g1")],
+        ),
+    ],
+)
 def test_model_affinity(queue, slots, expected):
     assert [(j, w) for j, w, _ in run(queue, slots)] == expected
 
@@ -165,29 +218,44 @@ def test_model_affinity(queue, slots, expected):
 # ---- admission --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("queue,slots,expected", [
-    # Too big for A's free memory, fits B.
-    ([rec("big", 1, need=30000)], [gpu("a0", 20000), gpu("b1", 40000)], [("big", "b1", "resident")]),
-    # Fits nowhere now (not even with the planner's group offload): stays queued.
-    ([rec("huge", 1, need=100000)], [gpu("a0", 20000), gpu("b1", 40000)], []),
-    # ... and does not block the jobs behind it.
-    ([rec("huge", 1, need=100000, priority=5), rec("small", 2, need=1000)], [gpu("a0", 20000)],
-     [("small", "a0", "resident")]),
-    # The fastest plan wins over a tighter fit: resident on B rather than group offload on A.
-    ([rec("j", 1, need=30000)], [gpu("a0", 20000), gpu("b1", 40000)], [("j", "b1", "resident")]),
-    ([rec("j", 1, need=30000)], [gpu("a0", 16000)], [("j", "a0", "group")]),
-    # Same plan: the tightest fit, keeping the big GPU for the big job behind it.
-    ([rec("small", 1, need=10000, priority=5), rec("big", 2, need=60000)], [gpu("big1", 80000), gpu("sm0", 20000)],
-     [("small", "sm0", "resident"), ("big", "big1", "resident")]),
-    # Two slots, two different jobs, each slot at most one job per call.
-    ([rec("a", 1), rec("b", 2), rec("c", 3)], [gpu("g0", 80000), gpu("g1", 80000)],
-     [("a", "g0", "resident"), ("b", "g1", "resident")]),
-    # Two workers on one GPU share its free memory: the second big job does not fit what is left.
-    ([rec("a", 1, need=20000), rec("b", 2, need=25000), rec("c", 3, need=5000)],
-     [gpu("w0", 30000, index=0), gpu("w1", 30000, index=0)], [("a", "w0", "resident"), ("c", "w1", "resident")]),
-    # Unknown demand: admitted anywhere, without a plan.
-    ([rec("?", 1, need=None)], [gpu("g0", 10)], [("?", "g0", None)]),
-])
+@pytest.mark.parametrize(
+    "queue,slots,expected",
+    [
+        # Too big for A's free memory, fits B.
+        ([rec("big", 1, need=30000)], [gpu("a0", 20000), gpu("b1", 40000)], [("big", "b1", "resident")]),
+        # Fits nowhere now (not even with the planner's group offload): stays queued.
+        ([rec("huge", 1, need=100000)], [gpu("a0", 20000), gpu("b1", 40000)], []),
+        # ... and does not block the jobs behind it.
+        (
+            [rec("huge", 1, need=100000, priority=5), rec("small", 2, need=1000)],
+            [gpu("a0", 20000)],
+            [("small", "a0", "resident")],
+        ),
+        # The fastest plan wins over a tighter fit: resident on B rather than group offload on A.
+        ([rec("j", 1, need=30000)], [gpu("a0", 20000), gpu("b1", 40000)], [("j", "b1", "resident")]),
+        ([rec("j", 1, need=30000)], [gpu("a0", 16000)], [("j", "a0", "group")]),
+        # Same plan: the tightest fit, keeping the big GPU for the big job behind it.
+        (
+            [rec("small", 1, need=10000, priority=5), rec("big", 2, need=60000)],
+            [gpu("big1", 80000), gpu("sm0", 20000)],
+            [("small", "sm0", "resident"), ("big", "big1", "resident")],
+        ),
+        # Two slots, two different jobs, each slot at most one job per call.
+        (
+            [rec("a", 1), rec("b", 2), rec("c", 3)],
+            [gpu("g0", 80000), gpu("g1", 80000)],
+            [("a", "g0", "resident"), ("b", "g1", "resident")],
+        ),
+        # Two workers on one GPU share its free memory: the second big job does not fit what is left.
+        (
+            [rec("a", 1, need=20000), rec("b", 2, need=25000), rec("c", 3, need=5000)],
+            [gpu("w0", 30000, index=0), gpu("w1", 30000, index=0)],
+            [("a", "w0", "resident"), ("c", "w1", "resident")],
+        ),
+        # Unknown demand: admitted anywhere, without a plan.
+        ([rec("?", 1, need=None)], [gpu("g0", 10)], [("?", "g0", None)]),
+    ],
+)
 def test_admission(queue, slots, expected):
     assert run(queue, slots) == expected
 
@@ -203,30 +271,37 @@ def test_cpu_slots_take_anything_and_gpus_are_preferred():
 # ---- an aged job is not starved by smaller ones ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("big_queued_at,total,expected", [
-    (0.0, 81920, []),  # waited the whole bound, fits the GPU empty: the GPU is kept for it
-    (0.9 * HOUR, 81920, [("small", "g0", "resident")]),  # not aged yet: smaller jobs backfill
-    (0.0, None, [("small", "g0", "resident")]),  # no GPU size known: no reservation
-    (0.0, 30000, [("small", "g0", "resident")]),  # would not fit even empty: nothing to wait for
-])
+@pytest.mark.parametrize(
+    "big_queued_at,total,expected",
+    [
+        (0.0, 81920, []),  # waited the whole bound, fits the GPU empty: the GPU is kept for it
+        (0.9 * HOUR, 81920, [("small", "g0", "resident")]),  # not aged yet: smaller jobs backfill
+        (0.0, None, [("small", "g0", "resident")]),  # no GPU size known: no reservation
+        (0.0, 30000, [("small", "g0", "resident")]),  # would not fit even empty: nothing to wait for
+    ],
+)
 def test_reservation_for_aged_jobs(big_queued_at, total, expected):
     now = HOUR + 1
     queue = [rec("big", 1, need=70000, queued_at=big_queued_at), rec("small", 2, need=1000, queued_at=now)]
     assert run(queue, [gpu("g0", 20000, total=total)], now=now) == expected
     # Only the GPUs that could hold it are kept: a second, small GPU still takes the small job.
-    assert ("small", "s1", "resident") in run(queue, [gpu("g0", 20000, total=total), gpu("s1", 2000, total=2000)],
-                                              now=now)
+    assert ("small", "s1", "resident") in run(
+        queue, [gpu("g0", 20000, total=total), gpu("s1", 2000, total=2000)], now=now
+    )
 
 
 # ---- jobs that fit no GPU at all --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("need,totals,expected", [
-    (200000, [24576, 81920], True),
-    (200000, [24576, 143771], False),
-    (150000, [81920], False),  # fits with the planner's group offload (75000)
-    (1000, [], False),  # no GPU inventory: not this function's call
-])
+@pytest.mark.parametrize(
+    "need,totals,expected",
+    [
+        (200000, [24576, 81920], True),
+        (200000, [24576, 143771], False),
+        (150000, [81920], False),  # fits with the planner's group offload (75000)
+        (1000, [], False),  # no GPU inventory: not this function's call
+    ],
+)
 def test_fits_nowhere(need, totals, expected):
     assert fits_nowhere(JobDemand("fake", need, 1, 1), totals, plan) is expected
 
@@ -234,10 +309,12 @@ def test_fits_nowhere(need, totals, expected):
 def test_real_planner_end_to_end():
     planner = partial(plan_for, allow_lossy=False)
     real_demand = JobDemand.from_record
-    a14b = rec("a14b", 1, params={"width": 1280, "height": 720, "frames": 81},
-               model="wan2.2-t2v-a14b", architecture=T2V_A14B)
-    ti2v = rec("ti2v", 2, params={"width": 1280, "height": 704, "frames": 121},
-               model="wan2.2-ti2v-5b", architecture=TI2V_5B)
+    a14b = rec(
+        "a14b", 1, params={"width": 1280, "height": 720, "frames": 81}, model="wan2.2-t2v-a14b", architecture=T2V_A14B
+    )
+    ti2v = rec(
+        "ti2v", 2, params={"width": 1280, "height": 704, "frames": 121}, model="wan2.2-ti2v-5b", architecture=TI2V_5B
+    )
     slots = [gpu("g0", 24 * GIB), gpu("g1", 80 * GIB)]
     out = run([a14b, ti2v], slots, demand=real_demand, plan=planner)
     # The A14B takes the 80 GiB GPU (resident + VAE tiling beats group offload on 24 GiB); the TI2V-5B

@@ -29,8 +29,9 @@ NIGHTLY = dict(name="nightly", cron="0 2 * * *", template="prompt: render of {da
 
 
 def submitter(tmp_path, clock, **kw):
-    return CronSubmitter([Schedule(**{**NIGHTLY, **kw})], state_dir=tmp_path / "state", inbox=tmp_path / "inbox",
-                         clock=clock)
+    return CronSubmitter(
+        [Schedule(**{**NIGHTLY, **kw})], state_dir=tmp_path / "state", inbox=tmp_path / "inbox", clock=clock
+    )
 
 
 def test_fires_once_at_its_time_with_substitutions(tmp_path):
@@ -73,9 +74,14 @@ def test_a_crash_between_record_and_submission_is_finished_at_restart(tmp_path):
     assert record["state"] == "submitted" and record["file"] == dropped.name
 
 
-@pytest.mark.parametrize("policy,expected", [("skip", []), ("run_once", ["20261201T020000"]),
-                                             ("run_all", ["20261129T020000", "20261130T020000",
-                                                          "20261201T020000"])])
+@pytest.mark.parametrize(
+    "policy,expected",
+    [
+        ("skip", []),
+        ("run_once", ["20261201T020000"]),
+        ("run_all", ["20261129T020000", "20261130T020000", "20261201T020000"]),
+    ],
+)
 def test_fires_missed_while_down_follow_the_misfire_policy(tmp_path, policy, expected):
     clock = Clock(ts("2026-11-28T02:00:05"))
     submitter(tmp_path, clock, misfire=policy).tick()
@@ -92,8 +98,12 @@ def test_timezones_and_job_files(tmp_path):
     job = tmp_path / "batch.yaml"
     job.write_text("defaults: {steps: 2}\njobs:\n  - prompt: '{name} {date}'\n")
     clock = Clock(ts("2026-11-28T01:00:30"))  # 02:00 in Paris (UTC+1 in winter)
-    cron = CronSubmitter([Schedule(name="paris", cron="0 2 * * *", timezone="Europe/Paris", job=job)],
-                         state_dir=tmp_path / "s", inbox=tmp_path / "in", clock=clock)
+    cron = CronSubmitter(
+        [Schedule(name="paris", cron="0 2 * * *", timezone="Europe/Paris", job=job)],
+        state_dir=tmp_path / "s",
+        inbox=tmp_path / "in",
+        clock=clock,
+    )
     [dropped] = cron.tick()
     assert dropped.name == "paris-20261128T020000.yaml"
     assert yaml.safe_load(dropped.read_text())["jobs"][0]["prompt"] == "paris 2026-11-28"
@@ -101,11 +111,15 @@ def test_timezones_and_job_files(tmp_path):
 
 def test_substitutions_leave_yaml_braces_alone():
     fire = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    assert substitute("output: {basename: x-{date}}\n{unknown}", "n", fire) == "output: {basename: x-2026-01-02}\n{unknown}"
+    assert (
+        substitute("output: {basename: x-{date}}\n{unknown}", "n", fire)
+        == "output: {basename: x-2026-01-02}\n{unknown}"
+    )
 
 
-@pytest.mark.parametrize("bad", [dict(cron="61 * * * *"), dict(timezone="Mars/Olympus"), dict(job="x.yaml"),
-                                 dict(template=None)])
+@pytest.mark.parametrize(
+    "bad", [dict(cron="61 * * * *"), dict(timezone="Mars/Olympus"), dict(job="x.yaml"), dict(template=None)]
+)
 def test_bad_schedules_are_refused_at_load(bad):
     with pytest.raises(ValidationError):
         Schedule(**{**NIGHTLY, **bad})
@@ -115,9 +129,18 @@ def test_a_schedule_runs_end_to_end_through_the_daemon(harness_factory):
     from conftest import wait_for
 
     h = harness_factory()
-    h.settings = h.settings.model_copy(update={"schedules": [Schedule(
-        name="every-minute", cron="* * * * *", misfire_grace_seconds=120,
-        template="model: tiny-ti2v-5b\nprompt: scheduled on {date}\nsteps: 2\n")]})
+    h.settings = h.settings.model_copy(
+        update={
+            "schedules": [
+                Schedule(
+                    name="every-minute",
+                    cron="* * * * *",
+                    misfire_grace_seconds=120,
+                    template="model: tiny-ti2v-5b\nprompt: scheduled on {date}\nsteps: 2\n",
+                )
+            ]
+        }
+    )
     h.start()
     folder = h.settings.paths.state / "fires" / "every-minute"
 

@@ -10,10 +10,10 @@ import pytest
 import yaml
 
 from daemon.errors import Category, JobError
-from daemon.models import REGISTRY, WAN_NEGATIVE_PROMPT
 from daemon.jobspec.params import resolve_params
 from daemon.jobspec.schema import json_schema
 from daemon.jobspec.spec import parse_job_file
+from daemon.models import REGISTRY, WAN_NEGATIVE_PROMPT
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = 1 << 20
@@ -114,8 +114,10 @@ def test_batch_merges_defaults_and_numbers_ids():
 
 
 def test_batch_rejects_bad_jobs_one_by_one_and_repeated_ids():
-    entries, err = parse("jobs:\n  - prompt: ok\n  - prompt: bad\n    frames: 2\n  - id: x\n    prompt: a\n"
-                         "  - id: x\n    prompt: b\n", "b.yaml")
+    entries, err = parse(
+        "jobs:\n  - prompt: ok\n  - prompt: bad\n    frames: 2\n  - id: x\n    prompt: a\n  - id: x\n    prompt: b\n",
+        "b.yaml",
+    )
     assert err is None
     assert [e.error is None for e in entries] == [True, False, True, False]
     assert "used twice" in entries[3].error.message
@@ -154,8 +156,10 @@ def test_model_defaults_are_filled_in_explicitly(model, expected):
 
 
 def test_explicit_values_win_and_a_given_seed_is_kept():
-    spec = one("prompt: a\nsize: 1280x704\nframes: 121\nsteps: 7\nguidance_scale: 2.5\nflow_shift: 3\nseed: 11\n"
-               "negative_prompt: ''\n").spec
+    spec = one(
+        "prompt: a\nsize: 1280x704\nframes: 121\nsteps: 7\nguidance_scale: 2.5\nflow_shift: 3\nseed: 11\n"
+        "negative_prompt: ''\n"
+    ).spec
     p = resolve(spec, "wan2.2-ti2v-5b")
     assert (p.width, p.height, p.steps, p.guidance_scale, p.flow_shift, p.seed) == (1280, 704, 7, 2.5, 3.0, 11)
     assert not p.seed_was_drawn and p.negative_prompt == ""
@@ -213,13 +217,19 @@ def test_resolve_retry_switches_the_model_keeping_seed_frames_and_the_snapped_si
     from daemon.config import load_settings
     from daemon.jobspec.resolve import resolve_job, resolve_retry
 
-    settings = load_settings(None, {"paths": {"inbox": str(tmp_path / "in"), "models": str(models_dir)},
-                                    "models": {"default": "tiny-t2v-a14b"}})
+    settings = load_settings(
+        None,
+        {"paths": {"inbox": str(tmp_path / "in"), "models": str(models_dir)}, "models": {"default": "tiny-t2v-a14b"}},
+    )
     raw = {"prompt": "a", "size": "112x80", "frames": 17, "guidance_scale_2": 2.0, "fallback": ["smaller_model"]}
     entry = one(yaml.safe_dump(raw))
     job = resolve_job(entry, settings, "tiny-t2v-a14b")
-    assert (job.model.name, job.params.width, job.params.guidance_scale_2, job.waiting) == ("tiny-t2v-a14b", 112,
-                                                                                           2.0, False)
+    assert (job.model.name, job.params.width, job.params.guidance_scale_2, job.waiting) == (
+        "tiny-t2v-a14b",
+        112,
+        2.0,
+        False,
+    )
     before = job.params.model_copy(update={"offload": "model", "vae_tiling": True})
     params, model = resolve_retry(raw, "job", before, {"model": "tiny-ti2v-5b"}, settings)
     assert model.name == "tiny-ti2v-5b" and model.path == models_dir / "tiny-ti2v-5b"

@@ -4,37 +4,47 @@ end to end through the real tiny pipelines, where each option shows in the sidec
 from __future__ import annotations
 
 import pytest
+from conftest import wait_for
 
-from daemon.models import REGISTRY
 from daemon.jobspec.params import resolve_params
 from daemon.jobspec.spec import JobSpec
+from daemon.models import REGISTRY
 from daemon.speed import SpeedConfig, plan_speed
-
-from conftest import wait_for
 
 FBC = {"type": "first_block", "threshold": 0.2, "mag_ratios": None}
 MAG = {"type": "mag", "threshold": None, "mag_ratios": [1.0, 0.99, 0.98, 0.97]}
 
 
 def _params(**over):
-    return {"steps": 30, "preset": None, "min_cache_steps": 10, "cache": None, "compile": False,
-            "attention_backend": "native", **over}
+    return {
+        "steps": 30,
+        "preset": None,
+        "min_cache_steps": 10,
+        "cache": None,
+        "compile": False,
+        "attention_backend": "native",
+        **over,
+    }
 
 
 def test_the_plan_applies_what_was_asked_with_default_thresholds():
-    plan = plan_speed(_params(cache={"type": "first_block", "threshold": None}, compile=True), two_experts=True,
-                      device="cuda")
+    plan = plan_speed(
+        _params(cache={"type": "first_block", "threshold": None}, compile=True), two_experts=True, device="cuda"
+    )
     assert plan.compile and plan.cache == {"type": "first_block", "threshold": 0.05, "mag_ratios": None}
     assert plan.applied() == ["compile:repeated_blocks", "cache:first_block@0.05"] and not plan.notes
     mag = plan_speed(_params(cache=MAG), two_experts=False, device="cuda")
     assert mag.cache["threshold"] == 0.06 and mag.applied() == ["cache:mag@0.06"]
 
 
-@pytest.mark.parametrize("params, two_experts, note", [
-    (_params(cache=FBC, steps=4), False, "cache:first_block off (4 steps < speed.min_cache_steps 10)"),
-    (_params(cache=FBC, preset="lightning-4step", steps=40), True, "cache:first_block off (distill preset"),
-    (_params(cache=MAG), True, "cache:mag off (two-expert model"),
-])
+@pytest.mark.parametrize(
+    "params, two_experts, note",
+    [
+        (_params(cache=FBC, steps=4), False, "cache:first_block off (4 steps < speed.min_cache_steps 10)"),
+        (_params(cache=FBC, preset="lightning-4step", steps=40), True, "cache:first_block off (distill preset"),
+        (_params(cache=MAG), True, "cache:mag off (two-expert model"),
+    ],
+)
 def test_a_cache_is_turned_off_where_it_harms_quality_and_the_sidecar_says_why(params, two_experts, note):
     plan = plan_speed(params, two_experts=two_experts, device="cuda")
     assert plan.cache is None
@@ -44,8 +54,12 @@ def test_a_cache_is_turned_off_where_it_harms_quality_and_the_sidecar_says_why(p
 def test_an_attention_backend_that_cannot_run_here_runs_as_native_and_says_why():
     cpu = plan_speed(_params(attention_backend="flash"), two_experts=False, device="cpu")
     assert cpu.attention_backend == "native" and cpu.notes == ["attention:native (flash needs a CUDA GPU)"]
-    missing = plan_speed(_params(attention_backend="sage"), two_experts=False, device="cuda",
-                         attention_problem="sageattention is not installed")
+    missing = plan_speed(
+        _params(attention_backend="sage"),
+        two_experts=False,
+        device="cuda",
+        attention_problem="sageattention is not installed",
+    )
     assert missing.attention_backend == "native" and "sageattention is not installed" in missing.notes[0]
     ok = plan_speed(_params(attention_backend="flash"), two_experts=False, device="cuda")
     assert ok.attention_backend == "flash" and ok.applied() == ["attention:flash"]
@@ -57,8 +71,12 @@ def test_job_fields_win_over_the_config_defaults():
     limits = dict(max_side=4096, max_frames=1000, max_steps=1000)
     p = resolve_params(JobSpec(prompt="x"), info, speed=speed, **limits)
     assert (p.compile, p.cache["type"], p.cache["threshold"], p.attention_backend) == (True, "first_block", 0.1, "sage")
-    p = resolve_params(JobSpec(prompt="x", compile=False, cache={"type": "none"}, attention_backend="native"),
-                       info, speed=speed, **limits)
+    p = resolve_params(
+        JobSpec(prompt="x", compile=False, cache={"type": "none"}, attention_backend="native"),
+        info,
+        speed=speed,
+        **limits,
+    )
     assert (p.compile, p.cache, p.attention_backend) == (False, None, "native")
     assert resolve_params(JobSpec(prompt="x"), info, **limits).cache is None  # built-in default: no cache
 
@@ -101,8 +119,9 @@ def test_first_block_cache_changes_the_run_and_is_gone_for_the_next_job(harness)
     # Skipped blocks change the frames; once the hooks are removed the same seed makes the same video again.
     assert cached["video"]["sha256"] != plain["video"]["sha256"]
     assert after["video"]["sha256"] == plain["video"]["sha256"]
-    harness.drop("d.yaml", "model: tiny-t2v-a14b\nprompt: few\nsteps: 4\ncache: {type: first_block}\n"
-                 "attention_backend: flash\n")
+    harness.drop(
+        "d.yaml", "model: tiny-t2v-a14b\nprompt: few\nsteps: 4\ncache: {type: first_block}\nattention_backend: flash\n"
+    )
     few = harness.sidecar("d")["optimizations_applied"]
     assert "cache:first_block off (4 steps < speed.min_cache_steps 10)" in few
     assert "attention:native (flash needs a CUDA GPU)" in few

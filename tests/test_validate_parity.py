@@ -70,14 +70,23 @@ def world(models_dir, tmp_path_factory) -> dict[str, Path]:
     attn = ["blocks.0.attn1.to_q", "blocks.0.attn1.to_v", "blocks.1.attn2.to_k"]
     write_safetensors(loras / "fits.safetensors", lora_for(models_dir / "tiny-ti2v-5b", attn))
     write_safetensors(loras / "fits_a14b.safetensors", lora_for(models_dir / "tiny-t2v-a14b", attn))
-    write_safetensors(loras / "fits_a14b_low.safetensors",
-                      lora_for(models_dir / "tiny-t2v-a14b", attn, rank=2, subfolder="transformer_2"))
+    write_safetensors(
+        loras / "fits_a14b_low.safetensors",
+        lora_for(models_dir / "tiny-t2v-a14b", attn, rank=2, subfolder="transformer_2"),
+    )
     # made for a deeper model: block 7 does not exist in the 2-block tiny transformers
-    write_safetensors(loras / "too_deep.safetensors", {f"transformer.blocks.7.attn1.to_q.lora_{x}.weight": s
-                                                       for x, s in (("A", [4, 32]), ("B", [32, 4]))})
+    write_safetensors(
+        loras / "too_deep.safetensors",
+        {f"transformer.blocks.7.attn1.to_q.lora_{x}.weight": s for x, s in (("A", [4, 32]), ("B", [32, 4]))},
+    )
     # same modules, other sizes (a LoRA for a wider transformer)
-    write_safetensors(loras / "too_wide.safetensors", {"transformer.blocks.0.attn1.to_q.lora_A.weight": [4, 64],
-                                                       "transformer.blocks.0.attn1.to_q.lora_B.weight": [64, 4]})
+    write_safetensors(
+        loras / "too_wide.safetensors",
+        {
+            "transformer.blocks.0.attn1.to_q.lora_A.weight": [4, 64],
+            "transformer.blocks.0.attn1.to_q.lora_B.weight": [64, 4],
+        },
+    )
     (loras / "garbage.safetensors").write_bytes(b"\x07" * 300)
     (loras / "pickled.bin").write_bytes(b"\x80\x04K\x01.")
     Image.new("RGB", (64, 64), (200, 30, 30)).save(inputs / "red.png")
@@ -99,8 +108,12 @@ class Case:
 
 CASES = [
     Case("valid_single", "model: tiny-ti2v-5b\nprompt: a red fox in snow\nseed: 3\n", True),
-    Case("valid_batch", "defaults: {model: tiny-t2v-a14b, steps: 2}\njobs:\n  - prompt: one\n"
-         "  - prompt: two\n    guidance_scale_2: 2.0\n  - id: third\n    prompt: three\n", True),
+    Case(
+        "valid_batch",
+        "defaults: {model: tiny-t2v-a14b, steps: 2}\njobs:\n  - prompt: one\n"
+        "  - prompt: two\n    guidance_scale_2: 2.0\n  - id: third\n    prompt: three\n",
+        True,
+    ),
     Case("unknown_field", "model: tiny-ti2v-5b\nprompt: a\ncolour: blue\n", False),
     Case("bad_size_multiple", "model: tiny-ti2v-5b\nprompt: a\nsize: 80x64\n", False),
     Case("size_over_max_side", "model: tiny-ti2v-5b\nprompt: a\nsize: 4096x64\n", False),
@@ -108,30 +121,48 @@ CASES = [
     Case("malformed_yaml", "prompt: [a, b\nmodel: tiny-ti2v-5b\n", False),
     Case("yaml_alias", "prompt: &p hello\nnegative_prompt: *p\n", False),
     Case("not_a_mapping", "- prompt: a\n", False),
-    Case("batch_one_bad_job", "defaults: {model: tiny-ti2v-5b}\njobs:\n  - prompt: fine\n"
-         "  - prompt: bad\n    frames: 6\n", False),
+    Case(
+        "batch_one_bad_job",
+        "defaults: {model: tiny-ti2v-5b}\njobs:\n  - prompt: fine\n  - prompt: bad\n    frames: 6\n",
+        False,
+    ),
     Case("lora_fits", "model: tiny-ti2v-5b\nprompt: a\nloras: [{path: fits.safetensors, strength: 0.7}]\n", True),
-    Case("lora_a14b_high_and_low", "model: tiny-t2v-a14b\nprompt: a\nloras:\n  - {path: fits_a14b.safetensors}\n"
-         "  - {path: fits_a14b_low.safetensors, expert: low}\n", True),
+    Case(
+        "lora_a14b_high_and_low",
+        "model: tiny-t2v-a14b\nprompt: a\nloras:\n  - {path: fits_a14b.safetensors}\n"
+        "  - {path: fits_a14b_low.safetensors, expert: low}\n",
+        True,
+    ),
     Case("lora_missing", "model: tiny-ti2v-5b\nprompt: a\nloras: [{path: nowhere.safetensors}]\n", False),
     Case("lora_not_safetensors", "model: tiny-ti2v-5b\nprompt: a\nloras: [{path: pickled.bin}]\n", False),
-    Case("lora_not_a_safetensors_file", "model: tiny-ti2v-5b\nprompt: a\nloras: [{path: garbage.safetensors}]\n",
-         False),
+    Case(
+        "lora_not_a_safetensors_file", "model: tiny-ti2v-5b\nprompt: a\nloras: [{path: garbage.safetensors}]\n", False
+    ),
     Case("lora_modules_do_not_fit", "model: tiny-ti2v-5b\nprompt: a\nloras: [{path: too_deep.safetensors}]\n", False),
     Case("lora_sizes_do_not_fit", "model: tiny-t2v-a14b\nprompt: a\nloras: [{path: too_wide.safetensors}]\n", False),
-    Case("lora_low_expert_on_one_transformer",
-         "model: tiny-ti2v-5b\nprompt: a\nloras: [{path: fits.safetensors, expert: low}]\n", False),
+    Case(
+        "lora_low_expert_on_one_transformer",
+        "model: tiny-ti2v-5b\nprompt: a\nloras: [{path: fits.safetensors, expert: low}]\n",
+        False,
+    ),
     Case("lora_outside_roots", "model: tiny-ti2v-5b\nprompt: a\nloras: [{path: '{outside}/x.safetensors'}]\n", False),
-    Case("preset_needs_both_experts", "model: tiny-t2v-a14b\nprompt: a\npreset: lightning-4step\n"
-         "loras: [{path: fits_a14b.safetensors}]\n", False),
+    Case(
+        "preset_needs_both_experts",
+        "model: tiny-t2v-a14b\nprompt: a\npreset: lightning-4step\nloras: [{path: fits_a14b.safetensors}]\n",
+        False,
+    ),
     Case("image_ok", "model: tiny-ti2v-5b\nprompt: a\nimage: red.png\n", True),
     Case("image_missing", "model: tiny-ti2v-5b\nprompt: a\nimage: gone.png\n", False),
     Case("image_outside_input_roots", "model: tiny-ti2v-5b\nprompt: a\nimage: '{outside}/blue.png'\n", False),
     Case("image_traversal", "model: tiny-ti2v-5b\nprompt: a\nimage: ../outside/blue.png\n", False),
     Case("image_not_an_image", "model: tiny-ti2v-5b\nprompt: a\nimage: fake.png\n", False),
     Case("image_unsupported_type", "model: tiny-ti2v-5b\nprompt: a\nimage: anim.gif\n", False),
-    Case("image_too_many_pixels", "model: tiny-ti2v-5b\nprompt: a\nimage: big.png\n", False,
-         {"limits": {"max_input_pixels": 10_000}}),
+    Case(
+        "image_too_many_pixels",
+        "model: tiny-ti2v-5b\nprompt: a\nimage: big.png\n",
+        False,
+        {"limits": {"max_input_pixels": 10_000}},
+    ),
     Case("image_path_too_long", "model: tiny-ti2v-5b\nprompt: a\nimage: " + "x" * 300 + ".png\n", False),
     Case("task_i2v_without_image", "model: tiny-ti2v-5b\nprompt: a\ntask: i2v\n", False),
     Case("i2v_model_without_image", "model: tiny-i2v-a14b\nprompt: a\n", False),
@@ -140,18 +171,46 @@ CASES = [
     Case("unknown_model", "model: no-such-model\nprompt: a\n", False),
     Case("model_name_too_long", "model: " + "m" * 300 + "\nprompt: a\n", False),
     Case("local_model_folder", "model: '{models}/tiny-ti2v-5b'\nprompt: a\n", True),
-    Case("registry_model_absent_auto_download_off", "model: wan2.2-i2v-a14b\nprompt: a\nimage: red.png\n", False,
-         {"models": {"auto_download": False}}, ABSENT_REGISTRY_MODELS),
-    Case("registry_model_absent_auto_download_on", "model: wan2.2-i2v-a14b\nprompt: a\nimage: red.png\n", True,
-         {"models": {"auto_download": True}}, ABSENT_REGISTRY_MODELS),
-    Case("default_model_is_a_tiny_two_expert_model", "prompt: a\nguidance_scale_2: 2.5\n", True,
-         {"models": {"default": "tiny-t2v-a14b"}}),
-    Case("default_model_is_tiny_and_rejects_the_job", "prompt: a\nsize: 80x64\n", False,
-         {"models": {"default": "tiny-ti2v-5b"}}),
-    Case("default_model_is_absent", "prompt: a\n", False,
-         {"models": {"default": "wan2.2-t2v-a14b", "auto_download": False}}, ABSENT_REGISTRY_MODELS),
-    Case("default_model_is_absent_but_downloaded_on_demand", "prompt: a\n", True,
-         {"models": {"default": "wan2.2-t2v-a14b", "auto_download": True}}, ABSENT_REGISTRY_MODELS),
+    Case(
+        "registry_model_absent_auto_download_off",
+        "model: wan2.2-i2v-a14b\nprompt: a\nimage: red.png\n",
+        False,
+        {"models": {"auto_download": False}},
+        ABSENT_REGISTRY_MODELS,
+    ),
+    Case(
+        "registry_model_absent_auto_download_on",
+        "model: wan2.2-i2v-a14b\nprompt: a\nimage: red.png\n",
+        True,
+        {"models": {"auto_download": True}},
+        ABSENT_REGISTRY_MODELS,
+    ),
+    Case(
+        "default_model_is_a_tiny_two_expert_model",
+        "prompt: a\nguidance_scale_2: 2.5\n",
+        True,
+        {"models": {"default": "tiny-t2v-a14b"}},
+    ),
+    Case(
+        "default_model_is_tiny_and_rejects_the_job",
+        "prompt: a\nsize: 80x64\n",
+        False,
+        {"models": {"default": "tiny-ti2v-5b"}},
+    ),
+    Case(
+        "default_model_is_absent",
+        "prompt: a\n",
+        False,
+        {"models": {"default": "wan2.2-t2v-a14b", "auto_download": False}},
+        ABSENT_REGISTRY_MODELS,
+    ),
+    Case(
+        "default_model_is_absent_but_downloaded_on_demand",
+        "prompt: a\n",
+        True,
+        {"models": {"default": "wan2.2-t2v-a14b", "auto_download": True}},
+        ABSENT_REGISTRY_MODELS,
+    ),
     Case("default_model_is_unknown", "prompt: a\n", False, {"models": {"default": "not-a-model"}}),
 ]
 
@@ -182,9 +241,14 @@ def _intake(cfg: Path, name: str, text: str) -> tuple[list[str], dict[str, str],
     settings = load_settings(cfg)
     spool = Spool(settings.paths.state / "owners" / settings.owner, settings.owner)
     outbox = Outbox(settings.paths.outbox, owner=settings.owner)
-    intake = Intake(settings, spool, outbox,
-                    default_model=lambda: default_model(settings.models.default, cuda_available=False),
-                    is_active_id=lambda job_id: False, clock=time.time)
+    intake = Intake(
+        settings,
+        spool,
+        outbox,
+        default_model=lambda: default_model(settings.models.default, cuda_available=False),
+        is_active_id=lambda job_id: False,
+        clock=time.time,
+    )
     settings.paths.inbox.mkdir(parents=True, exist_ok=True)
     dropped = settings.paths.inbox / name
     dropped.write_text(text)
@@ -204,9 +268,14 @@ def test_validate_and_intake_agree(case: Case, world, tmp_path, capsys):
         if hub_snapshot(REGISTRY[name].repo_id) is not None:
             pytest.skip(f"{name} is in the local Hugging Face cache")
     base = {
-        "paths": {"inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"), "models": str(world["models"]),
-                  "model_roots": [str(world["base"])], "input_roots": [str(world["inputs"])],
-                  "lora_roots": [str(world["loras"])]},
+        "paths": {
+            "inbox": str(tmp_path / "inbox"),
+            "outbox": str(tmp_path / "outbox"),
+            "models": str(world["models"]),
+            "model_roots": [str(world["base"])],
+            "input_roots": [str(world["inputs"])],
+            "lora_roots": [str(world["loras"])],
+        },
         "models": {"default": "tiny-ti2v-5b", "auto_download": False},
     }
     cfg = tmp_path / "config.yaml"

@@ -6,17 +6,19 @@ import os
 import time
 
 import pytest
+from conftest import wait_for
 
 from daemon.config import WatchConfig
 from daemon.runtime.watch import InboxWatcher, is_job_file_name
 
-from conftest import wait_for
-
 
 @pytest.fixture(params=["inotify", "polling"])
 def watcher(request, tmp_path):
-    w = InboxWatcher(tmp_path, WatchConfig(mode=request.param, settle_seconds=0.4, rescan_interval_seconds=60,
-                                           poll_interval_seconds=0.1), clock=time.monotonic)
+    w = InboxWatcher(
+        tmp_path,
+        WatchConfig(mode=request.param, settle_seconds=0.4, rescan_interval_seconds=60, poll_interval_seconds=0.1),
+        clock=time.monotonic,
+    )
     w.start()
     w.scan()
     yield w
@@ -25,8 +27,15 @@ def watcher(request, tmp_path):
 
 @pytest.mark.parametrize(
     "name,ok",
-    [("a.yaml", True), ("b.YML", True), (".a.yaml", False), ("a.yaml.tmp", False), ("a.yaml.part", False),
-     ("a.json", False), ("notes.txt", False)],
+    [
+        ("a.yaml", True),
+        ("b.YML", True),
+        (".a.yaml", False),
+        ("a.yaml.tmp", False),
+        ("a.yaml.part", False),
+        ("a.json", False),
+        ("notes.txt", False),
+    ],
 )
 def test_only_visible_yaml_files_are_job_files(name, ok):
     assert is_job_file_name(name) is ok

@@ -121,20 +121,37 @@ def read_manifest(snapshot: Path) -> dict | None:
     return data if isinstance(data, dict) and isinstance(data.get("files"), dict) else None
 
 
-def write_manifest(snapshot: Path, repo_id: str, revision: str | None, commit: str,
-                    allow_patterns: list[str] | str | None, files: list[RemoteFile],
-                    sha_of: dict[str, str]) -> None:
+def write_manifest(
+    snapshot: Path,
+    repo_id: str,
+    revision: str | None,
+    commit: str,
+    allow_patterns: list[str] | str | None,
+    files: list[RemoteFile],
+    sha_of: dict[str, str],
+) -> None:
     old = read_manifest(snapshot) or {}
     entries = dict(old.get("files", {})) if old.get("commit") == commit else {}
     for f in files:
-        entries[f.name] = {"size": f.size, "sha256": f.sha256 or sha_of.get(f.name)
-                           or entries.get(f.name, {}).get("sha256"), "git_oid": f.blob_id, "lfs": bool(f.sha256)}
+        entries[f.name] = {
+            "size": f.size,
+            "sha256": f.sha256 or sha_of.get(f.name) or entries.get(f.name, {}).get("sha256"),
+            "git_oid": f.blob_id,
+            "lfs": bool(f.sha256),
+        }
     patterns = [allow_patterns] if isinstance(allow_patterns, str) else allow_patterns
-    atomic_write_json(snapshot / MANIFEST_NAME, {
-        "version": MANIFEST_VERSION, "repo_id": repo_id, "revision": revision, "commit": commit,
-        "allow_patterns": patterns, "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "files": entries,
-    })
+    atomic_write_json(
+        snapshot / MANIFEST_NAME,
+        {
+            "version": MANIFEST_VERSION,
+            "repo_id": repo_id,
+            "revision": revision,
+            "commit": commit,
+            "allow_patterns": patterns,
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "files": entries,
+        },
+    )
 
 
 # ---- listing and removing --------------------------------------------------------------------------
@@ -167,17 +184,19 @@ def list_cached(cache_dir: Path | None = None) -> list[dict]:
         revs = sorted(repo.revisions, key=lambda r: r.last_modified, reverse=True)
         refs = {ref: r.commit_hash for r in revs for ref in r.refs}
         main = next((r for r in revs if "main" in r.refs), revs[0] if revs else None)
-        out.append({
-            "repo_id": repo.repo_id,
-            "revisions": [r.commit_hash for r in revs],
-            "refs": refs,
-            "size_on_disk": repo.size_on_disk,
-            "nb_files": repo.nb_files,
-            "path": Path(repo.repo_path),
-            "snapshot": Path(main.snapshot_path) if main else None,
-            "manifest": bool(main and (Path(main.snapshot_path) / MANIFEST_NAME).is_file()),
-            "incomplete_bytes": partial_by_repo.get(Path(repo.repo_path), 0),
-        })
+        out.append(
+            {
+                "repo_id": repo.repo_id,
+                "revisions": [r.commit_hash for r in revs],
+                "refs": refs,
+                "size_on_disk": repo.size_on_disk,
+                "nb_files": repo.nb_files,
+                "path": Path(repo.repo_path),
+                "snapshot": Path(main.snapshot_path) if main else None,
+                "manifest": bool(main and (Path(main.snapshot_path) / MANIFEST_NAME).is_file()),
+                "incomplete_bytes": partial_by_repo.get(Path(repo.repo_path), 0),
+            }
+        )
     return sorted(out, key=lambda d: d["size_on_disk"], reverse=True)
 
 

@@ -17,8 +17,13 @@ from pathlib import Path
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # daemon.cli's exit codes
 
 
-def models(args: argparse.Namespace, settings, *, build_tiny: Callable[[Path], list[Path]],
-           tiny_is_built: Callable[[Path], bool]) -> int:
+def models(
+    args: argparse.Namespace,
+    settings,
+    *,
+    build_tiny: Callable[[Path], list[Path]],
+    tiny_is_built: Callable[[Path], bool],
+) -> int:
     """``wan-daemon models build-tiny|list|download|verify|remove``. ``build_tiny`` builds the tiny models
     into a folder (daemon.worker.tiny.build_all); ``tiny_is_built`` says whether one is built there."""
     if args.models_cmd == "build-tiny":
@@ -33,16 +38,23 @@ def models(args: argparse.Namespace, settings, *, build_tiny: Callable[[Path], l
     from daemon.models import REGISTRY, needed_patterns
 
     info = REGISTRY.get(args.name)
-    repo = info.repo_id if info is not None else args.name
     if info is not None and info.tiny:
         print(f"{args.name} is a tiny test model built locally: `wan-daemon models build-tiny`", file=sys.stderr)
         return EXIT_USAGE
+    repo = info.repo_id if info is not None else args.name
+    assert repo is not None  # every registry model that is not tiny names its hub repo
     patterns = needed_patterns(info.architecture) if info is not None else None
     token = os.environ.get("HF_TOKEN")
     try:
         if args.models_cmd == "download":
-            path = download(repo, revision=args.revision, allow_patterns=patterns, token=token,
-                            progress=_print_progress, min_free_mb=settings.limits.min_free_mb)
+            path = download(
+                repo,
+                revision=args.revision,
+                allow_patterns=patterns,
+                token=token,
+                progress=_print_progress,
+                min_free_mb=settings.limits.min_free_mb,
+            )
             print(f"downloaded {repo} to {path}")
             return EXIT_OK
         if args.models_cmd == "verify":
@@ -73,8 +85,12 @@ def _print_progress(p: dict) -> None:
     total = p.get("total_bytes") or 0
     done = p.get("downloaded_bytes") or 0
     pct = f"{100 * done / total:5.1f}%" if total else "  ?  "
-    print(f"{p.get('phase', 'downloading'):11} {p.get('repo')}: {pct} {done / 1e9:.2f}/{total / 1e9:.2f} GB, "
-          f"{p.get('files_done', 0)}/{p.get('files_total', 0)} files", file=sys.stderr, flush=True)
+    print(
+        f"{p.get('phase', 'downloading'):11} {p.get('repo')}: {pct} {done / 1e9:.2f}/{total / 1e9:.2f} GB, "
+        f"{p.get('files_done', 0)}/{p.get('files_total', 0)} files",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _models_list(settings, is_built: Callable[[Path], bool]) -> int:
@@ -87,11 +103,15 @@ def _models_list(settings, is_built: Callable[[Path], bool]) -> int:
             folder = tiny_model_dir(settings.paths.models, info.name)
             where = f"present  {folder}" if is_built(folder) else "absent   (built on first use)"
         else:
+            assert info.repo_id is not None  # every registry model that is not tiny names its hub repo
             snap = hub_snapshot(info.repo_id)
             entry = cached.get(info.repo_id, {})
             size = f"{entry.get('size_on_disk', 0) / 1e9:.1f} GB" if entry else ""
-            where = (f"present  {size} rev {snap[1][:12]} {snap[0]}" if snap
-                     else f"absent   (wan-daemon models download {info.name})")
+            where = (
+                f"present  {size} rev {snap[1][:12]} {snap[0]}"
+                if snap
+                else f"absent   (wan-daemon models download {info.name})"
+            )
         print(f"{info.name:18} {info.width}x{info.height} {info.frames}f@{info.fps:<3} {where}")
     for root in settings.paths.model_roots:
         for index in sorted(Path(root).glob("*/model_index.json")):
@@ -99,6 +119,7 @@ def _models_list(settings, is_built: Callable[[Path], bool]) -> int:
     known = {i.repo_id for i in REGISTRY.values() if i.repo_id}
     for repo, entry in sorted(cached.items()):
         if repo not in known:
-            print(f"{repo:18} hub cache         present  {entry.get('size_on_disk', 0) / 1e9:.1f} GB {entry.get('path')}")
+            print(
+                f"{repo:18} hub cache         present  {entry.get('size_on_disk', 0) / 1e9:.1f} GB {entry.get('path')}"
+            )
     return EXIT_OK
-

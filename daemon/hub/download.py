@@ -36,13 +36,13 @@ import os
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from loguru import logger
 
-from daemon.hub.cache import (cache_root, discard, read_manifest, repo_storage, scan_blobs, write_manifest,
-                              write_ref)
+from daemon.hub.cache import cache_root, discard, read_manifest, repo_storage, scan_blobs, write_manifest, write_ref
 from daemon.hub.remote import DownloadError, RemoteFile, model_info, remote_files, translate_error
 from daemon.hub.verify import check_file, file_digests
 
@@ -89,12 +89,16 @@ def download(
     info = model_info(repo_id, revision, token, endpoint)
     commit = info.sha
     if not commit:
-        raise DownloadError(f"the hub did not say which commit {repo_id}@{revision or 'main'} is",
-                            ["Check HF_ENDPOINT: it must point at a Hugging Face Hub compatible server."])
+        raise DownloadError(
+            f"the hub did not say which commit {repo_id}@{revision or 'main'} is",
+            ["Check HF_ENDPOINT: it must point at a Hugging Face Hub compatible server."],
+        )
     files = remote_files(info, allow_patterns)
     if not files:
-        raise DownloadError(f"no file of {repo_id}@{revision or 'main'} matches {allow_patterns!r}",
-                            ["Check the repo id and the patterns (needed_patterns(architecture))."])
+        raise DownloadError(
+            f"no file of {repo_id}@{revision or 'main'} matches {allow_patterns!r}",
+            ["Check the repo id and the patterns (needed_patterns(architecture))."],
+        )
     storage = repo_storage(cache, repo_id)
     blobs = storage / "blobs"
 
@@ -107,8 +111,11 @@ def download(
             extra = f" (+{min_free_mb} MiB to keep free)" if min_free_mb else ""
             raise DownloadError(
                 f"{repo_id} needs {missing / _GB:.1f} GB{extra}, only {free / _GB:.1f} GB free on {where}",
-                ["Free disk space there, or point HF_HOME / HF_HUB_CACHE (or cache_dir) at a larger disk.",
-                 "Remove cached models you no longer need: `hf cache ls`, then `hf cache rm model/<org>/<name>`."])
+                [
+                    "Free disk space there, or point HF_HOME / HF_HUB_CACHE (or cache_dir) at a larger disk.",
+                    "Remove cached models you no longer need: `hf cache ls`, then `hf cache rm model/<org>/<name>`.",
+                ],
+            )
 
     before, _ = scan_blobs(blobs)
     reporter = _Progress(repo_id, blobs, files, progress, progress_interval) if progress else None
@@ -124,10 +131,18 @@ def download(
         except ImportError:  # pragma: no cover - older huggingface_hub
             rev = commit
         try:
-            path = Path(snapshot_download(
-                repo_id, revision=rev, cache_dir=cache, allow_patterns=allow_patterns, token=token,
-                endpoint=endpoint, max_workers=max_workers, tqdm_class=_terminal_bar_class(),
-            ))
+            path = Path(
+                snapshot_download(
+                    repo_id,
+                    revision=rev,
+                    cache_dir=cache,
+                    allow_patterns=allow_patterns,
+                    token=token,
+                    endpoint=endpoint,
+                    max_workers=max_workers,
+                    tqdm_class=_terminal_bar_class(),
+                )
+            )
         except Exception as exc:
             raise translate_error(exc, repo_id, revision) from exc
     finally:
@@ -156,10 +171,14 @@ def download(
         elif not f.sha256:
             sha_of[f.name] = file_digests(local, git=False)[1]
     if bad:
-        raise DownloadError(f"{len(bad)} downloaded file(s) of {repo_id} are corrupted and were removed from the "
-                            "cache: " + "; ".join(bad),
-                            ["Run the download again (only these files are fetched again).",
-                             "If it happens again, check a proxy or mirror (HF_ENDPOINT) that may alter files."])
+        raise DownloadError(
+            f"{len(bad)} downloaded file(s) of {repo_id} are corrupted and were removed from the "
+            "cache: " + "; ".join(bad),
+            [
+                "Run the download again (only these files are fetched again).",
+                "If it happens again, check a proxy or mirror (HF_ENDPOINT) that may alter files.",
+            ],
+        )
     write_manifest(path, repo_id, revision, commit, allow_patterns, files, sha_of)
     if reporter:
         reporter.report("done")
@@ -204,8 +223,9 @@ def _http_resume_possible() -> bool:
 class _Progress(threading.Thread):
     """Reports download progress by measuring the repo's blobs folder; works whatever stderr is."""
 
-    def __init__(self, repo_id: str, blobs: Path, files: list[RemoteFile],
-                 callback: Callable[[dict], None], interval: float) -> None:
+    def __init__(
+        self, repo_id: str, blobs: Path, files: list[RemoteFile], callback: Callable[[dict], None], interval: float
+    ) -> None:
         super().__init__(name=f"download-progress {repo_id}", daemon=True)
         self.repo_id, self.blobs, self.files, self.callback, self.interval = repo_id, blobs, files, callback, interval
         self.total = sum(f.size or 0 for f in files)
@@ -224,8 +244,13 @@ class _Progress(threading.Thread):
             else:
                 have = max((s for _, s in partial.get(f.etag or "", [])), default=0)
                 downloaded += min(have, f.size) if f.size is not None else have
-        return {"repo": self.repo_id, "downloaded_bytes": downloaded, "total_bytes": self.total,
-                "files_done": files_done, "files_total": len(self.files)}
+        return {
+            "repo": self.repo_id,
+            "downloaded_bytes": downloaded,
+            "total_bytes": self.total,
+            "files_done": files_done,
+            "files_total": len(self.files),
+        }
 
     def report(self, phase: str = "downloading") -> None:
         with self._lock:
@@ -279,8 +304,15 @@ def _stderr_is_tty() -> bool:
 # ---- resuming partial files left by a killed process ----------------------------------------------
 
 
-def _resume_partials(repo_id: str, commit: str, files: list[RemoteFile], cache: Path, storage: Path,
-                     token: str | None, endpoint: str | None) -> None:
+def _resume_partials(
+    repo_id: str,
+    commit: str,
+    files: list[RemoteFile],
+    cache: Path,
+    storage: Path,
+    token: str | None,
+    endpoint: str | None,
+) -> None:
     """Continue ``*.incomplete`` files that a killed download left behind (see the module docstring)."""
     if not _http_resume_possible():
         return
@@ -292,17 +324,22 @@ def _resume_partials(repo_id: str, commit: str, files: list[RemoteFile], cache: 
         try:
             _resume_one(repo_id, commit, f, cache, storage, token, endpoint)
         except Exception as exc:  # keep the partial file; snapshot_download fetches the file from scratch
-            logger.warning("download.resume_failed repo={} file={} error={}: {}", repo_id, f.name,
-                           type(exc).__name__, exc)
+            logger.warning(
+                "download.resume_failed repo={} file={} error={}: {}", repo_id, f.name, type(exc).__name__, exc
+            )
 
 
-def _resume_one(repo_id: str, commit: str, f: RemoteFile, cache: Path, storage: Path,
-                token: str | None, endpoint: str | None) -> None:
+def _resume_one(
+    repo_id: str, commit: str, f: RemoteFile, cache: Path, storage: Path, token: str | None, endpoint: str | None
+) -> None:
     from filelock import FileLock, Timeout
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
+    size = f.size
+    if size is None:  # the caller skips these: nothing to tell a partial file's length against
+        return
     blobs = storage / "blobs"
     # The lock huggingface_hub holds while it downloads this blob: if it is taken, someone is downloading it.
     lock_path = cache / ".locks" / storage.name / f"{f.etag}.lock"
@@ -320,10 +357,10 @@ def _resume_one(repo_id: str, commit: str, f: RemoteFile, cache: Path, storage: 
         best, have = candidates[0]
         for other, _ in candidates[1:]:  # shorter copies of the same bytes: nobody can use them any more
             other.unlink(missing_ok=True)
-        if have > f.size:
+        if have > size:
             best.unlink(missing_ok=True)
             return
-        if have < f.size:
+        if have < size:
             url = hf_hub_url(repo_id, f.name, revision=commit, endpoint=endpoint)
             meta = get_hf_file_metadata(url, token=token, endpoint=endpoint)
             if meta.etag != f.etag:
@@ -333,8 +370,14 @@ def _resume_one(repo_id: str, commit: str, f: RemoteFile, cache: Path, storage: 
                 headers.pop("authorization", None)  # a CDN's signed URL; the token stays on the hub
             logger.info("download.resume repo={} file={} from_byte={} of={}", repo_id, f.name, have, f.size)
             with open(best, "ab") as fh:
-                http_get(meta.location, fh, resume_size=have, headers=headers, expected_size=f.size,
-                         displayed_filename=f.name)
+                http_get(
+                    meta.location,
+                    fh,
+                    resume_size=have,
+                    headers=headers,
+                    expected_size=f.size,
+                    displayed_filename=f.name,
+                )
         problem = check_file(best, f)
         if problem:
             logger.warning("download.resume_discarded repo={} file={}: {}", repo_id, f.name, problem)

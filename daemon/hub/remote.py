@@ -8,7 +8,8 @@ huggingface_hub itself (read when it is imported); the hub modules never read th
 
 from __future__ import annotations
 
-from typing import Any, Iterable, NamedTuple
+from collections.abc import Iterable
+from typing import Any, NamedTuple
 
 from daemon.errors import WanDaemonError
 
@@ -45,8 +46,9 @@ def remote_files(info: Any, allow_patterns: list[str] | str | None) -> list[Remo
         lfs = getattr(s, "lfs", None)
         sha = _lfs_field(lfs, "sha256")
         size = _lfs_field(lfs, "size") if lfs is not None else None
-        files[s.rfilename] = RemoteFile(s.rfilename, size if size is not None else getattr(s, "size", None),
-                                        getattr(s, "blob_id", None), sha)
+        files[s.rfilename] = RemoteFile(
+            s.rfilename, size if size is not None else getattr(s, "size", None), getattr(s, "blob_id", None), sha
+        )
     return [files[n] for n in filter_files(files, allow_patterns)]
 
 
@@ -79,35 +81,54 @@ def translate_error(exc: BaseException, repo_id: str, revision: str | None) -> D
     from huggingface_hub import errors as hf_errors
 
     name = type(exc).__name__
-    net = ("Check the network connection, a proxy (HTTPS_PROXY) or HF_ENDPOINT if you use a mirror, "
-           "then run the download again: finished files are kept.")
+    net = (
+        "Check the network connection, a proxy (HTTPS_PROXY) or HF_ENDPOINT if you use a mirror, "
+        "then run the download again: finished files are kept."
+    )
     if isinstance(exc, DownloadError):
         return exc
     if isinstance(exc, getattr(hf_errors, "OfflineModeIsEnabled", ())) or "offline mode is enabled" in str(exc):
-        return DownloadError(f"cannot download {repo_id}: huggingface_hub offline mode is on (HF_HUB_OFFLINE=1)",
-                             ["Unset HF_HUB_OFFLINE (or set it to 0) for the download; the daemon itself "
-                              "can keep running offline."])
+        return DownloadError(
+            f"cannot download {repo_id}: huggingface_hub offline mode is on (HF_HUB_OFFLINE=1)",
+            ["Unset HF_HUB_OFFLINE (or set it to 0) for the download; the daemon itself can keep running offline."],
+        )
     if isinstance(exc, getattr(hf_errors, "GatedRepoError", ())):
-        return DownloadError(f"{repo_id} is a gated repo and this request is not allowed to read it ({name})",
-                             [f"Accept the model's licence on https://huggingface.co/{repo_id} with your account.",
-                              "Then pass a token that can read it: set HF_TOKEN or run `hf auth login`."])
+        return DownloadError(
+            f"{repo_id} is a gated repo and this request is not allowed to read it ({name})",
+            [
+                f"Accept the model's licence on https://huggingface.co/{repo_id} with your account.",
+                "Then pass a token that can read it: set HF_TOKEN or run `hf auth login`.",
+            ],
+        )
     if isinstance(exc, getattr(hf_errors, "RevisionNotFoundError", ())):
-        return DownloadError(f"revision {revision!r} of {repo_id} does not exist on the hub",
-                             ["Check the revision (branch, tag or full commit hash)."])
+        return DownloadError(
+            f"revision {revision!r} of {repo_id} does not exist on the hub",
+            ["Check the revision (branch, tag or full commit hash)."],
+        )
     if isinstance(exc, getattr(hf_errors, "RepositoryNotFoundError", ())):
-        return DownloadError(f"repository {repo_id} was not found (or is private / gated and no valid token was "
-                             "sent)", ["Check the repo id (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers).",
-                                       "For a private or gated repo set HF_TOKEN or run `hf auth login`."])
+        return DownloadError(
+            f"repository {repo_id} was not found (or is private / gated and no valid token was sent)",
+            [
+                "Check the repo id (e.g. Wan-AI/Wan2.2-TI2V-5B-Diffusers).",
+                "For a private or gated repo set HF_TOKEN or run `hf auth login`.",
+            ],
+        )
     if isinstance(exc, OSError) and getattr(exc, "errno", None) in (28, 122):  # ENOSPC, EDQUOT
-        return DownloadError(f"the disk filled up while downloading {repo_id}: {exc}",
-                             ["Free disk space (or point HF_HOME / HF_HUB_CACHE at a larger disk), then run the "
-                              "download again: finished files are kept."])
+        return DownloadError(
+            f"the disk filled up while downloading {repo_id}: {exc}",
+            [
+                "Free disk space (or point HF_HOME / HF_HUB_CACHE at a larger disk), then run the "
+                "download again: finished files are kept."
+            ],
+        )
     if isinstance(exc, getattr(hf_errors, "HfHubHTTPError", ())):
         status = getattr(getattr(exc, "response", None), "status_code", None)
         tips = [net]
         if status in (401, 403):
-            tips.insert(0, "The hub refused the request: check HF_TOKEN (or `hf auth login`) and that your "
-                           "account may read this repo.")
+            tips.insert(
+                0,
+                "The hub refused the request: check HF_TOKEN (or `hf auth login`) and that your "
+                "account may read this repo.",
+            )
         return DownloadError(f"the hub answered HTTP {status} for {repo_id}: {str(exc).splitlines()[0]}", tips)
-    return DownloadError(f"downloading {repo_id} failed: {name}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                         [net])
+    return DownloadError(f"downloading {repo_id} failed: {name}: {str(exc).splitlines()[0] if str(exc) else ''}", [net])

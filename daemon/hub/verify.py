@@ -50,9 +50,9 @@ def check_file(path: Path, f: RemoteFile) -> str | None:
         if got != f.sha256:
             return f"{f.name}: sha256 {got} does not match the hub's {f.sha256} (corrupted)"
     elif f.blob_id:
-        got = file_digests(path, git=True)[2]
-        if got != f.blob_id:
-            return f"{f.name}: git blob id {got} does not match the hub's {f.blob_id} (corrupted)"
+        got_blob = file_digests(path, git=True)[2]
+        if got_blob != f.blob_id:
+            return f"{f.name}: git blob id {got_blob} does not match the hub's {f.blob_id} (corrupted)"
     return None
 
 
@@ -64,8 +64,9 @@ def verify_local(path: Path, *, checksums: bool = True) -> VerifyReport:
     path = Path(path)
     manifest = read_manifest(path)
     if manifest is None:
-        return VerifyReport(False, [f"no {MANIFEST_NAME} in {path}: not downloaded by wan-daemon (use verify())"],
-                            0, "manifest", path)
+        return VerifyReport(
+            False, [f"no {MANIFEST_NAME} in {path}: not downloaded by wan-daemon (use verify())"], 0, "manifest", path
+        )
     problems: list[str] = []
     for name, entry in sorted(manifest["files"].items()):
         local = path / name
@@ -109,15 +110,22 @@ def verify(
         if snap is not None and read_manifest(snap) is not None:
             logger.info("download.verify_offline repo={} reason={}", repo_id, exc.message)
             return verify_local(snap)
-        return VerifyReport(False, [f"cannot check {repo_id}: {exc.message}, and no downloaded snapshot with a "
-                                    "manifest is here"], 0, "hub", snap)
+        return VerifyReport(
+            False,
+            [f"cannot check {repo_id}: {exc.message}, and no downloaded snapshot with a manifest is here"],
+            0,
+            "hub",
+            snap,
+        )
     snap = storage / "snapshots" / str(info.sha)
     if not snap.is_dir():
         problem = f"{repo_id}@{revision or 'main'} (commit {info.sha}) is not in the cache ({cache})"
         older = snapshot_path(repo_id, revision=revision, cache_dir=cache)
         if older is not None:
-            problem += (f"; the cache holds commit {older.name}: download again to update it, or check that "
-                        "one with verify_local()")
+            problem += (
+                f"; the cache holds commit {older.name}: download again to update it, or check that "
+                "one with verify_local()"
+            )
         return VerifyReport(False, [problem], 0, "hub", older)
     if allow_patterns is None:
         allow_patterns = (read_manifest(snap) or {}).get("allow_patterns")

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -51,12 +52,18 @@ class LoraSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    path: str = Field(..., min_length=1, max_length=4096,
-                      description="A .safetensors file, relative to one of the LoRA roots (paths.lora_roots).")
+    path: str = Field(
+        ...,
+        min_length=1,
+        max_length=4096,
+        description="A .safetensors file, relative to one of the LoRA roots (paths.lora_roots).",
+    )
     strength: float = Field(1.0, ge=0, le=4, description="Adapter weight; 0 leaves the model unchanged.")
     expert: Expert = Field(
-        "high", description="Which transformer gets it on the two-expert A14B models: high (high-noise expert, "
-        "early steps), low (low-noise expert, late steps) or both. TI2V-5B has one transformer: only high.")
+        "high",
+        description="Which transformer gets it on the two-expert A14B models: high (high-noise expert, "
+        "early steps), low (low-noise expert, late steps) or both. TI2V-5B has one transformer: only high.",
+    )
 
 
 class ResolvedLora(BaseModel):
@@ -98,8 +105,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def apply_preset(name: str, loras: Sequence[LoraSpec], overrides: Mapping[str, Any], *,
-                 two_experts: bool | None = None) -> tuple[dict[str, Any], list[LoraSpec]]:
+def apply_preset(
+    name: str, loras: Sequence[LoraSpec], overrides: Mapping[str, Any], *, two_experts: bool | None = None
+) -> tuple[dict[str, Any], list[LoraSpec]]:
     """Apply preset ``name``: returns ``(param_overrides, loras)``.
 
     ``overrides`` holds the job's explicitly set fields (``JobSpec`` field names; a value of None counts as
@@ -146,8 +154,10 @@ def apply_preset(name: str, loras: Sequence[LoraSpec], overrides: Mapping[str, A
         if not any(e == "high" for e in experts):
             raise lora_error(f"preset {name!r} needs its distill LoRA listed under `loras:` with expert: high")
         if any(e != "high" for e in experts):
-            raise lora_error(f"preset {name!r} on a one-transformer model (TI2V-5B) takes LoRAs with expert: high "
-                             f"only; got experts {experts}")
+            raise lora_error(
+                f"preset {name!r} on a one-transformer model (TI2V-5B) takes LoRAs with expert: high "
+                f"only; got experts {experts}"
+            )
     params = dict(preset["params"])
     if two_experts:
         params.update(preset["params_two_experts"])
@@ -174,13 +184,17 @@ def resolve_lora_path(path: str, roots: Sequence[Path | str]) -> Path:
         raise lora_error("LoRA path contains a NUL byte")
     raw = Path(path)
     if not raw.name.lower().endswith(".safetensors"):
-        raise lora_error(f"LoRA {path!r} must be a .safetensors file (pickled .bin/.pt/.ckpt files are refused)",
-                         "Convert it to safetensors, or use the .safetensors release of the LoRA.")
+        raise lora_error(
+            f"LoRA {path!r} must be a .safetensors file (pickled .bin/.pt/.ckpt files are refused)",
+            "Convert it to safetensors, or use the .safetensors release of the LoRA.",
+        )
     if ".." in raw.parts:
         raise lora_error(f"LoRA path {path!r} contains '..'")
     if not roots:
-        raise lora_error("no LoRA roots are configured, so no LoRA can be used",
-                         "Configure paths.lora_roots and put the LoRA files there.")
+        raise lora_error(
+            "no LoRA roots are configured, so no LoRA can be used",
+            "Configure paths.lora_roots and put the LoRA files there.",
+        )
     for root in roots:
         root_res = Path(root).resolve()
         if raw.is_absolute():
@@ -209,8 +223,10 @@ def resolve_lora_path(path: str, roots: Sequence[Path | str]) -> Path:
             except OSError as exc:
                 raise lora_error(f"cannot access LoRA {path!r}: {exc.strerror}") from None
             if stat.S_ISLNK(st.st_mode):
-                raise lora_error(f"LoRA path {path!r} goes through a symlink ({current.name}), which is not allowed",
-                                 "Copy the file into the LoRA root instead of linking it.")
+                raise lora_error(
+                    f"LoRA path {path!r} goes through a symlink ({current.name}), which is not allowed",
+                    "Copy the file into the LoRA root instead of linking it.",
+                )
         if st is None:
             continue
         if not stat.S_ISREG(st.st_mode):
@@ -218,8 +234,10 @@ def resolve_lora_path(path: str, roots: Sequence[Path | str]) -> Path:
         return current
     shown = ", ".join(str(r) for r in roots)
     if raw.is_absolute():
-        raise lora_error(f"LoRA {path!r} is outside the LoRA roots ({shown})",
-                         "Give the path relative to a LoRA root (paths.lora_roots).")
+        raise lora_error(
+            f"LoRA {path!r} is outside the LoRA roots ({shown})",
+            "Give the path relative to a LoRA root (paths.lora_roots).",
+        )
     raise lora_error(f"LoRA file {path!r} not found under the LoRA roots ({shown})")
 
 
@@ -228,9 +246,14 @@ def resolve_lora_path(path: str, roots: Sequence[Path | str]) -> Path:
 # --------------------------------------------------------------------------------------------------
 
 
-def validate(loras: Sequence[LoraSpec | Mapping[str, Any]], roots: Sequence[Path | str],
-             model_folder: Path | str | None, two_experts: bool, *,
-             max_bytes: int = MAX_LORA_BYTES) -> list[ResolvedLora]:
+def validate(
+    loras: Sequence[LoraSpec | Mapping[str, Any]],
+    roots: Sequence[Path | str],
+    model_folder: Path | str | None,
+    two_experts: bool,
+    *,
+    max_bytes: int = MAX_LORA_BYTES,
+) -> list[ResolvedLora]:
     """Check a job's LoRAs against the LoRA roots and the model; returns them resolved, in order.
 
     ``model_folder``: the model's diffusers folder (its transformer headers are read to check the fit); None
@@ -244,14 +267,19 @@ def validate(loras: Sequence[LoraSpec | Mapping[str, Any]], roots: Sequence[Path
         where = f"loras[{i}] ({spec.path})"
         try:
             if spec.expert != "high" and not two_experts:
-                raise lora_error(f"expert {spec.expert!r} needs a two-expert (A14B) model with a low-noise "
-                                 "transformer; this model has one transformer", "Use expert: high.")
+                raise lora_error(
+                    f"expert {spec.expert!r} needs a two-expert (A14B) model with a low-noise "
+                    "transformer; this model has one transformer",
+                    "Use expert: high.",
+                )
             path = resolve_lora_path(spec.path, roots)
             sha, header = inspect_lora(path, max_bytes)
             for comp in EXPERT_COMPONENTS[spec.expert]:
                 if (sha, comp) in seen:
-                    raise lora_error(f"the same LoRA file is already listed as loras[{seen[sha, comp]}] for "
-                                     f"{comp}", "List each LoRA once per expert; use strength to weight it.")
+                    raise lora_error(
+                        f"the same LoRA file is already listed as loras[{seen[sha, comp]}] for {comp}",
+                        "List each LoRA once per expert; use strength to weight it.",
+                    )
                 seen[sha, comp] = i
             fmt = analyse_lora_keys(header).format
             if model_folder is not None:
@@ -261,12 +289,27 @@ def validate(loras: Sequence[LoraSpec | Mapping[str, Any]], roots: Sequence[Path
         except JobError as exc:
             if exc.category is not Category.INVALID_LORA:
                 raise
-            raise JobError(Category.INVALID_LORA, f"{where}: {exc.message}", exc.suggestions,
-                           {**exc.details, "lora_index": i, "lora_path": spec.path}) from None
-        out.append(ResolvedLora(path=str(path), sha256=sha, strength=float(spec.strength), expert=spec.expert,
-                                format=fmt))
+            raise JobError(
+                Category.INVALID_LORA,
+                f"{where}: {exc.message}",
+                exc.suggestions,
+                {**exc.details, "lora_index": i, "lora_path": spec.path},
+            ) from None
+        out.append(
+            ResolvedLora(path=str(path), sha256=sha, strength=float(spec.strength), expert=spec.expert, format=fmt)
+        )
     return out
 
 
-__all__ = ["LoraSpec", "ResolvedLora", "Expert", "PRESETS", "apply_preset", "resolve_lora_path", "validate",
-           "adapter_name", "EXPERT_COMPONENTS", "MAX_LORA_BYTES"]
+__all__ = [
+    "LoraSpec",
+    "ResolvedLora",
+    "Expert",
+    "PRESETS",
+    "apply_preset",
+    "resolve_lora_path",
+    "validate",
+    "adapter_name",
+    "EXPERT_COMPONENTS",
+    "MAX_LORA_BYTES",
+]

@@ -9,8 +9,9 @@ import json
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from daemon.errors import Category, JobError
 from daemon.fsutil import open_confined
@@ -51,20 +52,27 @@ def _parse_header(fh: Any, size: int, label: str) -> tuple[dict[str, Any], bytes
             if not isinstance(entry, dict):
                 raise _not_safetensors(label, "__metadata__ is not an object")
             continue
-        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
-                and isinstance(entry.get("shape"), list) and all(isinstance(d, int) for d in entry["shape"])
-                and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
-                and all(isinstance(o, int) for o in entry["data_offsets"])):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("dtype"), str)
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) for d in entry["shape"])
+            and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2
+            and all(isinstance(o, int) for o in entry["data_offsets"])
+        ):
             raise _not_safetensors(label, f"bad tensor entry {key[:80]!r}")
         start, end = entry["data_offsets"]
         if not 0 <= start <= end <= data_len:
-            raise lora_error(f"{label}: safetensors file is truncated or corrupt (tensor {key[:80]!r} lies "
-                             "outside the file)")
+            raise lora_error(
+                f"{label}: safetensors file is truncated or corrupt (tensor {key[:80]!r} lies outside the file)"
+            )
     return header, head + raw
 
 
-def read_safetensors_header(path: Path | str, roots: Sequence[Path | str] | None = None, *,
-                            max_bytes: int = MAX_LORA_BYTES) -> dict[str, Any]:
+def read_safetensors_header(
+    path: Path | str, roots: Sequence[Path | str] | None = None, *, max_bytes: int = MAX_LORA_BYTES
+) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor name → dtype/shape/offsets, plus ``__metadata__``).
 
     Opened with :func:`daemon.fsutil.open_confined` (O_NOFOLLOW, regular file, at most ``max_bytes``)
@@ -81,15 +89,16 @@ def read_safetensors_header(path: Path | str, roots: Sequence[Path | str] | None
     return header
 
 
-def read_safetensors_keys(path: Path | str, roots: Sequence[Path | str] | None = None, *,
-                          max_bytes: int = MAX_LORA_BYTES) -> list[str]:
+def read_safetensors_keys(
+    path: Path | str, roots: Sequence[Path | str] | None = None, *, max_bytes: int = MAX_LORA_BYTES
+) -> list[str]:
     """The tensor names of a safetensors file, read from its header without torch (see
     :func:`read_safetensors_header`). Raises JobError(invalid_lora, "... not a safetensors file ...")."""
     return [k for k in read_safetensors_header(path, roots, max_bytes=max_bytes) if k != "__metadata__"]
 
 
 # (st_dev, st_ino, st_size, st_mtime_ns) -> (sha256, header): a LoRA reused by many jobs is hashed once.
-_INSPECT_CACHE: "OrderedDict[tuple[int, int, int, int], tuple[str, dict[str, Any]]]" = OrderedDict()
+_INSPECT_CACHE: OrderedDict[tuple[int, int, int, int], tuple[str, dict[str, Any]]] = OrderedDict()
 _INSPECT_CACHE_SIZE = 256
 
 
@@ -139,8 +148,11 @@ def transformer_header(model_folder: Path | str, subfolder: str = "transformer")
     single = folder / "diffusion_pytorch_model.safetensors"
     source = index if index.is_file() else single if single.is_file() else None
     if source is None:
-        raise JobError(Category.MODEL_NOT_FOUND, f"{folder} holds no diffusion_pytorch_model.safetensors (or its "
-                       "sharded index), so LoRAs cannot be checked against it")
+        raise JobError(
+            Category.MODEL_NOT_FOUND,
+            f"{folder} holds no diffusion_pytorch_model.safetensors (or its "
+            "sharded index), so LoRAs cannot be checked against it",
+        )
     cache_key = (str(source.resolve()), source.stat().st_mtime_ns)
     cached = _MODEL_CACHE.get(cache_key)
     if cached is not None:
@@ -168,11 +180,13 @@ def transformer_header(model_folder: Path | str, subfolder: str = "transformer")
                 if k != "__metadata__":
                     shapes[k] = v["shape"]
     except JobError as exc:
-        raise JobError(Category.MODEL_NOT_FOUND, f"transformer weights of {model_folder} are unreadable: "
-                       f"{exc.message}") from None
+        raise JobError(
+            Category.MODEL_NOT_FOUND, f"transformer weights of {model_folder} are unreadable: {exc.message}"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise JobError(Category.MODEL_NOT_FOUND, f"transformer weights of {model_folder} are unreadable: {exc}") \
-            from None
+        raise JobError(
+            Category.MODEL_NOT_FOUND, f"transformer weights of {model_folder} are unreadable: {exc}"
+        ) from None
     if len(_MODEL_CACHE) > 32:
         _MODEL_CACHE.clear()
     _MODEL_CACHE[cache_key] = shapes

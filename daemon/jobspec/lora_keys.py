@@ -11,8 +11,9 @@ and their sizes when known, against a transformer's weights (read by :mod:`daemo
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from daemon.errors import Category, JobError
 
@@ -41,8 +42,15 @@ _WAN_TOP = {
 }
 _WAN_BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(?:(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)|ffn\.(0|2))$")
 _WAN_KEY_RE = re.compile(r"^(.+)\.(lora_down\.weight|lora_up\.weight|lora_A\.weight|lora_B\.weight|alpha|diff|diff_b)$")
-_WAN_KIND = {"lora_down.weight": "A", "lora_A.weight": "A", "lora_up.weight": "B", "lora_B.weight": "B",
-             "alpha": "alpha", "diff": "full", "diff_b": "bias"}
+_WAN_KIND = {
+    "lora_down.weight": "A",
+    "lora_A.weight": "A",
+    "lora_up.weight": "B",
+    "lora_B.weight": "B",
+    "alpha": "alpha",
+    "diff": "full",
+    "diff_b": "bias",
+}
 
 _MUSUBI_MOD_RE = re.compile(r"^blocks_(\d+)_(?:(self_attn|cross_attn)_(q|k|v|o|k_img|v_img)|ffn_(0|2))$")
 
@@ -73,7 +81,7 @@ def canonical_diffusers_key(key: str) -> str | None:
     rest = key
     for prefix in ("transformer.", "base_model.model."):
         if rest.startswith(prefix):
-            rest = rest[len(prefix):]
+            rest = rest[len(prefix) :]
             break
     m = _PEFT_KEY_RE.match(rest)
     if m:
@@ -103,8 +111,9 @@ class KeyAnalysis:
     def needs_rename(self) -> bool:
         """A diffusers/peft file whose keys diffusers would skip or misread as they are (``.default`` adapter
         segments, no ``transformer.`` prefix): the worker renames them before loading."""
-        return self.format == "diffusers" and any(canonical_diffusers_key(k) not in (None, k)
-                                                  for _, _, k in self.targets)
+        return self.format == "diffusers" and any(
+            canonical_diffusers_key(k) not in (None, k) for _, _, k in self.targets
+        )
 
 
 def _analyse_wan(keys: list[str]) -> KeyAnalysis:
@@ -114,7 +123,7 @@ def _analyse_wan(keys: list[str]) -> KeyAnalysis:
         if not k.startswith("diffusion_model."):
             a.problems.append(f"key {k!r} lacks the 'diffusion_model.' prefix the other keys have")
             continue
-        stripped[k] = k[len("diffusion_model."):]
+        stripped[k] = k[len("diffusion_model.") :]
     names = list(stripped.values())
     if not any(n.startswith("blocks.") for n in names):
         a.problems.append("a Wan-format LoRA needs weights for at least one transformer block (blocks.N.*)")
@@ -151,8 +160,9 @@ def _analyse_wan(keys: list[str]) -> KeyAnalysis:
             if mapped is None:
                 a.ignored.append(k)
             elif module.startswith(("text_embedding.", "time_embedding.")) and module not in modules_with_a:
-                a.problems.append(f"key {k!r}: diffusers' converter needs the lora_down/lora_up weights of "
-                                  f"{module} too")
+                a.problems.append(
+                    f"key {k!r}: diffusers' converter needs the lora_down/lora_up weights of {module} too"
+                )
             else:
                 a.targets.append((mapped, "bias", k))
             continue
@@ -170,7 +180,7 @@ def _analyse_musubi(keys: list[str]) -> KeyAnalysis:
         if not k.startswith("lora_unet_"):
             a.problems.append(f"key {k!r} lacks the 'lora_unet_' prefix the other keys have")
             continue
-        module, _, suffix = k[len("lora_unet_"):].partition(".")
+        module, _, suffix = k[len("lora_unet_") :].partition(".")
         m = _MUSUBI_MOD_RE.match(module)
         if not m or suffix not in ("lora_down.weight", "lora_up.weight", "alpha"):
             a.problems.append(f"unsupported key {k!r}")
@@ -191,11 +201,18 @@ def _analyse_musubi(keys: list[str]) -> KeyAnalysis:
     projections = [f"self_attn_{p}" for p in "qkvo"] + [f"cross_attn_{p}" for p in "qkvo"] + ["ffn_0", "ffn_2"]
     if is_i2v:
         projections += ["cross_attn_k_img", "cross_attn_v_img"]
-    missing = [f"lora_unet_blocks_{b}_{p}.{s}" for b in sorted(blocks) for p in projections
-               for s in ("lora_down.weight", "lora_up.weight", "alpha") if (f"blocks_{b}_{p}", s) not in present]
+    missing = [
+        f"lora_unet_blocks_{b}_{p}.{s}"
+        for b in sorted(blocks)
+        for p in projections
+        for s in ("lora_down.weight", "lora_up.weight", "alpha")
+        if (f"blocks_{b}_{p}", s) not in present
+    ]
     if missing:
-        a.problems.append(f"diffusers' musubi converter needs every attention/ffn projection of every block with "
-                          f"its alpha; {len(missing)} keys are missing, e.g. {', '.join(missing[:3])}")
+        a.problems.append(
+            f"diffusers' musubi converter needs every attention/ffn projection of every block with "
+            f"its alpha; {len(missing)} keys are missing, e.g. {', '.join(missing[:3])}"
+        )
     return a
 
 
@@ -212,7 +229,7 @@ def _analyse_diffusers(keys: list[str]) -> KeyAnalysis:
         if canon is None:
             a.ignored.append(k)  # another component's weights (text encoder, ...): the Wan loader skips them
             continue
-        rest = canon[len("transformer."):]
+        rest = canon[len("transformer.") :]
         m = _PEFT_KEY_RE.match(rest)
         if m:
             module, kind, _, param = m.groups()
@@ -255,8 +272,9 @@ def _examples(items: Sequence[str], n: int = 3) -> str:
     return shown + (", ..." if len(items) > n else "")
 
 
-def check_lora_fits(lora_keys: Iterable[str] | Mapping[str, Any],
-                    transformer_keys: Iterable[str] | Mapping[str, Any]) -> KeyAnalysis:
+def check_lora_fits(
+    lora_keys: Iterable[str] | Mapping[str, Any], transformer_keys: Iterable[str] | Mapping[str, Any]
+) -> KeyAnalysis:
     """Raise JobError(invalid_lora) unless every module the LoRA changes exists in the transformer.
 
     ``lora_keys`` / ``transformer_keys``: tensor names, or safetensors headers / name → shape mappings; when
@@ -271,20 +289,27 @@ def check_lora_fits(lora_keys: Iterable[str] | Mapping[str, Any],
     analysis = analyse_lora_keys(lora)
     if analysis.problems:
         more = len(analysis.problems) - 3
-        raise lora_error(f"diffusers cannot load this LoRA ({analysis.format} format): "
-                         f"{'; '.join(analysis.problems[:3])}" + (f" (and {more} more problems)" if more > 0 else ""),
-                         problems=analysis.problems[:20])
+        raise lora_error(
+            f"diffusers cannot load this LoRA ({analysis.format} format): "
+            f"{'; '.join(analysis.problems[:3])}" + (f" (and {more} more problems)" if more > 0 else ""),
+            problems=analysis.problems[:20],
+        )
     if not analysis.targets:
-        raise lora_error("the file holds no LoRA weights for the Wan transformer"
-                         + (f" ({len(analysis.ignored)} keys for other components)" if analysis.ignored else ""))
+        raise lora_error(
+            "the file holds no LoRA weights for the Wan transformer"
+            + (f" ({len(analysis.ignored)} keys for other components)" if analysis.ignored else "")
+        )
     model_modules = {k.rsplit(".", 1)[0] for k in model if "." in k}
     modules = analysis.modules
     missing = [m for m in modules if m not in model_modules]
     if missing:
         raise lora_error(
             f"LoRA does not fit this model: {len(missing)} of the {len(modules)} modules it changes do not exist "
-            f"in the transformer (e.g. {_examples(missing)})", SUGGEST_FIT, missing_modules=missing[:50],
-            missing_count=len(missing))
+            f"in the transformer (e.g. {_examples(missing)})",
+            SUGGEST_FIT,
+            missing_modules=missing[:50],
+            missing_count=len(missing),
+        )
     mismatched: list[str] = []
     rank_of: dict[str, int] = {}
     for module, kind, key in analysis.targets:
@@ -312,6 +337,9 @@ def check_lora_fits(lora_keys: Iterable[str] | Mapping[str, Any],
             mismatched.append(f"{module} (LoRA diff shape {shape}, model {weight})")
     if mismatched:
         mismatched = sorted(set(mismatched))
-        raise lora_error(f"LoRA does not fit this model: {len(mismatched)} layers have other sizes "
-                         f"(e.g. {_examples(mismatched)})", SUGGEST_FIT, mismatched=mismatched[:50])
+        raise lora_error(
+            f"LoRA does not fit this model: {len(mismatched)} layers have other sizes (e.g. {_examples(mismatched)})",
+            SUGGEST_FIT,
+            mismatched=mismatched[:50],
+        )
     return analysis

@@ -9,9 +9,8 @@ from pydantic import Field
 
 from daemon.errors import Category, JobError
 from daemon.jobspec.spec import JobSpec, _Strict
-from daemon.models import WAN_NEGATIVE_PROMPT, ModelInfo
+from daemon.models import WAN_NEGATIVE_PROMPT, ModelInfo, Task
 from daemon.speed import SpeedConfig
-
 
 
 class ResolvedParams(_Strict):
@@ -37,7 +36,9 @@ class ResolvedParams(_Strict):
     vae_tiling: bool = False
     fp8: bool = False  # FP8 weight storage: set only in a run's payload, by the offload plan
     timeout_seconds: float | None = None
-    loras: list[dict[str, Any]] = Field(default_factory=list, description="Resolved LoRAs (daemon.jobspec.lora.ResolvedLora).")
+    loras: list[dict[str, Any]] = Field(
+        default_factory=list, description="Resolved LoRAs (daemon.jobspec.lora.ResolvedLora)."
+    )
     preset: str | None = None
     compile: bool = False
     cache: dict[str, Any] | None = None
@@ -45,22 +46,32 @@ class ResolvedParams(_Strict):
     min_cache_steps: int = 10
 
 
-def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames: int, max_steps: int,
-                   vae_tiling: bool = False, speed: SpeedConfig | None = None) -> ResolvedParams:
+def resolve_params(
+    spec: JobSpec,
+    info: ModelInfo,
+    *,
+    max_side: int,
+    max_frames: int,
+    max_steps: int,
+    vae_tiling: bool = False,
+    speed: SpeedConfig | None = None,
+) -> ResolvedParams:
     """Fill in the model's defaults and check what depends on the model. Raises JobError(invalid_spec)."""
     problems: list[str] = []
-    task = spec.task or ("i2v" if spec.image else info.tasks[0])
+    task: Task = spec.task or ("i2v" if spec.image else info.tasks[0])
     if task not in info.tasks:
         problems.append(f"task: model {info.name!r} cannot do {task!r} (it does: {', '.join(info.tasks)})")
-    pipeline = "i2v" if (task == "i2v" or (task == "ti2v" and spec.image)) else "t2v"
+    pipeline: Literal["t2v", "i2v"] = "i2v" if (task == "i2v" or (task == "ti2v" and spec.image)) else "t2v"
     if pipeline == "i2v" and not spec.image:
         problems.append("image: task i2v needs an input image")
     width, height = spec.requested_size() or (info.width, info.height)
     for name, value in (("width", width), ("height", height)):
         if value % info.multiple:
             lo = max(info.multiple, value - value % info.multiple)
-            problems.append(f"{name}: {value} is not a multiple of {info.multiple} for {info.name} "
-                            f"(nearest: {lo} or {lo + info.multiple})")
+            problems.append(
+                f"{name}: {value} is not a multiple of {info.multiple} for {info.name} "
+                f"(nearest: {lo} or {lo + info.multiple})"
+            )
         if value > max_side or value < info.multiple:
             problems.append(f"{name}: {value} is outside {info.multiple}..{max_side} (limits.max_side)")
     frames = spec.frames or info.frames
@@ -70,8 +81,10 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
     if steps > max_steps:
         problems.append(f"steps: {steps} is more than limits.max_steps ({max_steps})")
     if spec.guidance_scale_2 is not None and not info.two_experts:
-        problems.append(f"guidance_scale_2: model {info.name!r} has one transformer; guidance_scale_2 applies only "
-                        "to the two-expert A14B models")
+        problems.append(
+            f"guidance_scale_2: model {info.name!r} has one transformer; guidance_scale_2 applies only "
+            "to the two-expert A14B models"
+        )
     if problems:
         raise JobError(Category.INVALID_SPEC, "; ".join(problems))
     preset: dict[str, Any] = {}
@@ -94,10 +107,16 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
         frames=frames,
         fps=spec.fps or info.fps,
         steps=steps,
-        guidance_scale=spec.guidance_scale if spec.guidance_scale is not None
+        guidance_scale=spec.guidance_scale
+        if spec.guidance_scale is not None
         else preset.get("guidance_scale", info.guidance_scale),
-        guidance_scale_2=(spec.guidance_scale_2 if spec.guidance_scale_2 is not None
-                          else preset.get("guidance_scale_2", info.guidance_scale_2)) if info.two_experts else None,
+        guidance_scale_2=(
+            spec.guidance_scale_2
+            if spec.guidance_scale_2 is not None
+            else preset.get("guidance_scale_2", info.guidance_scale_2)
+        )
+        if info.two_experts
+        else None,
         flow_shift=spec.flow_shift if spec.flow_shift is not None else preset.get("flow_shift", info.flow_shift),
         seed=seed,
         seed_was_drawn=spec.seed is None,
@@ -111,4 +130,3 @@ def resolve_params(spec: JobSpec, info: ModelInfo, *, max_side: int, max_frames:
         attention_backend=spec.attention_backend or speed.attention_backend,
         min_cache_steps=speed.min_cache_steps,
     )
-

@@ -56,9 +56,7 @@ class _HardenedLoader(yaml.SafeLoader):
                     None, None, "mapping keys must be plain values", key_node.start_mark
                 ) from None
             if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
@@ -73,6 +71,12 @@ def _depth(value: Any, level: int = 0) -> int:
     return level
 
 
+def _line(event: yaml.Event) -> int | str:
+    """The 1-based line an event starts on (the parser always sets the mark; "?" if it ever does not)."""
+    mark = event.start_mark
+    return mark.line + 1 if mark is not None else "?"
+
+
 _FastLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when present (PyPI wheels ship it)
 
 
@@ -82,11 +86,10 @@ def _prescan(text: str) -> None:
     depth = nodes = 0
     for event in yaml.parse(text, Loader=_FastLoader):
         if isinstance(event, yaml.AliasEvent):
-            raise _Refused(f"aliases (*{event.anchor}) are not allowed in job files "
-                           f"(line {event.start_mark.line + 1})")
+            raise _Refused(f"aliases (*{event.anchor}) are not allowed in job files (line {_line(event)})")
         anchor = getattr(event, "anchor", None)
         if anchor is not None:
-            raise _Refused(f"anchors (&{anchor}) are not allowed in job files (line {event.start_mark.line + 1})")
+            raise _Refused(f"anchors (&{anchor}) are not allowed in job files (line {_line(event)})")
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
@@ -102,8 +105,10 @@ def _prescan(text: str) -> None:
 def load_yaml_bytes(data: bytes, *, max_bytes: int) -> Any:
     """Decode and parse job-file bytes. Raises JobError(invalid_spec) with a precise reason."""
     if len(data) > max_bytes:
-        raise JobError(Category.INVALID_SPEC, f"job file is {len(data)} bytes; the limit is {max_bytes} "
-                       "(limits.max_job_file_bytes)")
+        raise JobError(
+            Category.INVALID_SPEC,
+            f"job file is {len(data)} bytes; the limit is {max_bytes} (limits.max_job_file_bytes)",
+        )
     nul = data.find(b"\x00")
     if nul >= 0:
         raise JobError(Category.INVALID_SPEC, f"job file contains a NUL byte at offset {nul}")

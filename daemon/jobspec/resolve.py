@@ -54,12 +54,10 @@ class ResolvedJob:
 
 def unusable_path(exc: OSError) -> JobError:
     """A path in a job that the OS refuses outright (ENAMETOOLONG, ELOOP, ...): the job is at fault."""
-    return JobError(Category.INVALID_SPEC,
-                    f"a path in this job cannot be used: {exc.strerror} ({exc.filename!r:.80})")
+    return JobError(Category.INVALID_SPEC, f"a path in this job cannot be used: {exc.strerror} ({exc.filename!r:.80})")
 
 
-def resolve_job(entry: SpecEntry | JobSpec, settings: Settings,
-                default_model: str | Callable[[], str]) -> ResolvedJob:
+def resolve_job(entry: SpecEntry | JobSpec, settings: Settings, default_model: str | Callable[[], str]) -> ResolvedJob:
     """Everything a job needs, checked. Raises the JobError that rejects it.
 
     ``entry``: a parsed job (a :class:`SpecEntry` carrying a parse error raises that error).
@@ -78,9 +76,15 @@ def resolve_job(entry: SpecEntry | JobSpec, settings: Settings,
     try:
         name = spec.model or (default_model() if callable(default_model) else default_model)
         located, waiting = locate_for_job(name, settings)
-        params = resolve_params(spec, located.info, max_side=settings.limits.max_side,
-                                max_frames=settings.limits.max_frames, max_steps=settings.limits.max_steps,
-                                vae_tiling=settings.models.vae_tiling, speed=settings.speed)
+        params = resolve_params(
+            spec,
+            located.info,
+            max_side=settings.limits.max_side,
+            max_frames=settings.limits.max_frames,
+            max_steps=settings.limits.max_steps,
+            vae_tiling=settings.models.vae_tiling,
+            speed=settings.speed,
+        )
         if spec.loras:
             loras = validate_loras(spec.loras, settings.paths.lora_roots, located.path, located.info.two_experts)
             params = params.model_copy(update={"loras": [r.model_dump(mode="json") for r in loras]})
@@ -99,8 +103,12 @@ def locate_for_job(name: str, settings: Settings) -> tuple[LocatedModel, bool]:
         return locate(name, models_dir=settings.paths.models, model_roots=settings.paths.model_roots), False
     except JobError as err:
         info = REGISTRY.get(name)
-        if not (err.category is Category.MODEL_NOT_FOUND and settings.models.auto_download
-                and info is not None and info.repo_id):
+        if not (
+            err.category is Category.MODEL_NOT_FOUND
+            and settings.models.auto_download
+            and info is not None
+            and info.repo_id
+        ):
             raise
         return LocatedModel(info=info, source="hub-cache"), True
 
@@ -113,8 +121,10 @@ def check_input_image(image: str, settings: Settings) -> InputImage:
 
     suffix = Path(image).suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
-        raise JobError(Category.INVALID_INPUT, f"image {image!r}: unsupported type {suffix or '(none)'!r} "
-                       f"(allowed: {', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise JobError(
+            Category.INVALID_INPUT,
+            f"image {image!r}: unsupported type {suffix or '(none)'!r} (allowed: {', '.join(sorted(IMAGE_SUFFIXES))})",
+        )
     limits = settings.limits
     try:
         with open_confined(Path(image), list(settings.paths.input_roots), max_bytes=limits.max_input_bytes) as fh:
@@ -127,9 +137,12 @@ def check_input_image(image: str, settings: Settings) -> InputImage:
         with Image.open(io.BytesIO(data)) as img:
             pixels = img.size[0] * img.size[1]
             if pixels > limits.max_input_pixels:
-                raise JobError(Category.INVALID_INPUT, f"image {image!r} is {img.size[0]}x{img.size[1]} = "
-                               f"{pixels:,} pixels, more than limits.max_input_pixels "
-                               f"({limits.max_input_pixels:,})")
+                raise JobError(
+                    Category.INVALID_INPUT,
+                    f"image {image!r} is {img.size[0]}x{img.size[1]} = "
+                    f"{pixels:,} pixels, more than limits.max_input_pixels "
+                    f"({limits.max_input_pixels:,})",
+                )
             img.verify()
     except JobError:
         raise
@@ -138,8 +151,9 @@ def check_input_image(image: str, settings: Settings) -> InputImage:
     return InputImage(data, suffix)
 
 
-def resolve_retry(spec: dict[str, Any], job_id: str, params: ResolvedParams, changes: dict[str, Any],
-                  settings: Settings) -> tuple[ResolvedParams, LocatedModel]:
+def resolve_retry(
+    spec: dict[str, Any], job_id: str, params: ResolvedParams, changes: dict[str, Any], settings: Settings
+) -> tuple[ResolvedParams, LocatedModel]:
     """The parameters and model of the next attempt after an out-of-memory retry that switches the model
     (``changes["model"]``, from :func:`daemon.policy.decide`; other keys of ``changes`` are parameter changes).
 
@@ -154,13 +168,31 @@ def resolve_retry(spec: dict[str, Any], job_id: str, params: ResolvedParams, cha
     job = {**spec, "id": job_id, "model": changes["model"], "seed": current["seed"], "frames": current["frames"]}
     for key in ("width", "height", "guidance_scale_2"):
         job.pop(key, None)
-    job["size"] = f"{max(info.multiple, current['width'] // info.multiple * info.multiple)}x" \
-                  f"{max(info.multiple, current['height'] // info.multiple * info.multiple)}"
+    job["size"] = (
+        f"{max(info.multiple, current['width'] // info.multiple * info.multiple)}x"
+        f"{max(info.multiple, current['height'] // info.multiple * info.multiple)}"
+    )
     lim = settings.limits
-    new = resolve_params(JobSpec.model_validate(job), info, max_side=lim.max_side, max_frames=lim.max_frames,
-                         max_steps=lim.max_steps, vae_tiling=current["vae_tiling"], speed=settings.speed)
+    new = resolve_params(
+        JobSpec.model_validate(job),
+        info,
+        max_side=lim.max_side,
+        max_frames=lim.max_frames,
+        max_steps=lim.max_steps,
+        vae_tiling=current["vae_tiling"],
+        speed=settings.speed,
+    )
     return new.model_copy(update={"offload": current["offload"], "seed_was_drawn": current["seed_was_drawn"]}), located
 
 
-__all__ = ["ResolvedJob", "InputImage", "resolve_job", "resolve_retry", "locate_for_job", "check_input_image",
-           "unusable_path", "IMAGE_SUFFIXES", "DISK_ERRNOS"]
+__all__ = [
+    "ResolvedJob",
+    "InputImage",
+    "resolve_job",
+    "resolve_retry",
+    "locate_for_job",
+    "check_input_image",
+    "unusable_path",
+    "IMAGE_SUFFIXES",
+    "DISK_ERRNOS",
+]

@@ -6,8 +6,6 @@ from typing import Any
 
 from daemon.jobspec.spec import MAX_JOBS_PER_FILE, JobSpec
 
-SCHEMA_URL_COMMENT = "# yaml-language-server: $schema=../schema.json"  # first line of every example job
-
 
 def json_schema() -> dict[str, Any]:
     single = JobSpec.model_json_schema()
@@ -25,8 +23,12 @@ def json_schema() -> dict[str, Any]:
                 "required": ["jobs"],
                 "properties": {
                     "defaults": {"type": "object", "description": "Fields shared by every job of the batch."},
-                    "jobs": {"type": "array", "minItems": 1, "maxItems": MAX_JOBS_PER_FILE,
-                             "items": {"type": "object"}},
+                    "jobs": {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": MAX_JOBS_PER_FILE,
+                        "items": {"type": "object"},
+                    },
                 },
             },
         ],

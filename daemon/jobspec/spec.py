@@ -43,9 +43,7 @@ class OutputSpec(_Strict):
 
 def _check_id(value: str | None, field: str) -> str | None:
     if value is not None and (value.startswith(".") or not _ID_RE.match(value)):
-        raise ValueError(
-            f"{field} {value!r} must be 1-128 characters of A-Z a-z 0-9 . _ - and must not start with '.'"
-        )
+        raise ValueError(f"{field} {value!r} must be 1-128 characters of A-Z a-z 0-9 . _ - and must not start with '.'")
     return value
 
 
@@ -54,12 +52,15 @@ class JobSpec(_Strict):
 
     id: str | None = Field(None, description="Job id; default: the file stem (batch: <stem>-<n>).")
     task: Literal["t2v", "i2v", "ti2v"] | None = Field(
-        None, description="t2v: text only; i2v: needs `image`; ti2v (TI2V-5B): text, plus an image if given. "
-        "Default: i2v when an image is given, else the model's own task."
+        None,
+        description="t2v: text only; i2v: needs `image`; ti2v (TI2V-5B): text, plus an image if given. "
+        "Default: i2v when an image is given, else the model's own task.",
     )
     model: str | None = Field(
-        None, max_length=1024, description="Registry name (wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-*), a local "
-        "diffusers folder, or a Hugging Face repo id in the local cache. Default: models.default from the config."
+        None,
+        max_length=1024,
+        description="Registry name (wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-*), a local "
+        "diffusers folder, or a Hugging Face repo id in the local cache. Default: models.default from the config.",
     )
     prompt: str = Field(..., min_length=1, max_length=MAX_STRING)
     negative_prompt: str | None = Field(None, max_length=MAX_STRING, description="Default: the standard Wan one.")
@@ -75,33 +76,46 @@ class JobSpec(_Strict):
     flow_shift: float | None = Field(None, gt=0, le=100, description="Scheduler flow shift.")
     seed: int | None = Field(None, ge=0, lt=2**32, description="Drawn at random and recorded when absent.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
-    not_before: datetime | None = Field(None, strict=False,
-                                        description="Do not start before this time (ISO 8601; UTC if no zone).")
-    timeout: float | None = Field(None, gt=0, le=7 * 86400,
-                                  description="Seconds the job may go without progress before its worker is "
-                                  "killed and the job retried. Default: worker.stall_timeout_seconds.")
+    not_before: datetime | None = Field(
+        None, strict=False, description="Do not start before this time (ISO 8601; UTC if no zone)."
+    )
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        le=7 * 86400,
+        description="Seconds the job may go without progress before its worker is "
+        "killed and the job retried. Default: worker.stall_timeout_seconds.",
+    )
     output: OutputSpec = Field(default_factory=OutputSpec)
     loras: list[LoraSpec] = Field(
-        default_factory=list, max_length=8,
+        default_factory=list,
+        max_length=8,
         description="LoRAs: [{path (under paths.lora_roots), strength (0-4, default 1), expert: high|low|both}]. "
         "On the two-expert A14B models `high` loads into the high-noise transformer, `low` into transformer_2.",
     )
     preset: Literal["lightning-4step"] | None = Field(
-        None, description="lightning-4step: the Wan2.2 Lightning distill recipe (4 steps, guidance 1.0, shift 5) "
+        None,
+        description="lightning-4step: the Wan2.2 Lightning distill recipe (4 steps, guidance 1.0, shift 5) "
         "for its high- and low-noise LoRAs; fields the job sets explicitly win.",
     )
-    compile: bool | None = Field(None, description="torch.compile the transformer's repeated blocks, once per "
-                                 "warm pipeline (the first job pays the compile). Default: speed.compile.")
+    compile: bool | None = Field(
+        None,
+        description="torch.compile the transformer's repeated blocks, once per "
+        "warm pipeline (the first job pays the compile). Default: speed.compile.",
+    )
     cache: CacheOptions | None = Field(
-        None, description="Step cache: {type: first_block|mag|none, threshold, mag_ratios}. Turned off (and "
+        None,
+        description="Step cache: {type: first_block|mag|none, threshold, mag_ratios}. Turned off (and "
         "recorded) for distill presets, few-step runs and, for mag, the two-expert models. Default: speed.cache.",
     )
     attention_backend: Literal[tuple(ATTENTION_BACKENDS)] | None = Field(  # type: ignore[valid-type]
-        None, description="native (torch SDPA), flash, flash_3, sage, cudnn, efficient, flex or xformers; one that "
+        None,
+        description="native (torch SDPA), flash, flash_3, sage, cudnn, efficient, flex or xformers; one that "
         "is not installed runs as native (recorded). Default: speed.attention_backend.",
     )
     fallback: list[Literal["lower_resolution", "fewer_frames", "smaller_model"]] = Field(
-        default_factory=list, max_length=3,
+        default_factory=list,
+        max_length=3,
         description="Degradations allowed when the job runs out of memory after offload and VAE tiling were "
         "tried, in this order. Each one applied is recorded in the sidecar. Default: none (fail instead).",
     )
@@ -134,7 +148,7 @@ class JobSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _size_xor_width_height(self) -> "JobSpec":
+    def _size_xor_width_height(self) -> JobSpec:
         if self.size is not None:
             if self.width is not None or self.height is not None:
                 raise ValueError("give either size or width/height, not both")
@@ -156,13 +170,6 @@ class JobSpec(_Strict):
         if self.width is not None and self.height is not None:
             return self.width, self.height
         return None
-
-
-class JobFile(_Strict):
-    """A batch: shared `defaults` and a list of `jobs`. (Used for the JSON Schema; parsing merges by hand.)"""
-
-    defaults: dict[str, Any] = Field(default_factory=dict)
-    jobs: list[dict[str, Any]] = Field(..., min_length=1, max_length=MAX_JOBS_PER_FILE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -211,19 +218,34 @@ def safe_stem(name: str) -> str:
 
 def _validate_one(raw: Any, default_id: str) -> SpecEntry:
     if not isinstance(raw, dict):
-        return SpecEntry(default_id, None, JobError(Category.INVALID_SPEC,
-                         f"a job must be a mapping of fields, got {type(raw).__name__}"), raw)
+        return SpecEntry(
+            default_id,
+            None,
+            JobError(Category.INVALID_SPEC, f"a job must be a mapping of fields, got {type(raw).__name__}"),
+            raw,
+        )
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         given = raw.get("id")
         jid = given if isinstance(given, str) and _ID_RE.match(given) and not given.startswith(".") else default_id
-        problems = [{"field": ".".join(str(p) for p in e["loc"]), "error": e["msg"].removeprefix("Value error, "),
-                     "type": e["type"]} for e in exc.errors()]
-        return SpecEntry(jid, None, JobError(Category.INVALID_SPEC, format_validation_error(exc),
-                                             details={"validation_errors": problems}), raw)
+        problems = [
+            {
+                "field": ".".join(str(p) for p in e["loc"]),
+                "error": e["msg"].removeprefix("Value error, "),
+                "type": e["type"],
+            }
+            for e in exc.errors()
+        ]
+        return SpecEntry(
+            jid,
+            None,
+            JobError(Category.INVALID_SPEC, format_validation_error(exc), details={"validation_errors": problems}),
+            raw,
+        )
     if spec.id is None:
         spec = spec.model_copy(update={"id": default_id})
+        return SpecEntry(default_id, spec, None, raw)
     return SpecEntry(spec.id, spec, None, raw)
 
 
@@ -242,8 +264,10 @@ def parse_job_file(data: bytes, filename: str, *, max_bytes: int) -> tuple[list[
         return [_validate_one(doc, stem)], None
     extra = set(doc) - {"defaults", "jobs"}
     if extra:
-        return [], JobError(Category.INVALID_SPEC,
-                            f"a batch file holds only `defaults` and `jobs`; unknown top-level keys: {sorted(extra)}")
+        return [], JobError(
+            Category.INVALID_SPEC,
+            f"a batch file holds only `defaults` and `jobs`; unknown top-level keys: {sorted(extra)}",
+        )
     defaults, jobs = doc.get("defaults") or {}, doc["jobs"]
     if not isinstance(defaults, dict):
         return [], JobError(Category.INVALID_SPEC, "`defaults` must be a mapping of job fields")
@@ -264,7 +288,13 @@ def parse_job_file(data: bytes, filename: str, *, max_bytes: int) -> tuple[list[
     seen: dict[str, int] = {}
     for i, e in enumerate(entries):
         if e.id in seen and e.error is None:
-            entries[i] = SpecEntry(e.id, None, JobError(Category.INVALID_SPEC,
-                                   f"id {e.id!r} is used twice in this file (jobs {seen[e.id] + 1} and {i + 1})"), e.raw)
+            entries[i] = SpecEntry(
+                e.id,
+                None,
+                JobError(
+                    Category.INVALID_SPEC, f"id {e.id!r} is used twice in this file (jobs {seen[e.id] + 1} and {i + 1})"
+                ),
+                e.raw,
+            )
         seen.setdefault(e.id, i)
     return entries, None

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich import box
 from rich.console import RenderableType
@@ -71,15 +72,21 @@ def _download_hint(model: str) -> str:
 
 # ---- computing ----------------------------------------------------------------------------------
 
-def analyse(history: "History", hours: float, now: float, **limits: float) -> dict[str, Any]:
+
+def analyse(history: History, hours: float, now: float, **limits: float) -> dict[str, Any]:
     """Analyse the jobs active in the last ``hours`` before ``now`` (see :meth:`History.rows`)."""
     since = now - hours * 3600
     return analyse_rows(history.rows(since=since, until=now), hours=hours, now=now, **limits)
 
 
-def analyse_rows(rows: Sequence[dict[str, Any]], *, hours: float | None = None, now: float | None = None,
-                 success_rate_target: float = SUCCESS_RATE_TARGET,
-                 queue_wait_p95_limit_seconds: float = QUEUE_WAIT_P95_LIMIT_SECONDS) -> dict[str, Any]:
+def analyse_rows(
+    rows: Sequence[dict[str, Any]],
+    *,
+    hours: float | None = None,
+    now: float | None = None,
+    success_rate_target: float = SUCCESS_RATE_TARGET,
+    queue_wait_p95_limit_seconds: float = QUEUE_WAIT_P95_LIMIT_SECONDS,
+) -> dict[str, Any]:
     """The analysis of history rows (dicts as :meth:`History.tasks` returns them). Pure."""
     status = Counter(r.get("status") for r in rows)
     done, failed = status.get("done", 0), status.get("failed", 0)
@@ -93,20 +100,25 @@ def analyse_rows(rows: Sequence[dict[str, Any]], *, hours: float | None = None, 
     for (model, resolution), members in groups.items():
         g_status = Counter(m.get("status") for m in members)
         gen = [m.get("generation_time_seconds") for m in members if m.get("status") == "done"]
-        per_model.append({
-            "model_used": model,
-            "resolution": resolution,
-            "count": len(members),
-            "done": g_status.get("done", 0),
-            "failed": g_status.get("failed", 0),
-            "success_rate": _rate(g_status.get("done", 0), g_status.get("failed", 0)),
-            "generation_p50_seconds": percentile(gen, 50),
-            "generation_p95_seconds": percentile(gen, 95),
-            "queue_wait_mean_seconds": _mean(m.get("queue_wait_seconds") for m in members),
-            "peak_vram_max_mb": _max(m.get("peak_vram_usage_mb") for m in members),
-            "failure_categories": dict(Counter(m.get("error_category") or "unknown" for m in members
-                                               if m.get("status") == "failed").most_common()),
-        })
+        per_model.append(
+            {
+                "model_used": model,
+                "resolution": resolution,
+                "count": len(members),
+                "done": g_status.get("done", 0),
+                "failed": g_status.get("failed", 0),
+                "success_rate": _rate(g_status.get("done", 0), g_status.get("failed", 0)),
+                "generation_p50_seconds": percentile(gen, 50),
+                "generation_p95_seconds": percentile(gen, 95),
+                "queue_wait_mean_seconds": _mean(m.get("queue_wait_seconds") for m in members),
+                "peak_vram_max_mb": _max(m.get("peak_vram_usage_mb") for m in members),
+                "failure_categories": dict(
+                    Counter(
+                        m.get("error_category") or "unknown" for m in members if m.get("status") == "failed"
+                    ).most_common()
+                ),
+            }
+        )
     per_model.sort(key=lambda g: (-g["count"], g["model_used"], g["resolution"]))
 
     failure_categories = dict(Counter(r.get("error_category") or "unknown" for r in failed_rows).most_common())
@@ -136,42 +148,58 @@ def analyse_rows(rows: Sequence[dict[str, Any]], *, hours: float | None = None, 
     return result
 
 
-def _recommendations(result: dict[str, Any], rows: Sequence[dict[str, Any]], success_rate_target: float,
-                     queue_wait_limit: float) -> list[str]:
+def _recommendations(
+    result: dict[str, Any], rows: Sequence[dict[str, Any]], success_rate_target: float, queue_wait_limit: float
+) -> list[str]:
     recs: list[str] = []
     for g in result["per_model"]:
         oom = g["failure_categories"].get("out_of_memory", 0)
         if oom:
-            recs.append(f"out_of_memory failed {oom} of {_jobs(g['count'])} on {g['model_used']} at "
-                        f"{g['resolution']}: allow `fallback: [lower_resolution]` or use a GPU with more memory")
+            recs.append(
+                f"out_of_memory failed {oom} of {_jobs(g['count'])} on {g['model_used']} at "
+                f"{g['resolution']}: allow `fallback: [lower_resolution]` or use a GPU with more memory"
+            )
         vram = g["failure_categories"].get("insufficient_vram", 0)
         if vram:
-            recs.append(f"insufficient_vram failed {vram} of {_jobs(g['count'])} on {g['model_used']} at "
-                        f"{g['resolution']}: run them on a CUDA GPU with more free memory, or use a smaller "
-                        f"model (wan2.2-ti2v-5b)")
+            recs.append(
+                f"insufficient_vram failed {vram} of {_jobs(g['count'])} on {g['model_used']} at "
+                f"{g['resolution']}: run them on a CUDA GPU with more free memory, or use a smaller "
+                f"model (wan2.2-ti2v-5b)"
+            )
     p95 = result["queue_wait_p95_seconds"]
     if p95 is not None and p95 > queue_wait_limit:
         recs.append(f"p95 queue wait is {_minutes(p95)}: add a GPU/worker or lower priorities")
     seen = result["errors_seen"]
     if seen.get("worker_crashed"):
-        recs.append(f"worker_crashed on {_jobs(seen['worker_crashed'])}: check dmesg for the OOM killer "
-                    f"(host memory) or a GPU driver error")
+        recs.append(
+            f"worker_crashed on {_jobs(seen['worker_crashed'])}: check dmesg for the OOM killer "
+            f"(host memory) or a GPU driver error"
+        )
     if seen.get("timeout"):
-        recs.append(f"timeout on {_jobs(seen['timeout'])}: raise worker.stall_timeout_seconds if the model "
-                    f"legitimately takes that long per step")
+        recs.append(
+            f"timeout on {_jobs(seen['timeout'])}: raise worker.stall_timeout_seconds if the model "
+            f"legitimately takes that long per step"
+        )
     if seen.get("disk_full"):
         recs.append(f"disk_full on {_jobs(seen['disk_full'])}: free space on the outbox / spool filesystem")
-    missing = Counter(r.get("model_used") or "?" for r in rows if r.get("error_category") == "model_not_found"
-                      and r.get("status") == "failed")
+    missing = Counter(
+        r.get("model_used") or "?"
+        for r in rows
+        if r.get("error_category") == "model_not_found" and r.get("status") == "failed"
+    )
     for model, n in missing.most_common():
         recs.append(f"model_not_found on {_jobs(n)} for {model}: download with `hf download {_download_hint(model)}`")
     if result["degraded"]:
-        recs.append(f"{_jobs(result['degraded'])} finished degraded (lower resolution, fewer frames or a smaller "
-                    f"model) to fit memory: use a GPU with more memory to get what was asked for")
+        recs.append(
+            f"{_jobs(result['degraded'])} finished degraded (lower resolution, fewer frames or a smaller "
+            f"model) to fit memory: use a GPU with more memory to get what was asked for"
+        )
     rate = result["success_rate"]
     if rate is not None and rate < success_rate_target:
-        recs.append(f"success rate below {success_rate_target:.0%}: {rate:.0%} ({result['done']} of "
-                    f"{result['done'] + result['failed']} finished jobs); see the failure categories")
+        recs.append(
+            f"success rate below {success_rate_target:.0%}: {rate:.0%} ({result['done']} of "
+            f"{result['done'] + result['failed']} finished jobs); see the failure categories"
+        )
     return recs
 
 
@@ -205,8 +233,7 @@ def _fmt_rate(rate: float | None) -> str:
 def render_tasks(rows: Sequence[dict[str, Any]]) -> Table:
     """The ``wan-daemon tasks`` table: one line per job, in the order given (History.tasks: newest first).
     Fits 120 columns; the full error message and paths are in the rows themselves."""
-    table = Table(title="wan-daemon tasks", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True,
-                  pad_edge=False)
+    table = Table(title="wan-daemon tasks", box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True, pad_edge=False)
     table.add_column("id", overflow="fold", min_width=8)
     table.add_column("status", no_wrap=True)
     table.add_column("model", no_wrap=True)
@@ -258,25 +285,49 @@ def render_analysis(result: dict[str, Any]) -> list[RenderableType]:
     summary = Table(title=f"wan-daemon analysis ({window})", show_header=False)
     summary.add_column(style="bold")
     summary.add_column()
-    summary.add_row("jobs", f"{result['total']} ({result['done']} done, {result['failed']} failed, "
-                            f"{result['running']} running, {result['queued']} queued)")
+    summary.add_row(
+        "jobs",
+        f"{result['total']} ({result['done']} done, {result['failed']} failed, "
+        f"{result['running']} running, {result['queued']} queued)",
+    )
     summary.add_row("success rate", _fmt_rate(result["success_rate"]))
-    summary.add_row("generation p50 / p95", f"{_fmt_seconds(result['generation_p50_seconds'])} / "
-                                            f"{_fmt_seconds(result['generation_p95_seconds'])}")
-    summary.add_row("queue wait p50 / p95", f"{_fmt_seconds(result['queue_wait_p50_seconds'])} / "
-                                            f"{_fmt_seconds(result['queue_wait_p95_seconds'])}")
+    summary.add_row(
+        "generation p50 / p95",
+        f"{_fmt_seconds(result['generation_p50_seconds'])} / {_fmt_seconds(result['generation_p95_seconds'])}",
+    )
+    summary.add_row(
+        "queue wait p50 / p95",
+        f"{_fmt_seconds(result['queue_wait_p50_seconds'])} / {_fmt_seconds(result['queue_wait_p95_seconds'])}",
+    )
     out.append(summary)
 
     per = Table(title="per model and resolution")
-    for name, justify in (("model", "left"), ("size", "left"), ("jobs", "right"), ("done", "right"),
-                          ("failed", "right"), ("success", "right"), ("gen p50", "right"), ("gen p95", "right"),
-                          ("mean wait", "right"), ("max VRAM MB", "right")):
+    for name, justify in (
+        ("model", "left"),
+        ("size", "left"),
+        ("jobs", "right"),
+        ("done", "right"),
+        ("failed", "right"),
+        ("success", "right"),
+        ("gen p50", "right"),
+        ("gen p95", "right"),
+        ("mean wait", "right"),
+        ("max VRAM MB", "right"),
+    ):
         per.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for g in result["per_model"]:
-        per.add_row(g["model_used"], g["resolution"], str(g["count"]), str(g["done"]), str(g["failed"]),
-                    _fmt_rate(g["success_rate"]), _fmt_seconds(g["generation_p50_seconds"]),
-                    _fmt_seconds(g["generation_p95_seconds"]), _fmt_seconds(g["queue_wait_mean_seconds"]),
-                    _fmt_mb(g["peak_vram_max_mb"]))
+        per.add_row(
+            g["model_used"],
+            g["resolution"],
+            str(g["count"]),
+            str(g["done"]),
+            str(g["failed"]),
+            _fmt_rate(g["success_rate"]),
+            _fmt_seconds(g["generation_p50_seconds"]),
+            _fmt_seconds(g["generation_p95_seconds"]),
+            _fmt_seconds(g["queue_wait_mean_seconds"]),
+            _fmt_mb(g["peak_vram_max_mb"]),
+        )
     out.append(per)
 
     if result["failure_categories"]:

@@ -8,29 +8,26 @@ Heavy imports (torch, pynvml, diffusers) happen inside the checks.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import shutil
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from daemon.fsutil import TEMP_PREFIX
+from daemon.ops.mounts import NETWORK_FS_TYPES, fs_type, read_mounts
 
 Status = Literal["ok", "warn", "fail"]
 
 _MIB = 1 << 20
 _GIB = 1 << 30
 MODEL_CACHE_WARN_BYTES = 20 * _GIB  # real Wan2.2 weights take 30-120 GB
-
-# Filesystems on which inotify does not see files written by other hosts.
-NETWORK_FS_TYPES = frozenset({
-    "nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "ceph", "fuse.ceph", "glusterfs",
-    "fuse.glusterfs", "lustre", "gpfs", "beegfs", "fuse.s3fs", "fuse.rclone", "afs", "ocfs2", "gfs2",
-})
 
 SYMBOLS = {"ok": "✓", "warn": "!", "fail": "✗"}
 
@@ -60,44 +57,6 @@ def _human(n: float) -> str:
     return f"{n / 1024:.1f} KiB"
 
 
-def _unescape_mount(field: str) -> str:
-    """/proc/mounts writes space, tab, newline and backslash in paths as octal escapes (\\040 ...)."""
-    out, i = [], 0
-    while i < len(field):
-        if field[i] == "\\" and len(field[i + 1:i + 4]) == 3 and all(c in "01234567" for c in field[i + 1:i + 4]):
-            out.append(chr(int(field[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def read_mounts() -> str:
-    try:
-        return Path("/proc/mounts").read_text()
-    except OSError:
-        return ""
-
-
-def fs_type(path: Path, mounts_text: str) -> str | None:
-    """The filesystem type of ``path`` according to ``mounts_text`` (/proc/mounts format): the entry with the
-    longest mount point containing the path (the last one wins among equal mount points, as the kernel
-    stacks them). None when nothing matches."""
-    target = Path(os.path.abspath(path))
-    best: tuple[int, str] | None = None
-    for line in mounts_text.splitlines():
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount_point, kind = Path(_unescape_mount(parts[1])), parts[2]
-        if target == mount_point or mount_point in target.parents:
-            depth = len(mount_point.parts)
-            if best is None or depth >= best[0]:
-                best = (depth, kind)
-    return best[1] if best else None
-
-
 def _try_write(folder: Path) -> str | None:
     """Create, write, fsync and delete a temp file in ``folder``; None when that worked, else why not."""
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -119,7 +78,6 @@ def _try_write(folder: Path) -> str | None:
     except OSError as exc:
         problem = problem or f"created {name} but cannot delete it: {exc.strerror or exc}"
     return problem
-    return None
 
 
 # --- checks ------------------------------------------------------------------------------------------------
@@ -137,27 +95,41 @@ def check_torch() -> Check:
     try:
         import torch
     except Exception as exc:
-        return Check("torch", "fail", f"cannot import torch: {exc}",
-                     "Install torch into this environment (make demo does; see README for the CUDA build).")
+        return Check(
+            "torch",
+            "fail",
+            f"cannot import torch: {exc}",
+            "Install torch into this environment (make demo does; see README for the CUDA build).",
+        )
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
     try:
         available = torch.cuda.is_available()
         count = torch.cuda.device_count() if available else 0
-        names = [f"{i}: {torch.cuda.get_device_name(i)} "
-                 f"({_human(torch.cuda.get_device_properties(i).total_memory)})" for i in range(count)]
+        names = [
+            f"{i}: {torch.cuda.get_device_name(i)} ({_human(torch.cuda.get_device_properties(i).total_memory)})"
+            for i in range(count)
+        ]
     except Exception as exc:
-        return Check("torch", "fail", f"torch {torch.__version__} ({build}), CUDA query failed: {exc}",
-                     "Check the NVIDIA driver matches the torch CUDA build (nvidia-smi, torch.version.cuda).")
+        return Check(
+            "torch",
+            "fail",
+            f"torch {torch.__version__} ({build}), CUDA query failed: {exc}",
+            "Check the NVIDIA driver matches the torch CUDA build (nvidia-smi, torch.version.cuda).",
+        )
     detail = f"torch {torch.__version__} ({build}), CUDA available: {available}"
     if available:
         return Check("torch", "ok", f"{detail}, {count} device(s): {'; '.join(names)}")
     if torch.version.cuda:
-        advice = ("This torch is built for CUDA but sees no device: check the driver (nvidia-smi) and "
-                  "CUDA_VISIBLE_DEVICES. Without a GPU only the tiny test models run.")
+        advice = (
+            "This torch is built for CUDA but sees no device: check the driver (nvidia-smi) and "
+            "CUDA_VISIBLE_DEVICES. Without a GPU only the tiny test models run."
+        )
     else:
-        advice = ("Only the tiny test models run on a CPU (real models are refused unless "
-                  "worker.allow_cpu_for_real_models). On a GPU server install a CUDA torch: "
-                  "make demo TORCH_SPEC=\"torch --index-url https://download.pytorch.org/whl/cu128\" (see README).")
+        advice = (
+            "Only the tiny test models run on a CPU (real models are refused unless "
+            "worker.allow_cpu_for_real_models). On a GPU server install a CUDA torch: "
+            'make demo TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu128" (see README).'
+        )
     return Check("torch", "warn", detail, advice)
 
 
@@ -165,14 +137,22 @@ def check_nvml() -> Check:
     try:
         import pynvml
     except Exception as exc:
-        return Check("nvml", "warn", f"pynvml not importable ({exc})",
-                     "Install nvidia-ml-py (a dependency of wan-daemon) to see GPUs without importing torch.")
+        return Check(
+            "nvml",
+            "warn",
+            f"pynvml not importable ({exc})",
+            "Install nvidia-ml-py (a dependency of wan-daemon) to see GPUs without importing torch.",
+        )
     try:
         pynvml.nvmlInit()
     except Exception as exc:
-        return Check("nvml", "warn", f"NVML unavailable: {exc}",
-                     "No NVIDIA driver is loaded. That is expected on a CPU-only host (only the tiny test models "
-                     "run there); on a GPU server install the NVIDIA driver and check `nvidia-smi`.")
+        return Check(
+            "nvml",
+            "warn",
+            f"NVML unavailable: {exc}",
+            "No NVIDIA driver is loaded. That is expected on a CPU-only host (only the tiny test models "
+            "run there); on a GPU server install the NVIDIA driver and check `nvidia-smi`.",
+        )
     try:
         driver = pynvml.nvmlSystemGetDriverVersion()
         driver = driver.decode() if isinstance(driver, bytes) else str(driver)
@@ -184,16 +164,24 @@ def check_nvml() -> Check:
             mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
             gpus.append(f"{i}: {name} ({_human(mem.used)} used of {_human(mem.total)})")
     except Exception as exc:
-        return Check("nvml", "fail", f"NVML initialised but a query failed: {exc}",
-                     "Check the driver with `nvidia-smi`; a driver/library version mismatch needs a reboot.")
+        return Check(
+            "nvml",
+            "fail",
+            f"NVML initialised but a query failed: {exc}",
+            "Check the driver with `nvidia-smi`; a driver/library version mismatch needs a reboot.",
+        )
     finally:
         try:
             pynvml.nvmlShutdown()
         except Exception:
             pass
     if not gpus:
-        return Check("nvml", "warn", f"driver {driver}, but no GPU visible",
-                     "Check `nvidia-smi` and that the GPUs are passed into this container/VM.")
+        return Check(
+            "nvml",
+            "warn",
+            f"driver {driver}, but no GPU visible",
+            "Check `nvidia-smi` and that the GPUs are passed into this container/VM.",
+        )
     return Check("nvml", "ok", f"driver {driver}, {len(gpus)} GPU(s): {'; '.join(gpus)}")
 
 
@@ -204,12 +192,19 @@ def check_video_encoding() -> Check:
 
         exe = imageio_ffmpeg.get_ffmpeg_exe()
     except Exception as exc:
-        return Check("video encoding", "fail", f"no ffmpeg: {exc}",
-                     "Install imageio-ffmpeg (a dependency of wan-daemon), or set IMAGEIO_FFMPEG_EXE to an ffmpeg "
-                     "with libx264.")
+        return Check(
+            "video encoding",
+            "fail",
+            f"no ffmpeg: {exc}",
+            "Install imageio-ffmpeg (a dependency of wan-daemon), or set IMAGEIO_FFMPEG_EXE to an ffmpeg with libx264.",
+        )
     if not exe or not os.path.isfile(exe) or not os.access(exe, os.X_OK):
-        return Check("video encoding", "fail", f"ffmpeg {exe!r} is not an executable file",
-                     "Reinstall imageio-ffmpeg, or set IMAGEIO_FFMPEG_EXE to a working ffmpeg.")
+        return Check(
+            "video encoding",
+            "fail",
+            f"ffmpeg {exe!r} is not an executable file",
+            "Reinstall imageio-ffmpeg, or set IMAGEIO_FFMPEG_EXE to a working ffmpeg.",
+        )
     from daemon.worker.media import encode_mp4, probe_video
 
     try:
@@ -219,13 +214,21 @@ def check_video_encoding() -> Check:
             encode_mp4(frames, clip, fps=8, quality=5.0)
             info = probe_video(clip)
     except Exception as exc:
-        return Check("video encoding", "fail", f"ffmpeg {exe} failed to encode a 2-frame 16x16 H.264 clip: {exc}",
-                     "Every job would fail at the encoding step. Try `"
-                     f"{exe} -hide_banner -encoders | grep 264` and reinstall imageio-ffmpeg.")
+        return Check(
+            "video encoding",
+            "fail",
+            f"ffmpeg {exe} failed to encode a 2-frame 16x16 H.264 clip: {exc}",
+            "Every job would fail at the encoding step. Try `"
+            f"{exe} -hide_banner -encoders | grep 264` and reinstall imageio-ffmpeg.",
+        )
     got = (info["frames"], info["width"], info["height"])
     if got != (2, 16, 16):
-        return Check("video encoding", "fail", f"encoded clip reads back as {got[0]} frames {got[1]}x{got[2]}, "
-                     "expected 2 frames 16x16", "The ffmpeg in use is broken; reinstall imageio-ffmpeg.")
+        return Check(
+            "video encoding",
+            "fail",
+            f"encoded clip reads back as {got[0]} frames {got[1]}x{got[2]}, expected 2 frames 16x16",
+            "The ffmpeg in use is broken; reinstall imageio-ffmpeg.",
+        )
     return Check("video encoding", "ok", f"ffmpeg {exe}: encoded and read back a 2-frame 16x16 {info['codec']} clip")
 
 
@@ -245,13 +248,21 @@ def check_disk(label: str, path: Path, *, min_free_mb: int, warn_bytes: int | No
     where = str(path) if existing == Path(path) else f"{path} (not created yet; measured at {existing})"
     detail = f"{_human(usage.free)} free of {_human(usage.total)} at {where}"
     if usage.free < min_free_mb * _MIB:
-        return Check(name, "fail", detail,
-                     f"Less than limits.min_free_mb ({min_free_mb} MiB): the daemon pauses intake and new jobs. "
-                     "Free space or move this folder to a larger disk.")
+        return Check(
+            name,
+            "fail",
+            detail,
+            f"Less than limits.min_free_mb ({min_free_mb} MiB): the daemon pauses intake and new jobs. "
+            "Free space or move this folder to a larger disk.",
+        )
     if warn_bytes is not None and usage.free < warn_bytes:
-        return Check(name, "warn", detail,
-                     f"Less than {_human(warn_bytes)}: real Wan2.2 weights take 30-120 GB; downloading one may "
-                     "not fit. Free space or point this cache at a larger disk.")
+        return Check(
+            name,
+            "warn",
+            detail,
+            f"Less than {_human(warn_bytes)}: real Wan2.2 weights take 30-120 GB; downloading one may "
+            "not fit. Free space or point this cache at a larger disk.",
+        )
     return Check(name, "ok", detail)
 
 
@@ -261,23 +272,40 @@ def check_writable(label: str, path: Path) -> Check:
     if path.is_dir():
         problem = _try_write(path)
         if problem:
-            return Check(name, "fail", problem,
-                         f"The daemon must create and rename files in {path}: fix its owner or mode "
-                         "(e.g. chown to the service user) or choose another folder.")
+            return Check(
+                name,
+                "fail",
+                problem,
+                f"The daemon must create and rename files in {path}: fix its owner or mode "
+                "(e.g. chown to the service user) or choose another folder.",
+            )
         return Check(name, "ok", f"{path}: created and deleted a file")
     if os.path.lexists(path):
-        return Check(name, "fail", f"{path} exists but is not a folder",
-                     "Remove or rename it, or point the setting at a folder.")
+        return Check(
+            name, "fail", f"{path} exists but is not a folder", "Remove or rename it, or point the setting at a folder."
+        )
     ancestor = _nearest_existing(path)
     if not ancestor.is_dir():
-        return Check(name, "fail", f"{path} is missing and cannot be created: {ancestor} is not a folder",
-                     "Point the setting at a path under a folder, or remove the file in the way.")
+        return Check(
+            name,
+            "fail",
+            f"{path} is missing and cannot be created: {ancestor} is not a folder",
+            "Point the setting at a path under a folder, or remove the file in the way.",
+        )
     problem = _try_write(ancestor)
     if problem:
-        return Check(name, "fail", f"{path} is missing and cannot be created: {problem}",
-                     f"Create {path} for the service user, or make {ancestor} writable.")
-    return Check(name, "warn", f"{path} is missing; it will be created (its parent {ancestor} is writable)",
-                 "Nothing to do unless this path is a typo.")
+        return Check(
+            name,
+            "fail",
+            f"{path} is missing and cannot be created: {problem}",
+            f"Create {path} for the service user, or make {ancestor} writable.",
+        )
+    return Check(
+        name,
+        "warn",
+        f"{path} is missing; it will be created (its parent {ancestor} is writable)",
+        "Nothing to do unless this path is a typo.",
+    )
 
 
 def check_models(models_dir: Path, default: str) -> list[Check]:
@@ -294,22 +322,40 @@ def check_models(models_dir: Path, default: str) -> list[Check]:
                 checks.append(Check(name, "ok", f"tiny test model built at {folder}"))
                 present.add(info.name)
             else:
-                checks.append(Check(name, "ok", f"tiny test model not built yet; it is built in {folder} on first "
-                                    "use (a few seconds)"))
+                checks.append(
+                    Check(
+                        name,
+                        "ok",
+                        f"tiny test model not built yet; it is built in {folder} on first use (a few seconds)",
+                    )
+                )
                 present.add(info.name)  # always available
             continue
+        assert info.repo_id is not None  # every registry model that is not tiny names its hub repo
         snap = hub_snapshot(info.repo_id)
         if snap:
             present.add(info.name)
             checks.append(Check(name, "ok", f"{info.repo_id} revision {snap[1][:12]} at {snap[0]}"))
         else:
-            checks.append(Check(name, "warn", f"{info.repo_id} is not in the Hugging Face cache",
-                                f"Jobs naming {info.name} fail with model_not_found. To run them: "
-                                f"`hf download {info.repo_id}` (30-120 GB). To test without it: model "
-                                f"{TINY_FOR[info.architecture]!r}."))
+            checks.append(
+                Check(
+                    name,
+                    "warn",
+                    f"{info.repo_id} is not in the Hugging Face cache",
+                    f"Jobs naming {info.name} fail with model_not_found. To run them: "
+                    f"`hf download {info.repo_id}` (30-120 GB). To test without it: model "
+                    f"{TINY_FOR[info.architecture]!r}.",
+                )
+            )
     if default != "auto" and default in REGISTRY and default not in present:
-        checks.append(Check("model: default", "fail", f"models.default is {default!r}, which is not here",
-                            "Every job without a model: line would fail. Download it or set models.default: auto."))
+        checks.append(
+            Check(
+                "model: default",
+                "fail",
+                f"models.default is {default!r}, which is not here",
+                "Every job without a model: line would fail. Download it or set models.default: auto.",
+            )
+        )
     return checks
 
 
@@ -318,14 +364,22 @@ def check_inbox_filesystem(inbox: Path, watch_mode: str, mounts_text: str | None
     probe = _nearest_existing(Path(inbox)).resolve()  # a symlink into a share counts as the share
     kind = fs_type(probe, mounts)
     if kind is None:
-        return Check("inbox filesystem", "warn", f"cannot tell the filesystem of {inbox} (no /proc/mounts entry)",
-                     "If the inbox is a network share written by other hosts, set watch.mode: polling.")
+        return Check(
+            "inbox filesystem",
+            "warn",
+            f"cannot tell the filesystem of {inbox} (no /proc/mounts entry)",
+            "If the inbox is a network share written by other hosts, set watch.mode: polling.",
+        )
     detail = f"{inbox} is on {kind}, watch.mode: {watch_mode}"
     if kind in NETWORK_FS_TYPES:
         if watch_mode == "inotify":
-            return Check("inbox filesystem", "warn", detail,
-                         f"inotify never sees files written by other hosts on {kind}: set watch.mode: polling "
-                         "(the periodic rescan still finds them, but only every watch.rescan_interval_seconds).")
+            return Check(
+                "inbox filesystem",
+                "warn",
+                detail,
+                f"inotify never sees files written by other hosts on {kind}: set watch.mode: polling "
+                "(the periodic rescan still finds them, but only every watch.rescan_interval_seconds).",
+            )
         return Check("inbox filesystem", "ok", f"{detail} (network share: polling is right)")
     return Check("inbox filesystem", "ok", detail)
 
@@ -335,8 +389,14 @@ def _guard(name: str, fn: Callable[[], Any]) -> list[Check]:
         result = fn()
     except Exception as exc:  # a doctor that crashes helps nobody: report it and go on
         tb = traceback.extract_tb(exc.__traceback__)[-1]
-        return [Check(name, "fail", f"the check itself crashed: {type(exc).__name__}: {exc} "
-                      f"({Path(tb.filename).name}:{tb.lineno})", "Please report this.")]
+        return [
+            Check(
+                name,
+                "fail",
+                f"the check itself crashed: {type(exc).__name__}: {exc} ({Path(tb.filename).name}:{tb.lineno})",
+                "Please report this.",
+            )
+        ]
     return result if isinstance(result, list) else [result]
 
 
@@ -352,15 +412,17 @@ def run_checks(settings, *, mounts_text: str | None = None) -> list[Check]:
     checks += _guard("video encoding", check_video_encoding)
     checks += _guard("disk: spool", lambda: check_disk("spool", p.state, min_free_mb=min_free))
     checks += _guard("disk: outbox", lambda: check_disk("outbox", p.outbox, min_free_mb=min_free))
-    checks += _guard("disk: models", lambda: check_disk("models", p.models, min_free_mb=min_free,
-                                                        warn_bytes=MODEL_CACHE_WARN_BYTES))
-    checks += _guard("disk: hf cache", lambda: check_disk("hf cache", _hf_cache(), min_free_mb=min_free,
-                                                          warn_bytes=MODEL_CACHE_WARN_BYTES))
+    checks += _guard(
+        "disk: models", lambda: check_disk("models", p.models, min_free_mb=min_free, warn_bytes=MODEL_CACHE_WARN_BYTES)
+    )
+    checks += _guard(
+        "disk: hf cache",
+        lambda: check_disk("hf cache", _hf_cache(), min_free_mb=min_free, warn_bytes=MODEL_CACHE_WARN_BYTES),
+    )
     for label, folder in (("inbox", p.inbox), ("outbox", p.outbox), ("state", p.state), ("models", p.models)):
-        checks += _guard(f"write: {label}", lambda label=label, folder=folder: check_writable(label, folder))
+        checks += _guard(f"write: {label}", functools.partial(check_writable, label, folder))
     checks += _guard("models", lambda: check_models(p.models, settings.models.default))
-    checks += _guard("inbox filesystem",
-                     lambda: check_inbox_filesystem(p.inbox, settings.watch.mode, mounts_text))
+    checks += _guard("inbox filesystem", lambda: check_inbox_filesystem(p.inbox, settings.watch.mode, mounts_text))
     return checks
 
 

@@ -20,8 +20,9 @@ import json
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from loguru import logger
 
@@ -80,8 +81,9 @@ Migration = Callable[[sqlite3.Connection], None]
 
 
 def _v1_generation_tasks(conn: sqlite3.Connection) -> None:
-    cols = ",\n    ".join(f"{name} {sqltype}" + (" NOT NULL PRIMARY KEY" if name == "token" else "")
-                          for name, sqltype in COLUMNS.items())
+    cols = ",\n    ".join(
+        f"{name} {sqltype}" + (" NOT NULL PRIMARY KEY" if name == "token" else "") for name, sqltype in COLUMNS.items()
+    )
     conn.execute(f"CREATE TABLE generation_tasks (\n    {cols}\n)")
     conn.execute("CREATE INDEX idx_generation_tasks_status ON generation_tasks (status)")
     conn.execute("CREATE INDEX idx_generation_tasks_finished_at ON generation_tasks (finished_at)")
@@ -93,6 +95,7 @@ MIGRATIONS: tuple[Migration, ...] = (_v1_generation_tasks,)
 
 
 # ---- mapping a JobRecord (and its sidecar) to a row ---------------------------------------------
+
 
 def row_from_record(record: dict[str, Any], sidecar: dict[str, Any] | None = None) -> dict[str, Any]:
     """A row for :meth:`History.record` from ``JobRecord.model_dump(mode="json")`` and, once the job is
@@ -138,16 +141,18 @@ def row_from_record(record: dict[str, Any], sidecar: dict[str, Any] | None = Non
         timings = sidecar.get("timings") or {}
         device = sidecar.get("device")
         used = sidecar.get("model_used")
-        row.update({
-            "generation_time_seconds": sidecar.get("generation_time_seconds"),
-            "queue_wait_seconds": timings.get("queue_wait"),
-            "peak_vram_usage_mb": sidecar.get("peak_vram_usage_mb"),
-            "peak_rss_mb": sidecar.get("peak_rss_mb"),
-            "optimizations_applied": sidecar.get("optimizations_applied"),
-            "degradations": sidecar.get("degradations"),
-            "instance": sidecar.get("instance"),
-            "device": device.get("type") if isinstance(device, dict) else device,
-        })
+        row.update(
+            {
+                "generation_time_seconds": sidecar.get("generation_time_seconds"),
+                "queue_wait_seconds": timings.get("queue_wait"),
+                "peak_vram_usage_mb": sidecar.get("peak_vram_usage_mb"),
+                "peak_rss_mb": sidecar.get("peak_rss_mb"),
+                "optimizations_applied": sidecar.get("optimizations_applied"),
+                "degradations": sidecar.get("degradations"),
+                "instance": sidecar.get("instance"),
+                "device": device.get("type") if isinstance(device, dict) else device,
+            }
+        )
         if isinstance(used, dict) and used.get("name"):
             row["model_used"] = used["name"]
         if sidecar.get("attempts") is not None and row.get("attempts") is None:
@@ -162,7 +167,7 @@ def _encode(column: str, value: Any) -> Any:
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:
-    out = dict(zip(row.keys(), tuple(row)))
+    out = dict(zip(row.keys(), tuple(row), strict=True))
     for column in JSON_COLUMNS & out.keys():
         if isinstance(out[column], str):
             try:
@@ -173,6 +178,7 @@ def _decode(row: sqlite3.Row) -> dict[str, Any]:
 
 
 # ---- the database -------------------------------------------------------------------------------
+
 
 class History:
     """The job history database at ``path`` (created with its folders if missing).
@@ -188,8 +194,9 @@ class History:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._conn = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000, isolation_level=None,
-                                         check_same_thread=False)
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_ms / 1000, isolation_level=None, check_same_thread=False
+            )
         except (OSError, sqlite3.Error) as exc:
             raise HistoryError(f"cannot open the history database {self.path}: {exc}") from exc
         try:
@@ -210,8 +217,7 @@ class History:
         if str(mode).lower() != "wal":
             mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
-            logger.warning("history.no_wal path={} journal_mode={}: readers may wait for the daemon",
-                           self.path, mode)
+            logger.warning("history.no_wal path={} journal_mode={}: readers may wait for the daemon", self.path, mode)
         self._migrate()
 
     @staticmethod
@@ -266,8 +272,9 @@ class History:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
-                    raise HistoryError(f"migrating the history database {self.path} to version "
-                                       f"{version + 1} failed: {exc}") from exc
+                    raise HistoryError(
+                        f"migrating the history database {self.path} to version {version + 1} failed: {exc}"
+                    ) from exc
                 raise
 
     # ---- writing -----------------------------------------------------------------------------
@@ -298,8 +305,10 @@ class History:
             cols = [c for c in COLUMNS if c in row]
             values = [_encode(c, row[c]) for c in cols]
             updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "token")
-            sql = (f"INSERT INTO generation_tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-                   f"ON CONFLICT (token) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING"))
+            sql = (
+                f"INSERT INTO generation_tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
+                f"ON CONFLICT (token) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
+            )
             with self._lock:
                 self._conn.execute("BEGIN IMMEDIATE")
                 try:
@@ -311,16 +320,23 @@ class History:
                     raise
             return True
         except (sqlite3.Error, ValueError, TypeError, AttributeError) as exc:
-            logger.error("history.write_failed path={} id={} error={}", self.path,
-                         job.get("id") if isinstance(job, dict) else None, exc)
+            logger.error(
+                "history.write_failed path={} id={} error={}",
+                self.path,
+                job.get("id") if isinstance(job, dict) else None,
+                exc,
+            )
             return False
 
     # ---- reading -----------------------------------------------------------------------------
 
     def _select(self, where: Iterable[str], args: Sequence[Any], limit: int | None) -> list[dict[str, Any]]:
         clauses = list(where)
-        sql = ("SELECT * FROM generation_tasks" + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
-               + f" ORDER BY {ACTIVITY} DESC, updated_at DESC, rowid DESC")
+        sql = (
+            "SELECT * FROM generation_tasks"
+            + (f" WHERE {' AND '.join(clauses)}" if clauses else "")
+            + f" ORDER BY {ACTIVITY} DESC, updated_at DESC, rowid DESC"
+        )
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         with self._lock:
@@ -351,7 +367,7 @@ class History:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> "History":
+    def __enter__(self) -> History:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -82,8 +82,9 @@ def _resolve(entries: list[str] | None, count: int, uuids: list[str]) -> list[in
         elif entry.startswith("GPU-"):
             matches = [i for i, u in enumerate(uuids) if u.startswith(entry)]
             if len(matches) != 1:
-                logger.debug("inventory.visible_uuid_unmatched entry={} matches={}; CUDA stops here", entry,
-                             len(matches))
+                logger.debug(
+                    "inventory.visible_uuid_unmatched entry={} matches={}; CUDA stops here", entry, len(matches)
+                )
                 break
             phys = matches[0]
         else:  # MIG instances: not inventoried (their memory is a slice NVML reports per instance)
@@ -117,10 +118,6 @@ def nvml_unavailable_reason(nvml: Any = None) -> str | None:
     return None
 
 
-def nvml_available() -> bool:
-    return nvml_unavailable_reason() is None
-
-
 class NvmlInventory:
     """The GPUs NVML reports, seen through ``CUDA_VISIBLE_DEVICES``, the configured GPU list and a VRAM cap.
 
@@ -134,8 +131,14 @@ class NvmlInventory:
     without a usable NVIDIA GPU is a CPU host. Each call initialises and shuts NVML down again.
     """
 
-    def __init__(self, *, visible_devices: str | None = None, allowed: list[int] | None = None,
-                 vram_limit_gb: float | None = None, nvml: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        visible_devices: str | None = None,
+        allowed: list[int] | None = None,
+        vram_limit_gb: float | None = None,
+        nvml: Any = None,
+    ) -> None:
         self.visible = parse_visible_devices(visible_devices)
         self.allowed = None if allowed is None else frozenset(int(i) for i in allowed)
         self.cap_mb = None if vram_limit_gb is None else int(vram_limit_gb * 1024)
@@ -200,8 +203,18 @@ class NvmlInventory:
                 uuid = _text(nvml.nvmlDeviceGetUUID(handle))
             except Exception:
                 uuid = None
-        return GpuInfo(cuda_index, _text(nvml.nvmlDeviceGetName(handle)), total, used, free, util, temp, procs,
-                       physical_index=phys, uuid=uuid)
+        return GpuInfo(
+            cuda_index,
+            _text(nvml.nvmlDeviceGetName(handle)),
+            total,
+            used,
+            free,
+            util,
+            temp,
+            procs,
+            physical_index=phys,
+            uuid=uuid,
+        )
 
 
 class StaticInventory:
@@ -213,7 +226,7 @@ class StaticInventory:
     def gpus(self) -> list[GpuInfo]:
         return [replace(g) for g in self._gpus]
 
-    def with_free(self, index: int, free_mb: int) -> "StaticInventory":
+    def with_free(self, index: int, free_mb: int) -> StaticInventory:
         """Set GPU ``index``'s (CUDA index) free memory, ``used = total - free``, in place; returns self.
         KeyError if there is no such GPU; ValueError if ``free_mb`` is outside 0..total."""
         for n, g in enumerate(self._gpus):

@@ -66,7 +66,8 @@ def write_poster(video_path: Path, poster_path: Path, *, at: float = 0.5) -> Pat
 
 
 def _load_json_records(folder: Path) -> tuple[list[tuple[Path, dict[str, Any]]], list[str]]:
-    records, problems = [], []
+    records: list[tuple[Path, dict[str, Any]]] = []
+    problems: list[str] = []
     if not folder.is_dir():
         return records, problems
     for path in sorted(folder.glob("*.json")):
@@ -82,6 +83,12 @@ def _load_json_records(folder: Path) -> tuple[list[tuple[Path, dict[str, Any]]],
         else:
             problems.append(f"{path.name}: not a JSON object")
     return records, problems
+
+
+def _mapping(record: dict[str, Any], key: str) -> dict[str, Any]:
+    """``record[key]`` when it is a mapping, else an empty one (records are read from disk, any shape)."""
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def _num(value: Any) -> float | None:
@@ -147,8 +154,10 @@ def svg_bar_chart(title: str, rows: list[tuple[str, float, str]]) -> str:
         w = max(2.0, bar_w * value / peak)
         color = _PALETTE[i % len(_PALETTE)]
         parts.append(f'<text x="{label_w - 8}" y="{y + 18}" text-anchor="end" class="chart-label">{_e(label)}</text>')
-        parts.append(f'<rect x="{label_w}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" rx="3" fill="{color}">'
-                     f"<title>{_e(label)}: {_e(note)}</title></rect>")
+        parts.append(
+            f'<rect x="{label_w}" y="{y + 4}" width="{w:.1f}" height="{row_h - 8}" rx="3" fill="{color}">'
+            f"<title>{_e(label)}: {_e(note)}</title></rect>"
+        )
         parts.append(f'<text x="{label_w + w + 6:.1f}" y="{y + 18}" class="chart-value">{_e(note)}</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -209,11 +218,11 @@ def _degradation_text(d: Any) -> str:
 
 
 def _card(sidecar: dict[str, Any], sidecar_path: Path, outbox: Path, base: Path) -> str:
-    video = sidecar.get("video") if isinstance(sidecar.get("video"), dict) else {}
-    params = sidecar.get("parameters") if isinstance(sidecar.get("parameters"), dict) else {}
-    model = sidecar.get("model_used") if isinstance(sidecar.get("model_used"), dict) else {}
-    timings = sidecar.get("timings") if isinstance(sidecar.get("timings"), dict) else {}
-    device = sidecar.get("device") if isinstance(sidecar.get("device"), dict) else {}
+    video = _mapping(sidecar, "video")
+    params = _mapping(sidecar, "parameters")
+    model = _mapping(sidecar, "model_used")
+    timings = _mapping(sidecar, "timings")
+    device = _mapping(sidecar, "device")
     job_id = sidecar.get("id") or sidecar_path.stem
 
     video_name = Path(str(video.get("file") or f"{sidecar_path.stem}.mp4")).name  # never a path out of the outbox
@@ -239,7 +248,8 @@ def _card(sidecar: dict[str, Any], sidecar_path: Path, outbox: Path, base: Path)
     fps = video.get("fps", params.get("fps"))
     fps_text = f"{_num(fps):g}" if _num(fps) is not None else "—"
     size_text = f"{width}×{height}, {frames} frames at {fps_text} fps"
-    secs = _num(frames) / _num(fps) if _num(frames) and _num(fps) else None
+    frames_num, fps_num = _num(frames), _num(fps)
+    secs = frames_num / fps_num if frames_num and fps_num else None
     if secs:
         size_text += f" ({secs:.1f} s)"
     model_text = str(model.get("name") or params.get("model") or "?")
@@ -248,14 +258,27 @@ def _card(sidecar: dict[str, Any], sidecar_path: Path, outbox: Path, base: Path)
     device_text = str(device.get("type") or "—")
     if device.get("name") and device.get("name") != device.get("type"):
         device_text += f" ({device['name']})"
-    timing_bits = [f"{label} {_fmt_seconds(timings[key])}" for key, label in
-                   (("denoise", "denoise"), ("vae_decode", "decode"), ("encode", "encode"),
-                    ("model_load", "load"), ("queue_wait", "queue")) if key in timings]
+    timing_bits = [
+        f"{label} {_fmt_seconds(timings[key])}"
+        for key, label in (
+            ("denoise", "denoise"),
+            ("vae_decode", "decode"),
+            ("encode", "encode"),
+            ("model_load", "load"),
+            ("queue_wait", "queue"),
+        )
+        if key in timings
+    ]
     degradations = sidecar.get("degradations") or []
-    degr_html = ("<span class=\"degraded\">" + "; ".join(_e(_degradation_text(d)) for d in degradations) + "</span>"
-                 if degradations else "none")
+    degr_html = (
+        '<span class="degraded">' + "; ".join(_e(_degradation_text(d)) for d in degradations) + "</span>"
+        if degradations
+        else "none"
+    )
     optimizations = sidecar.get("optimizations_applied") or []
-    finished = (sidecar.get("timestamps") or {}).get("finished_at") if isinstance(sidecar.get("timestamps"), dict) else None
+    finished = (
+        (sidecar.get("timestamps") or {}).get("finished_at") if isinstance(sidecar.get("timestamps"), dict) else None
+    )
 
     rows = [
         ("model", _e(model_text)),
@@ -264,8 +287,13 @@ def _card(sidecar: dict[str, Any], sidecar_path: Path, outbox: Path, base: Path)
         ("device", _e(device_text)),
         ("generation", f"<b>{_e(_fmt_seconds(sidecar.get('generation_time_seconds')))}</b>"),
         ("timings", _e(" · ".join(timing_bits) or "—")),
-        ("peak VRAM", _e(_fmt_mb(sidecar.get("peak_vram_usage_mb"))
-                         + (" (no GPU)" if sidecar.get("peak_vram_usage_mb") is None else ""))),
+        (
+            "peak VRAM",
+            _e(
+                _fmt_mb(sidecar.get("peak_vram_usage_mb"))
+                + (" (no GPU)" if sidecar.get("peak_vram_usage_mb") is None else "")
+            ),
+        ),
         ("attempts", _e(sidecar.get("attempts", "—"))),
         ("degradations", degr_html),
     ]
@@ -275,10 +303,12 @@ def _card(sidecar: dict[str, Any], sidecar_path: Path, outbox: Path, base: Path)
         rows.append(("finished", _e(finished)))
     dl = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in rows)
     note = f'<p class="note">{_e(sidecar["note"])}</p>' if sidecar.get("note") else ""
-    spec = sidecar.get("spec") if isinstance(sidecar.get("spec"), dict) else {}
+    spec = _mapping(sidecar, "spec")
     prompt = params.get("prompt") or spec.get("prompt") or ""
-    return (f'<article class="card" id="job-{_e(job_id)}">{picture}<div class="body">'
-            f'<h3>{_e(job_id)}</h3><p class="prompt">{_e(prompt)}</p><dl>{dl}</dl>{note}</div></article>')
+    return (
+        f'<article class="card" id="job-{_e(job_id)}">{picture}<div class="body">'
+        f'<h3>{_e(job_id)}</h3><p class="prompt">{_e(prompt)}</p><dl>{dl}</dl>{note}</div></article>'
+    )
 
 
 def _failures_table(failures: list[tuple[Path, dict[str, Any]]]) -> str:
@@ -292,12 +322,14 @@ def _failures_table(failures: list[tuple[Path, dict[str, Any]]]) -> str:
         sugg = "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in suggestions) + "</ul>" if suggestions else "—"
         rows.append(
             f'<tr id="failed-{_e(path.stem)}"><td>{_e(rec.get("id") or path.stem)}'
-            + (f'<br><small>{_e(rec["file"])}</small>' if rec.get("file") else "")
+            + (f"<br><small>{_e(rec['file'])}</small>" if rec.get("file") else "")
             + f'</td><td class="cat">{_e(rec.get("error_category", "?"))}</td><td>{_e(rec.get("message", ""))}</td>'
             f"<td>{sugg}</td><td>{_e(rec.get('attempts', '—'))}</td><td>{_e(rec.get('failed_at', ''))}</td></tr>"
         )
-    return ("<table><thead><tr><th>job</th><th>category</th><th>message</th><th>what to do</th><th>attempts</th>"
-            "<th>failed at</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+    return (
+        "<table><thead><tr><th>job</th><th>category</th><th>message</th><th>what to do</th><th>attempts</th>"
+        "<th>failed at</th></tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+    )
 
 
 def _charts(done: list[dict[str, Any]]) -> str:
@@ -311,9 +343,18 @@ def _charts(done: list[dict[str, Any]]) -> str:
         v = _num(sc.get("peak_vram_usage_mb"))
         if v is not None:
             vram.setdefault(model, []).append(v)
-    gen_rows = [(m, sum(v) / len(v), f"mean {_fmt_seconds(sum(v) / len(v))} · max {_fmt_seconds(max(v))} · "
-                 f"{len(v)} job{'s' if len(v) != 1 else ''}") for m, v in sorted(gen.items())]
-    vram_rows = [(m, max(v), f"max {_fmt_mb(max(v))} · mean {_fmt_mb(sum(v) / len(v))}") for m, v in sorted(vram.items())]
+    gen_rows = [
+        (
+            m,
+            sum(v) / len(v),
+            f"mean {_fmt_seconds(sum(v) / len(v))} · max {_fmt_seconds(max(v))} · "
+            f"{len(v)} job{'s' if len(v) != 1 else ''}",
+        )
+        for m, v in sorted(gen.items())
+    ]
+    vram_rows = [
+        (m, max(v), f"max {_fmt_mb(max(v))} · mean {_fmt_mb(sum(v) / len(v))}") for m, v in sorted(vram.items())
+    ]
     figures = [f"<figure>{svg_bar_chart('Generation time by model', gen_rows)}</figure>"]
     if vram_rows:
         figures.append(f"<figure>{svg_bar_chart('Peak VRAM by model', vram_rows)}</figure>")
@@ -324,7 +365,7 @@ def _charts(done: list[dict[str, Any]]) -> str:
 
 def _sort_key(item: tuple[Path, dict[str, Any]]) -> tuple[str, str]:
     path, sc = item
-    ts = sc.get("timestamps") if isinstance(sc.get("timestamps"), dict) else {}
+    ts = _mapping(sc, "timestamps")
     return (str(ts.get("finished_at") or ""), path.name)
 
 
@@ -340,16 +381,19 @@ def render_report(outbox: Path, output: Path) -> str:
 
     cards = "".join(_card(sc, path, outbox, base) for path, sc in done)
     total_gen = sum(_num(sc.get("generation_time_seconds")) or 0.0 for _p, sc in done)
-    summary = (f"<b>{len(done)}</b> video{'s' if len(done) != 1 else ''} · <b>{len(failures)}</b> "
-               f"failure{'s' if len(failures) != 1 else ''} · {_e(_fmt_seconds(total_gen))} of generation · "
-               f"outbox <code>{_e(outbox)}</code> · generated {_e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}")
-    problem_html = ("<ul class=\"problems\">" + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul>"
-                    if problems else "")
+    summary = (
+        f"<b>{len(done)}</b> video{'s' if len(done) != 1 else ''} · <b>{len(failures)}</b> "
+        f"failure{'s' if len(failures) != 1 else ''} · {_e(_fmt_seconds(total_gen))} of generation · "
+        f"outbox <code>{_e(outbox)}</code> · generated {_e(time.strftime('%Y-%m-%d %H:%M:%S %z'))}"
+    )
+    problem_html = (
+        '<ul class="problems">' + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul>" if problems else ""
+    )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{TITLE}</title><style>{_CSS}</style></head><body>"
-        f"<header><h1>{TITLE}</h1><p class=\"summary\">{summary}</p></header><main>"
+        f'<header><h1>{TITLE}</h1><p class="summary">{summary}</p></header><main>'
         f"<h2>Charts</h2>{_charts([sc for _p, sc in done])}"
         f"<h2>Videos ({len(done)})</h2>"
         + (f'<div class="cards">{cards}</div>' if cards else '<p class="empty">No finished videos yet.</p>')

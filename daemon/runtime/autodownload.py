@@ -31,8 +31,9 @@ class ModelDownloads:
             if (repo_id in self._threads and self._threads[repo_id].is_alive()) or repo_id in self._results:
                 return  # under way, or finished and not yet collected by finished()
             self.progress[repo_id] = {"phase": "starting", "downloaded_bytes": 0, "total_bytes": None}
-            thread = threading.Thread(target=self._run, args=(repo_id, architecture), name=f"download-{repo_id}",
-                                      daemon=True)
+            thread = threading.Thread(
+                target=self._run, args=(repo_id, architecture), name=f"download-{repo_id}", daemon=True
+            )
             self._threads[repo_id] = thread
         logger.info("model.download_started repo={}", repo_id)
         thread.start()
@@ -46,14 +47,24 @@ class ModelDownloads:
             if now - last_log[0] >= 10 or p.get("phase") == "done":
                 last_log[0] = now
                 total = p.get("total_bytes") or 0
-                logger.info("model.download_progress repo={} phase={} {:.2f}/{:.2f} GB files {}/{}", repo_id,
-                            p.get("phase"), (p.get("downloaded_bytes") or 0) / 1e9, total / 1e9,
-                            p.get("files_done"), p.get("files_total"))
+                logger.info(
+                    "model.download_progress repo={} phase={} {:.2f}/{:.2f} GB files {}/{}",
+                    repo_id,
+                    p.get("phase"),
+                    (p.get("downloaded_bytes") or 0) / 1e9,
+                    total / 1e9,
+                    p.get("files_done"),
+                    p.get("files_total"),
+                )
 
         error: Exception | None = None
         try:
-            download(repo_id, allow_patterns=needed_patterns(architecture), progress=on_progress,
-                     min_free_mb=self.min_free_mb)
+            download(
+                repo_id,
+                allow_patterns=needed_patterns(architecture),
+                progress=on_progress,
+                min_free_mb=self.min_free_mb,
+            )
         except DownloadError as exc:
             error = exc
         except Exception as exc:  # anything else is a failed download too, never a crashed daemon

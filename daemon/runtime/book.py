@@ -12,6 +12,7 @@ import contextlib
 import os
 import random
 from collections.abc import Callable
+from collections.abc import Set as AbstractSet  # `set` is a JobBook method: in its body, `set` names that
 from typing import Any
 
 from loguru import logger
@@ -30,10 +31,21 @@ from daemon.runtime.status import Status
 
 
 class JobBook:
-    def __init__(self, settings: Settings, spool: Spool, outbox: Outbox, *, status: Status,
-                 history: History | None, disk: DiskGuard, downloads: ModelDownloads,
-                 clock: Callable[[], float], rng: random.Random, on_change: Callable[[], None],
-                 device_of: Callable[[JobRecord], str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        outbox: Outbox,
+        *,
+        status: Status,
+        history: History | None,
+        disk: DiskGuard,
+        downloads: ModelDownloads,
+        clock: Callable[[], float],
+        rng: random.Random,
+        on_change: Callable[[], None],
+        device_of: Callable[[JobRecord], str],
+    ) -> None:
         self.settings = settings
         self.spool = spool
         self.outbox = outbox
@@ -58,8 +70,7 @@ class JobBook:
         return job_id in self.records
 
     def is_active_basename(self, name: str) -> bool:
-        return any(r.params.basename == name and r.state is not None and r.state.active
-                   for r in self.records.values())
+        return any(r.params.basename == name and r.state is not None and r.state.active for r in self.records.values())
 
     def has_waiting_work(self) -> bool:
         return any(r.state in (JobState.QUEUED, JobState.WAITING_FOR_MODEL) for r in self.records.values())
@@ -104,10 +115,19 @@ class JobBook:
         if err.category is Category.DISK_FULL:
             self.disk.report_full(err.message)
         w = self.settings.worker
-        decision = decide(err, rec.attempts, params=rec.params, model=rec.model.name,
-                          fallback=list(rec.spec.get("fallback") or []), device=self.device_of(rec),
-                          max_attempts=w.max_attempts, base_seconds=w.retry_base_seconds,
-                          cap_seconds=w.retry_cap_seconds, rng=self.rng, multiple=rec.model.multiple)
+        decision = decide(
+            err,
+            rec.attempts,
+            params=rec.params,
+            model=rec.model.name,
+            fallback=list(rec.spec.get("fallback") or []),
+            device=self.device_of(rec),
+            max_attempts=w.max_attempts,
+            base_seconds=w.retry_base_seconds,
+            cap_seconds=w.retry_cap_seconds,
+            rng=self.rng,
+            multiple=rec.model.multiple,
+        )
         errors = [*rec.errors, {**err.to_dict(), "attempt": rec.attempts, "at": self.clock()}]
         if decision.retry:
             changes: dict[str, Any] = {}
@@ -115,25 +135,48 @@ class JobBook:
                 try:
                     changes = self._retry_changes(rec, decision.changes)
                 except JobError as change_err:
-                    err, decision = change_err, decide(change_err, rec.attempts, max_attempts=0, base_seconds=0,
-                                                       cap_seconds=0)
+                    err, decision = (
+                        change_err,
+                        decide(change_err, rec.attempts, max_attempts=0, base_seconds=0, cap_seconds=0),
+                    )
             if decision.retry:
                 if decision.degradation:
                     changes["degradations"] = [*rec.degradations, decision.degradation]
-                self.set(rec, JobState.QUEUED, note=decision.reason,
-                         not_before=self.clock() + decision.delay_seconds, last_error=err.to_dict(), errors=errors,
-                         **changes)
+                self.set(
+                    rec,
+                    JobState.QUEUED,
+                    note=decision.reason,
+                    not_before=self.clock() + decision.delay_seconds,
+                    last_error=err.to_dict(),
+                    errors=errors,
+                    **changes,
+                )
                 return
         path = self.outbox.write_failure(
-            rec.id, err, job_id=rec.id, source_name=rec.source_name, spec=rec.spec, attempts=rec.attempts,
-            extra={"decision": decision.reason, "errors": errors, "model": rec.model.to_dict(),
-                   "parameters": rec.params.model_dump(mode="json")},
+            rec.id,
+            err,
+            job_id=rec.id,
+            source_name=rec.source_name,
+            spec=rec.spec,
+            attempts=rec.attempts,
+            extra={
+                "decision": decision.reason,
+                "errors": errors,
+                "model": rec.model.to_dict(),
+                "parameters": rec.params.model_dump(mode="json"),
+            },
         )
-        self.set(rec, JobState.FAILED, note=f"{err.category.value}: {decision.reason}", finished_at=self.clock(),
-                 last_error=err.to_dict(), errors=errors, outputs={"failure": str(path)})
+        self.set(
+            rec,
+            JobState.FAILED,
+            note=f"{err.category.value}: {decision.reason}",
+            finished_at=self.clock(),
+            last_error=err.to_dict(),
+            errors=errors,
+            outputs={"failure": str(path)},
+        )
         self.status.job_failed(rec.id, err.category.value, str(path))
-        logger.bind(job=rec.id).error("job.failed id={} category={} error={}", rec.id, err.category.value,
-                                      err.message)
+        logger.bind(job=rec.id).error("job.failed id={} category={} error={}", rec.id, err.category.value, err.message)
         self.release_if_finished(rec.source)
 
     def _retry_changes(self, rec: JobRecord, changes: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +197,7 @@ class JobBook:
             self.spool.remove_job_dir(r.id)
             del self.records[r.id]
 
-    def reconcile(self, running: set[str]) -> None:
+    def reconcile(self, running: AbstractSet[str]) -> None:
         """A record left RUNNING with no job in a worker (a write failed mid-way, e.g. on a full disk) goes
         back through the retry policy, so that no job is ever stuck."""
         for rec in list(self.records.values()):
@@ -216,16 +259,20 @@ class JobBook:
             for rec in waiting:
                 if error is None:
                     try:
-                        located = locate(rec.model.name, models_dir=self.settings.paths.models,
-                                         model_roots=self.settings.paths.model_roots)
+                        located = locate(
+                            rec.model.name,
+                            models_dir=self.settings.paths.models,
+                            model_roots=self.settings.paths.model_roots,
+                        )
                     except JobError as err:
                         self.fail_or_retry(rec, JobError(Category.MODEL_DOWNLOAD, f"downloaded, but: {err.message}"))
                         continue
                     self.set(rec, JobState.QUEUED, note=f"{repo} downloaded", model=located)
                 else:
                     suggestions = list(getattr(error, "suggestions", []))
-                    self.fail_or_retry(rec, JobError(Category.MODEL_DOWNLOAD,
-                                                     f"downloading {repo} failed: {error}", suggestions))
+                    self.fail_or_retry(
+                        rec, JobError(Category.MODEL_DOWNLOAD, f"downloading {repo} failed: {error}", suggestions)
+                    )
         self.ensure_downloads()
 
     def ensure_downloads(self) -> None:

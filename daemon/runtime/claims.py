@@ -22,8 +22,18 @@ from daemon.runtime.watch import InboxWatcher
 
 
 class Claims:
-    def __init__(self, settings: Settings, intake: Intake, book: JobBook, spool: Spool, outbox: Outbox, *,
-                 status: Status, history: History | None, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        intake: Intake,
+        book: JobBook,
+        spool: Spool,
+        outbox: Outbox,
+        *,
+        status: Status,
+        history: History | None,
+        clock: Callable[[], float],
+    ) -> None:
         self.settings = settings
         self.intake = intake
         self.book = book
@@ -59,19 +69,29 @@ class Claims:
         self.retry.discard(claimed)
         for rec in result.queued:
             self.book.add(rec)
-        for job_id, category in zip(result.rejected, result.rejected_categories):
+        for job_id, category in zip(result.rejected, result.rejected_categories, strict=True):
             failure = self.outbox.failure_path(job_id)
             self.status.job_failed(job_id, category)
             if self.history is not None:
                 record = {}
                 with contextlib.suppress(OSError, ValueError):
                     record = json.loads(failure.read_text())
-                self.history.record({
-                    "token": f"rejected:{claimed.name}:{job_id}", "id": job_id, "file": record.get("file"),
-                    "status": "failed", "attempts": 0, "queued_at": self.clock(), "finished_at": self.clock(),
-                    "error_category": category, "error_message": record.get("message"),
-                    "recovery_suggestions": record.get("recovery_suggestions"), "failure_record": str(failure),
-                    "instance": self.settings.owner})
+                self.history.record(
+                    {
+                        "token": f"rejected:{claimed.name}:{job_id}",
+                        "id": job_id,
+                        "file": record.get("file"),
+                        "status": "failed",
+                        "attempts": 0,
+                        "queued_at": self.clock(),
+                        "finished_at": self.clock(),
+                        "error_category": category,
+                        "error_message": record.get("message"),
+                        "recovery_suggestions": record.get("recovery_suggestions"),
+                        "failure_record": str(failure),
+                        "instance": self.settings.owner,
+                    }
+                )
         self.book.release_if_finished(claimed.name)
         if result.queued or result.rejected:
             self.status.write(force=True)  # new jobs show at once, like every other change of state

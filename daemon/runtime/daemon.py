@@ -41,9 +41,17 @@ from daemon.runtime.watch import InboxWatcher
 
 
 class Daemon:
-    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.time,
-                 cuda_available: bool = False, rng: random.Random | None = None, backend: str | None = None,
-                 notifier: SystemdNotifier | None = None, inventory: GpuInventory | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Callable[[], float] = time.time,
+        cuda_available: bool = False,
+        rng: random.Random | None = None,
+        backend: str | None = None,
+        notifier: SystemdNotifier | None = None,
+        inventory: GpuInventory | None = None,
+    ) -> None:
         """``backend``: "module:Factory" of a stand-in generation backend (daemon.testing), for tests and
         benchmarks only; None is the real diffusers backend. Users cannot configure it."""
         self.settings = settings
@@ -53,8 +61,13 @@ class Daemon:
         paths, inst = settings.paths, settings.instance
         paths.inbox.mkdir(parents=True, exist_ok=True)
         self.notifier = notifier or SystemdNotifier(None)
-        self.lease = Lease(paths.state, settings.owner, grace_seconds=inst.lease_grace_seconds,
-                           heartbeat_seconds=inst.heartbeat_seconds, clock=clock)
+        self.lease = Lease(
+            paths.state,
+            settings.owner,
+            grace_seconds=inst.lease_grace_seconds,
+            heartbeat_seconds=inst.heartbeat_seconds,
+            clock=clock,
+        )
         self.spool = Spool(self.lease.mine, settings.owner, clock=clock)
         self.disk = DiskGuard([paths.outbox, paths.state], min_free_mb=settings.limits.min_free_mb, clock=clock)
         self.downloads = ModelDownloads(min_free_mb=settings.limits.min_free_mb)
@@ -67,23 +80,71 @@ class Daemon:
         self.history = self._open_history()
         self.peaks = PeakBook(paths.state / "peaks" / f"{settings.owner}.json")
         self.status = Status(settings, clock=clock, notifier=self.notifier, inventory=self.inventory)
-        self.book = JobBook(settings, self.spool, self.outbox, status=self.status, history=self.history,
-                            disk=self.disk, downloads=self.downloads, clock=clock, rng=rng or random.Random(),
-                            on_change=lambda: self.status.write(force=True),
-                            device_of=lambda rec: self.placement.device_of(rec))
-        self.publisher = Publisher(settings, self.book, self.outbox, self.lease, self.peaks, status=self.status,
-                                   clock=clock, on_lease_lost=lambda: self.recovery.lease_lost())
-        self.placement = Placement(settings, self.book, self.publisher, self.outbox,
-                                   workers=make_workers(settings, gpus, clock=clock, backend=backend), gpus=gpus,
-                                   inventory=self.inventory, peaks=self.peaks, status=self.status, clock=clock)
-        self.intake = Intake(settings, self.spool, self.outbox, default_model=self.default_model,
-                             is_active_id=self.book.is_active_id, is_active_basename=self.book.is_active_basename,
-                             clock=clock)
-        self.claims = Claims(settings, self.intake, self.book, self.spool, self.outbox, status=self.status,
-                             history=self.history, clock=clock)
-        self.recovery = Recovery(settings, self.book, self.placement, self.spool, self.lease, self.outbox,
-                                 take_in=self.claims.take_in, forget_intake_retries=self.claims.retry.clear,
-                                 clock=clock)
+        self.book = JobBook(
+            settings,
+            self.spool,
+            self.outbox,
+            status=self.status,
+            history=self.history,
+            disk=self.disk,
+            downloads=self.downloads,
+            clock=clock,
+            rng=rng or random.Random(),
+            on_change=lambda: self.status.write(force=True),
+            device_of=lambda rec: self.placement.device_of(rec),
+        )
+        self.publisher = Publisher(
+            settings,
+            self.book,
+            self.outbox,
+            self.lease,
+            self.peaks,
+            status=self.status,
+            clock=clock,
+            on_lease_lost=lambda: self.recovery.lease_lost(),
+        )
+        self.placement = Placement(
+            settings,
+            self.book,
+            self.publisher,
+            self.outbox,
+            workers=make_workers(settings, gpus, clock=clock, backend=backend),
+            gpus=gpus,
+            inventory=self.inventory,
+            peaks=self.peaks,
+            status=self.status,
+            clock=clock,
+        )
+        self.intake = Intake(
+            settings,
+            self.spool,
+            self.outbox,
+            default_model=self.default_model,
+            is_active_id=self.book.is_active_id,
+            is_active_basename=self.book.is_active_basename,
+            clock=clock,
+        )
+        self.claims = Claims(
+            settings,
+            self.intake,
+            self.book,
+            self.spool,
+            self.outbox,
+            status=self.status,
+            history=self.history,
+            clock=clock,
+        )
+        self.recovery = Recovery(
+            settings,
+            self.book,
+            self.placement,
+            self.spool,
+            self.lease,
+            self.outbox,
+            take_in=self.claims.take_in,
+            forget_intake_retries=self.claims.retry.clear,
+            clock=clock,
+        )
         self.status.book, self.status.placement, self.status.disk = self.book, self.placement, self.disk
         self.status.watcher, self.status.downloads = self.watcher, self.downloads
         self._stop = threading.Event()
@@ -120,15 +181,16 @@ class Daemon:
     def progress(self, job_id: str) -> RunningJob | None:
         return self.placement.running.get(job_id)
 
-    def health_payload(self) -> dict[str, Any]:
-        return self.status.payload()
-
     def workers_ready(self) -> bool:
         return self.placement.workers_ready()
 
     def is_idle(self) -> bool:
-        return (not self.placement.running and self.watcher.pending == 0 and not self.claims.retry
-                and not self.book.has_waiting_work())
+        return (
+            not self.placement.running
+            and self.watcher.pending == 0
+            and not self.claims.retry
+            and not self.book.has_waiting_work()
+        )
 
     def default_model(self) -> str:
         if self._default_model is None:
@@ -149,8 +211,13 @@ class Daemon:
 
     def start(self) -> None:
         paths = self.settings.paths
-        logger.info("daemon.starting version={} inbox={} outbox={} state={}", __version__, paths.inbox,
-                    paths.outbox, paths.state)
+        logger.info(
+            "daemon.starting version={} inbox={} outbox={} state={}",
+            __version__,
+            paths.inbox,
+            paths.outbox,
+            paths.state,
+        )
         self.recovery.check_same_filesystem()
         self.lease.acquire()
         self.status.write(force=True)
@@ -209,8 +276,9 @@ class Daemon:
                     break
                 if until_idle and self.placement.all_failing_to_start():
                     self.worker_unavailable = self.placement.last_fatal() or "the worker keeps dying at start-up"
-                    logger.error("daemon.giving_up: {} (--until-idle; queued jobs stay in the spool)",
-                                 self.worker_unavailable)
+                    logger.error(
+                        "daemon.giving_up: {} (--until-idle; queued jobs stay in the spool)", self.worker_unavailable
+                    )
                     break
         finally:
             self.shutdown()

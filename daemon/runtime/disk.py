@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from loguru import logger
 
@@ -57,8 +57,10 @@ class DiskGuard:
             except FileNotFoundError:
                 continue
             if free < self.min_free:
-                return (f"disk full: {folder} has {free / (1 << 20):.1f} MiB free, less than "
-                        f"limits.min_free_mb ({self.min_free >> 20} MiB); intake and new jobs are paused")
+                return (
+                    f"disk full: {folder} has {free / (1 << 20):.1f} MiB free, less than "
+                    f"limits.min_free_mb ({self.min_free >> 20} MiB); intake and new jobs are paused"
+                )
         return None
 
     def _probe_fails(self) -> str | None:

@@ -40,8 +40,17 @@ class HealthWriter:
         self._last_written = now
         # Atomic (readers never see half a file) but not fsynced: a snapshot that is rewritten within
         # seconds need not survive a power loss, and the daemon never reads it back.
-        atomic_write_json(self.path, {**payload, "pid": os.getpid(), "host": socket.gethostname(),
-                                      "updated_at": now, "updated_at_iso": iso(now)}, durable=False)
+        atomic_write_json(
+            self.path,
+            {
+                **payload,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "updated_at": now,
+                "updated_at_iso": iso(now),
+            },
+            durable=False,
+        )
         return True
 
 
@@ -73,11 +82,15 @@ def format_status(h: dict[str, Any], now: float | None = None) -> str:
     ]
     dev = h.get("device") or {}
     if dev:
-        lines.append(f"  worker: {dev.get('state')} on {dev.get('device')} ({dev.get('device_name')}), "
-                     f"restarts {dev.get('restarts', 0)}")
+        lines.append(
+            f"  worker: {dev.get('state')} on {dev.get('device')} ({dev.get('device_name')}), "
+            f"restarts {dev.get('restarts', 0)}"
+        )
     run = h.get("running")
     if run:
         prog = f"step {run.get('step')}/{run.get('total')}" if run.get("total") else ""
-        lines.append(f"  running: {run.get('id')} ({run.get('model')}) phase {run.get('phase')} {prog} "
-                     f"attempt {run.get('attempt')}")
+        lines.append(
+            f"  running: {run.get('id')} ({run.get('model')}) phase {run.get('phase')} {prog} "
+            f"attempt {run.get('attempt')}"
+        )
     return "\n".join(lines)

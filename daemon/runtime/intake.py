@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from loguru import logger
 
@@ -108,16 +108,22 @@ class Intake:
             raise entry.error
         spec = entry.spec
         assert spec is not None
+        assert spec.id is not None  # parse_job_file fills in the default id of every spec it returns
         if existing_elsewhere or self.is_active_id(spec.id):
             raise JobError(Category.DUPLICATE_JOB, f"a job with id {spec.id!r} is already queued or running")
         basename = spec.output.basename or spec.id
         if self.is_active_basename(basename):
-            raise JobError(Category.DUPLICATE_JOB,
-                           f"another queued or running job already writes {basename}.mp4 (output.basename)")
+            raise JobError(
+                Category.DUPLICATE_JOB, f"another queued or running job already writes {basename}.mp4 (output.basename)"
+            )
         job = resolve_job(spec, self.settings, self.default_model)
         if spec.model is None and job.model.tiny:
-            logger.warning("job.default_model id={} model={}: the job names no model and no real weights are "
-                           "present; the tiny random-weight test model makes a noise video", spec.id, job.model.name)
+            logger.warning(
+                "job.default_model id={} model={}: the job names no model and no real weights are "
+                "present; the tiny random-weight test model makes a noise video",
+                spec.id,
+                job.model.name,
+            )
         params = job.params
         if self.outbox.is_published(params.basename):
             raise JobError(
@@ -126,18 +132,27 @@ class Intake:
             )
         now = self.clock()
         record = JobRecord(
-            id=spec.id, token=secrets.token_hex(8), source=source, source_name=original_name,
-            seq=self.spool.next_seq(), priority=spec.priority,
-            spec=entry.raw if isinstance(entry.raw, dict) else {}, params=params, model=job.model,
-            received_at=now, queued_at=now, not_before=_epoch(spec.not_before) if spec.not_before else 0.0,
+            id=spec.id,
+            token=secrets.token_hex(8),
+            source=source,
+            source_name=original_name,
+            seq=self.spool.next_seq(),
+            priority=spec.priority,
+            spec=entry.raw if isinstance(entry.raw, dict) else {},
+            params=params,
+            model=job.model,
+            received_at=now,
+            queued_at=now,
+            not_before=_epoch(spec.not_before) if spec.not_before else 0.0,
         )
         folder = self.spool.job_dir(spec.id)
         folder.mkdir(exist_ok=True)
         if job.image is not None:
             record.input_image = str(self._write_input(job.image, folder))
         if job.waiting:
-            return self.spool.transition(record, JobState.WAITING_FOR_MODEL,
-                                         note=f"from {original_name}; downloading {job.model.repo_id}")
+            return self.spool.transition(
+                record, JobState.WAITING_FOR_MODEL, note=f"from {original_name}; downloading {job.model.repo_id}"
+            )
         return self.spool.transition(record, JobState.QUEUED, note=f"from {original_name}")
 
     @staticmethod
@@ -150,17 +165,24 @@ class Intake:
             os.fsync(fh.fileno())
         return dest
 
-    def _reject_entry(self, entry: SpecEntry, original_name: str, err: JobError, source: str,
-                      result: IntakeResult) -> None:
+    def _reject_entry(
+        self, entry: SpecEntry, original_name: str, err: JobError, source: str, result: IntakeResult
+    ) -> None:
         name = entry.id
         if err.category is Category.DUPLICATE_JOB or self.is_active_id(entry.id):
             # Never overwrite (or let a later success delete) the record of the job that owns this id.
             name = f"{entry.id}.duplicate-{safe_stem(source)}"
-        self.outbox.write_failure(name, err, job_id=entry.id, source_name=original_name,
-                                  spec=entry.raw if isinstance(entry.raw, dict) else {"raw": repr(entry.raw)[:2000]},
-                                  attempts=0)
-        logger.bind(job=entry.id).warning("job.rejected id={} file={} category={} error={}", entry.id,
-                                          original_name, err.category.value, err.message)
+        self.outbox.write_failure(
+            name,
+            err,
+            job_id=entry.id,
+            source_name=original_name,
+            spec=entry.raw if isinstance(entry.raw, dict) else {"raw": repr(entry.raw)[:2000]},
+            attempts=0,
+        )
+        logger.bind(job=entry.id).warning(
+            "job.rejected id={} file={} category={} error={}", entry.id, original_name, err.category.value, err.message
+        )
         result.rejected.append(entry.id)
         result.rejected_categories.append(err.category.value)
 

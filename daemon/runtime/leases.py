@@ -25,13 +25,12 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from loguru import logger
 
 from daemon.errors import WanDaemonError
-
 from daemon.fsutil import atomic_write_json, fsync_dir
 
 
@@ -39,11 +38,16 @@ class LeaseError(WanDaemonError):
     """This daemon cannot own its spool (another live daemon uses the same id on this host)."""
 
 
-
-
 class Lease:
-    def __init__(self, state_dir: Path, owner: str, *, grace_seconds: float, heartbeat_seconds: float,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        state_dir: Path,
+        owner: str,
+        *,
+        grace_seconds: float,
+        heartbeat_seconds: float,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.state = Path(state_dir)
         self.owner = owner
         self.owners = self.state / "owners"
@@ -72,8 +76,10 @@ class Lease:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise LeaseError(f"another daemon with id {self.owner!r} is running on this host "
-                             f"(lock {lock_path}); give each daemon its own instance.id") from None
+            raise LeaseError(
+                f"another daemon with id {self.owner!r} is running on this host "
+                f"(lock {lock_path}); give each daemon its own instance.id"
+            ) from None
         if self._lock_fd is not None:
             os.close(self._lock_fd)
         self._lock_fd = fd
@@ -82,8 +88,10 @@ class Lease:
         logger.info("lease.acquired owner={} instance={}", self.owner, self.instance)
 
     def _write_lease(self) -> None:
-        atomic_write_json(self.lease_file, {"owner": self.owner, "instance": self.instance,
-                                            "host": socket.gethostname(), "pid": os.getpid()})
+        atomic_write_json(
+            self.lease_file,
+            {"owner": self.owner, "instance": self.instance, "host": socket.gethostname(), "pid": os.getpid()},
+        )
         self._last_beat = self.clock()
 
     def held(self) -> bool:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from daemon.fsutil import atomic_write_bytes, fsync_dir, temp_path_for
 
@@ -75,8 +76,12 @@ class _Builder:
         return "\n".join(self.lines) + "\n"
 
 
-def render(health: Mapping[str, Any], counters: Mapping[str, Any], durations: Iterable[tuple[str, float]],
-           gpus: Sequence[Mapping[str, Any]] | None = None) -> str:
+def render(
+    health: Mapping[str, Any],
+    counters: Mapping[str, Any],
+    durations: Iterable[tuple[str, float]],
+    gpus: Sequence[Mapping[str, Any]] | None = None,
+) -> str:
     """The metrics page, as text. Arguments as for :meth:`MetricsWriter.write`."""
     b = _Builder(str(health.get("instance") or "unknown"))
 
@@ -112,22 +117,33 @@ def render(health: Mapping[str, Any], counters: Mapping[str, Any], durations: It
     if gpus:
         b.family("wan_daemon_gpu_memory_used_bytes", "gauge", "GPU memory in use (all processes), from NVML.")
         for gpu in gpus:
-            b.sample("wan_daemon_gpu_memory_used_bytes", int(float(gpu["memory_used_mb"]) * _MIB),
-                     {"gpu": gpu["index"], "name": gpu.get("name", "")})
+            b.sample(
+                "wan_daemon_gpu_memory_used_bytes",
+                int(float(gpu["memory_used_mb"]) * _MIB),
+                {"gpu": gpu["index"], "name": gpu.get("name", "")},
+            )
         b.family("wan_daemon_gpu_memory_total_bytes", "gauge", "GPU memory installed, from NVML.")
         for gpu in gpus:
-            b.sample("wan_daemon_gpu_memory_total_bytes", int(float(gpu["memory_total_mb"]) * _MIB),
-                     {"gpu": gpu["index"], "name": gpu.get("name", "")})
+            b.sample(
+                "wan_daemon_gpu_memory_total_bytes",
+                int(float(gpu["memory_total_mb"]) * _MIB),
+                {"gpu": gpu["index"], "name": gpu.get("name", "")},
+            )
 
     per_model: dict[str, list[float]] = {}
     for model, seconds in durations:
         per_model.setdefault(str(model), []).append(float(seconds))
-    b.family("wan_daemon_job_duration_seconds", "histogram", "Time from start to publication of finished jobs, by model.")
+    b.family(
+        "wan_daemon_job_duration_seconds", "histogram", "Time from start to publication of finished jobs, by model."
+    )
     for model in sorted(per_model):
         values = per_model[model]
         for le in (*DURATION_BUCKETS, math.inf):
-            b.sample("wan_daemon_job_duration_seconds_bucket", sum(1 for v in values if v <= le),
-                     {"model": model, "le": _bound(le)})
+            b.sample(
+                "wan_daemon_job_duration_seconds_bucket",
+                sum(1 for v in values if v <= le),
+                {"model": model, "le": _bound(le)},
+            )
         b.sample("wan_daemon_job_duration_seconds_sum", float(sum(values)), {"model": model})
         b.sample("wan_daemon_job_duration_seconds_count", len(values), {"model": model})
     return b.text()
@@ -144,8 +160,10 @@ def read_gpus(inventory: Any = None) -> list[dict[str, Any]]:
     """GPUs from a GPU inventory (default: NVML, daemon.ops.inventory) as render() takes them; [] without a driver."""
     from daemon.ops.inventory import NvmlInventory
 
-    return [{"index": g.index, "name": g.name, "memory_total_mb": g.total_mb, "memory_used_mb": g.used_mb}
-            for g in (inventory or NvmlInventory()).gpus()]
+    return [
+        {"index": g.index, "name": g.name, "memory_total_mb": g.total_mb, "memory_used_mb": g.used_mb}
+        for g in (inventory or NvmlInventory()).gpus()
+    ]
 
 
 class MetricsWriter:
@@ -154,8 +172,13 @@ class MetricsWriter:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
-    def write(self, health: dict[str, Any], counters: dict[str, Any], durations: list[tuple[str, float]],
-              gpus: list[dict[str, Any]] | None = None) -> None:
+    def write(
+        self,
+        health: dict[str, Any],
+        counters: dict[str, Any],
+        durations: list[tuple[str, float]],
+        gpus: list[dict[str, Any]] | None = None,
+    ) -> None:
         data = render(health, counters, durations, gpus).encode("utf-8")
         # atomic_write_bytes keeps the final suffix on its temp file; ".prom" temps would be scraped. Write a
         # ".tmp" name atomically first, then rename it over the real name (both in the same folder).

@@ -68,8 +68,13 @@ class SystemdNotifier:
         except (OSError, ValueError) as exc:  # ValueError: e.g. a NUL byte in a filesystem path
             if not self._failing:
                 self._failing = True
-                logger.warning("notify.failed socket={} message={!r} error={}; further failures are not logged "
-                               "until a notification gets through", self.socket_path, fields[0], exc)
+                logger.warning(
+                    "notify.failed socket={} message={!r} error={}; further failures are not logged "
+                    "until a notification gets through",
+                    self.socket_path,
+                    fields[0],
+                    exc,
+                )
             return False
         if self._failing:
             self._failing = False

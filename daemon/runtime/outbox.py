@@ -19,7 +19,15 @@ from loguru import logger
 
 from daemon import __version__
 from daemon.errors import JobError
-from daemon.fsutil import TEMP_PREFIX, atomic_write_json, fsync_dir, publish, read_json, remove_stale_temps, temp_path_for
+from daemon.fsutil import (
+    TEMP_PREFIX,
+    atomic_write_json,
+    fsync_dir,
+    publish,
+    read_json,
+    remove_stale_temps,
+    temp_path_for,
+)
 
 
 class Outbox:
@@ -62,8 +70,9 @@ class Outbox:
             logger.info("outbox.temp_removed path={}", p)
         return removed
 
-    def publish_result(self, basename: str, video_tmp: Path, sidecar: dict[str, Any],
-                       poster_tmp: Path | None = None) -> bool:
+    def publish_result(
+        self, basename: str, video_tmp: Path, sidecar: dict[str, Any], poster_tmp: Path | None = None
+    ) -> bool:
         """Publish video (and poster), then the sidecar. False if a sidecar for ``basename`` already existed."""
         if self.is_published(basename):
             for tmp in (video_tmp, poster_tmp):
@@ -86,8 +95,17 @@ class Outbox:
             self.failure_path(job_id).unlink()
             fsync_dir(self.failed)
 
-    def write_failure(self, name: str, error: JobError, *, job_id: str | None, source_name: str | None,
-                      spec: dict[str, Any] | None, attempts: int, extra: dict[str, Any] | None = None) -> Path:
+    def write_failure(
+        self,
+        name: str,
+        error: JobError,
+        *,
+        job_id: str | None,
+        source_name: str | None,
+        spec: dict[str, Any] | None,
+        attempts: int,
+        extra: dict[str, Any] | None = None,
+    ) -> Path:
         path = self.failure_path(name)
         record = {
             "id": job_id,

@@ -68,13 +68,24 @@ class RunningJob:
 
     def view(self) -> dict[str, Any]:
         """As the health file shows it."""
-        return {"id": self.id, "worker": self.worker, "on_device": self.on_device, "model": self.model,
-                "phase": self.phase, "step": self.step, "total": self.total, "attempt": self.attempt,
-                "started_at": self.started_at, "estimate_mb": self.estimate_mb, "plan": self.plan}
+        return {
+            "id": self.id,
+            "worker": self.worker,
+            "on_device": self.on_device,
+            "model": self.model,
+            "phase": self.phase,
+            "step": self.step,
+            "total": self.total,
+            "attempt": self.attempt,
+            "started_at": self.started_at,
+            "estimate_mb": self.estimate_mb,
+            "plan": self.plan,
+        }
 
 
-def make_workers(settings: Settings, gpus: list[GpuInfo], *, clock: Callable[[], float],
-                 backend: str | None) -> dict[str, ExecutorProtocol]:
+def make_workers(
+    settings: Settings, gpus: list[GpuInfo], *, clock: Callable[[], float], backend: str | None
+) -> dict[str, ExecutorProtocol]:
     """One long-lived worker per GPU (a CPU-only host, or worker.device: cpu, gets one CPU worker). A worker
     that ends up computing on the CPU gets an equal share of the cores."""
     w = settings.worker
@@ -85,22 +96,45 @@ def make_workers(settings: Settings, gpus: list[GpuInfo], *, clock: Callable[[],
         if gpu is not None:
             visible = gpu.uuid or (str(gpu.physical_index) if gpu.physical_index >= 0 else None)
         config = WorkerConfig(
-            worker_name=name, device=w.device, models_dir=str(settings.paths.models),
-            allow_cpu_for_real_models=w.allow_cpu_for_real_models, max_cached_pipelines=w.max_cached_pipelines,
-            cache_budget_mb=w.cache_budget_mb, cpu_threads=w.cpu_threads or share,
-            overlap_encoding=w.overlap_encoding, log_level=settings.logging.level, backend=backend,
-            visible_device=visible)
-        return LocalProcessExecutor(config, clock=clock, stall_timeout_seconds=w.stall_timeout_seconds,
-                                    start_timeout_seconds=w.start_timeout_seconds, gpu=gpu)
+            worker_name=name,
+            device=w.device,
+            models_dir=str(settings.paths.models),
+            allow_cpu_for_real_models=w.allow_cpu_for_real_models,
+            max_cached_pipelines=w.max_cached_pipelines,
+            cache_budget_mb=w.cache_budget_mb,
+            cpu_threads=w.cpu_threads or share,
+            overlap_encoding=w.overlap_encoding,
+            log_level=settings.logging.level,
+            backend=backend,
+            visible_device=visible,
+        )
+        return LocalProcessExecutor(
+            config,
+            clock=clock,
+            stall_timeout_seconds=w.stall_timeout_seconds,
+            start_timeout_seconds=w.start_timeout_seconds,
+            gpu=gpu,
+        )
 
     workers = {f"gpu{g.index}": one(f"gpu{g.index}", g) for g in gpus}
     return workers or {"cpu": one("cpu", None)}
 
 
 class Placement:
-    def __init__(self, settings: Settings, book: JobBook, publisher: Publisher, outbox: Outbox, *,
-                 workers: dict[str, ExecutorProtocol], gpus: list[GpuInfo], inventory: GpuInventory,
-                 peaks: PeakBook, status: Status, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        book: JobBook,
+        publisher: Publisher,
+        outbox: Outbox,
+        *,
+        workers: dict[str, ExecutorProtocol],
+        gpus: list[GpuInfo],
+        inventory: GpuInventory,
+        peaks: PeakBook,
+        status: Status,
+        clock: Callable[[], float],
+    ) -> None:
         self.settings = settings
         self.book = book
         self.publisher = publisher
@@ -148,8 +182,15 @@ class Placement:
             if name in busy or not worker.ready:
                 continue
             gpu = worker.gpu
-            slots.append(Slot(name, gpu.index if gpu else None, free.get(gpu.index, gpu.free_mb) if gpu else None,
-                              frozenset(worker.warm), gpu.total_mb if gpu else None))
+            slots.append(
+                Slot(
+                    name,
+                    gpu.index if gpu else None,
+                    free.get(gpu.index, gpu.free_mb) if gpu else None,
+                    frozenset(worker.warm),
+                    gpu.total_mb if gpu else None,
+                )
+            )
         return slots
 
     def _fail_if_it_fits_nowhere(self, queued: list[JobRecord]) -> list[JobRecord]:
@@ -180,8 +221,14 @@ class Placement:
                 self.status.state = "idle"
             return
         queued = self._fail_if_it_fits_nowhere(queued)
-        for assignment in assign(queued, slots, now, aging_bound_seconds=self.settings.scheduler.aging_bound_seconds,
-                                 demand=self.demand, plan=self.plan):
+        for assignment in assign(
+            queued,
+            slots,
+            now,
+            aging_bound_seconds=self.settings.scheduler.aging_bound_seconds,
+            demand=self.demand,
+            plan=self.plan,
+        ):
             self.start_job(assignment.record, assignment.slot.worker, assignment.plan, now)
 
     def start_job(self, rec: JobRecord, worker_name: str, plan: Plan | None, now: float) -> None:
@@ -191,31 +238,54 @@ class Placement:
             # The planner's mode, unless an out-of-memory retry already asked for a stronger one. The plan is
             # for this attempt on this GPU: it travels in the payload; the record keeps the job's own
             # parameters (and the out-of-memory ladder's minimum), so a retry is planned afresh.
-            offload = plan.offload if OFFLOAD_LADDER.index(plan.offload) > OFFLOAD_LADDER.index(params.offload) \
+            offload = (
+                plan.offload
+                if OFFLOAD_LADDER.index(plan.offload) > OFFLOAD_LADDER.index(params.offload)
                 else params.offload
-            params = params.model_copy(update={"offload": offload, "vae_tiling": params.vae_tiling or plan.vae_tiling,
-                                               "fp8": plan.fp8})
+            )
+            params = params.model_copy(
+                update={"offload": offload, "vae_tiling": params.vae_tiling or plan.vae_tiling, "fp8": plan.fp8}
+            )
         try:
             rec = self.book.set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now, worker=worker_name)
         except OSError as exc:
             self.book.on_write_error(exc)
             return
-        payload = JobPayload(id=rec.id, token=rec.token, attempt=rec.attempts, model=rec.model, params=params,
-                             video_tmp=str(self.outbox.temp_video_path(rec.params.basename)),
-                             input_image=rec.input_image)
+        payload = JobPayload(
+            id=rec.id,
+            token=rec.token,
+            attempt=rec.attempts,
+            model=rec.model,
+            params=params,
+            video_tmp=str(self.outbox.temp_video_path(rec.params.basename)),
+            input_image=rec.input_image,
+        )
         self.running[rec.id] = RunningJob(
-            id=rec.id, worker=worker_name, model=rec.model.name, attempt=rec.attempts, started_at=now,
-            total=rec.params.steps, video_tmp=payload.video_tmp, estimate_mb=plan.estimate_mb if plan else None,
+            id=rec.id,
+            worker=worker_name,
+            model=rec.model.name,
+            attempt=rec.attempts,
+            started_at=now,
+            total=rec.params.steps,
+            video_tmp=payload.video_tmp,
+            estimate_mb=plan.estimate_mb if plan else None,
             plan=optimizations(plan) if plan else [],
-            plan_matches_run=plan is not None and (plan.offload, plan.vae_tiling, plan.fp8) == (
-                params.offload, params.vae_tiling, params.fp8),
-            run_offload=params.offload, run_tiling=params.vae_tiling)
+            plan_matches_run=plan is not None
+            and (plan.offload, plan.vae_tiling, plan.fp8) == (params.offload, params.vae_tiling, params.fp8),
+            run_offload=params.offload,
+            run_tiling=params.vae_tiling,
+        )
         self.status.state = "busy"
         worker.submit(payload, silence_limit=rec.params.timeout_seconds)
         worker.note_warm(rec.model.name)
-        logger.bind(job=rec.id).info("job.dispatched id={} model={} attempt={} worker={}{}", rec.id,
-                                     rec.model.name, rec.attempts, worker_name,
-                                     f" plan={plan.mode}~{plan.estimate_mb}MiB" if plan else "")
+        logger.bind(job=rec.id).info(
+            "job.dispatched id={} model={} attempt={} worker={}{}",
+            rec.id,
+            rec.model.name,
+            rec.attempts,
+            worker_name,
+            f" plan={plan.mode}~{plan.estimate_mb}MiB" if plan else "",
+        )
 
     # ---- listening -----------------------------------------------------------------------------
 
@@ -297,8 +367,9 @@ class Placement:
         finished and published. At the deadline the workers still busy are killed; nothing is lost."""
         if not self.running:
             return
-        logger.info("daemon.draining interrupting={} timeout={}s", sorted(self.running),
-                    self.settings.shutdown.timeout_seconds)
+        logger.info(
+            "daemon.draining interrupting={} timeout={}s", sorted(self.running), self.settings.shutdown.timeout_seconds
+        )
         for job in self.running.values():
             if job.on_device:
                 self.workers[job.worker].interrupt()

@@ -32,8 +32,18 @@ TINY_NOTE = "tiny random-weight test model: this video is noise, made only to ex
 
 
 class Publisher:
-    def __init__(self, settings: Settings, book: JobBook, outbox: Outbox, lease: Lease, peaks: PeakBook, *,
-                 status: Status, clock: Callable[[], float], on_lease_lost: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        book: JobBook,
+        outbox: Outbox,
+        lease: Lease,
+        peaks: PeakBook,
+        *,
+        status: Status,
+        clock: Callable[[], float],
+        on_lease_lost: Callable[[], None],
+    ) -> None:
         self.settings = settings
         self.book = book
         self.outbox = outbox
@@ -43,8 +53,9 @@ class Publisher:
         self.clock = clock
         self.on_lease_lost = on_lease_lost
 
-    def publish(self, rec: JobRecord, result: JobResult, job: RunningJob, device: DeviceInfo | None,
-                worker_pid: int | None) -> None:
+    def publish(
+        self, rec: JobRecord, result: JobResult, job: RunningJob, device: DeviceInfo | None, worker_pid: int | None
+    ) -> None:
         basename = rec.params.basename
         now = self.clock()
         if not self.lease.held():
@@ -54,8 +65,11 @@ class Publisher:
             return
         if result.peak_vram_usage_mb and job.estimate_mb and job.plan_matches_run:
             # Estimates improve with use: the measured peak corrects this kind of job's next estimate.
-            self.peaks.record(book_key(rec.model.architecture, job.run_offload, vae_tiling=job.run_tiling,
-                                       tiny=rec.model.tiny), job.estimate_mb, result.peak_vram_usage_mb)
+            self.peaks.record(
+                book_key(rec.model.architecture, job.run_offload, vae_tiling=job.run_tiling, tiny=rec.model.tiny),
+                job.estimate_mb,
+                result.peak_vram_usage_mb,
+            )
         sidecar = self.sidecar(rec, result, device, worker_pid, now)
         try:
             poster = Path(result.poster_tmp) if result.poster_tmp else None
@@ -65,8 +79,9 @@ class Publisher:
             self.book.fail_or_retry(rec, classify_exception(exc))  # a full disk pauses there
             return
         if not published and self.outbox.published_token(basename) != rec.token:
-            self.book.fail_or_retry(rec, JobError(Category.DUPLICATE_JOB,
-                                                  f"{basename}.json appeared in the outbox while the job ran"))
+            self.book.fail_or_retry(
+                rec, JobError(Category.DUPLICATE_JOB, f"{basename}.json appeared in the outbox while the job ran")
+            )
             return
         self.outbox.remove_stale_failure(rec.id)
         outputs = self.book.outputs(basename)
@@ -74,15 +89,20 @@ class Publisher:
         self.book.record_history(done, sidecar)
         seconds = now - (rec.started_at or now)
         self.status.job_done(rec.id, rec.model.name, seconds, outputs)
-        logger.bind(job=rec.id).success("job.published id={} video={} seconds={:.2f}", rec.id,
-                                        self.outbox.video_path(basename), seconds)
+        logger.bind(job=rec.id).success(
+            "job.published id={} video={} seconds={:.2f}", rec.id, self.outbox.video_path(basename), seconds
+        )
         self.book.release_if_finished(rec.source)
 
-    def sidecar(self, rec: JobRecord, result: JobResult, device: DeviceInfo | None, worker_pid: int | None,
-                now: float) -> dict[str, Any]:
+    def sidecar(
+        self, rec: JobRecord, result: JobResult, device: DeviceInfo | None, worker_pid: int | None, now: float
+    ) -> dict[str, Any]:
         started = rec.started_at or now
-        timings = {"queue_wait": round(started - (rec.queued_at or started), 4), **result.timings,
-                   "total": round(now - started, 4)}
+        timings = {
+            "queue_wait": round(started - (rec.queued_at or started), 4),
+            **result.timings,
+            "total": round(now - started, 4),
+        }
         basename = rec.params.basename
         video = asdict(result.video) if result.video is not None else {}
         sidecar: dict[str, Any] = {
@@ -92,8 +112,13 @@ class Publisher:
             "file": rec.source_name,
             "spec": rec.spec,
             "parameters": rec.params.model_dump(mode="json"),
-            "model_used": {**rec.model.to_dict(), "path": result.model_path, "cache": result.model_cache,
-                           "evicted": result.models_evicted, "load_seconds": result.timings.get("model_load")},
+            "model_used": {
+                **rec.model.to_dict(),
+                "path": result.model_path,
+                "cache": result.model_cache,
+                "evicted": result.models_evicted,
+                "load_seconds": result.timings.get("model_load"),
+            },
             "device": {"type": result.device, "name": device.device_name if device else None},
             "timings": timings,
             "generation_time_seconds": round(now - started, 4),
@@ -110,8 +135,12 @@ class Publisher:
             "instance": self.settings.owner,
             "worker_pid": worker_pid,
             "worker": rec.worker,
-            "timestamps": {"received_at": iso(rec.received_at), "queued_at": iso(rec.queued_at),
-                           "started_at": iso(started), "finished_at": iso(now)},
+            "timestamps": {
+                "received_at": iso(rec.received_at),
+                "queued_at": iso(rec.queued_at),
+                "started_at": iso(started),
+                "finished_at": iso(now),
+            },
         }
         if rec.model.tiny:
             sidecar["note"] = TINY_NOTE

@@ -19,9 +19,19 @@ from daemon.runtime.spool import Spool
 
 
 class Recovery:
-    def __init__(self, settings: Settings, book: JobBook, placement: Placement, spool: Spool, lease: Lease,
-                 outbox: Outbox, *, take_in: Callable[[Path], None], forget_intake_retries: Callable[[], None],
-                 clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        book: JobBook,
+        placement: Placement,
+        spool: Spool,
+        lease: Lease,
+        outbox: Outbox,
+        *,
+        take_in: Callable[[Path], None],
+        forget_intake_retries: Callable[[], None],
+        clock: Callable[[], float],
+    ) -> None:
         self.settings = settings
         self.book = book
         self.placement = placement
@@ -37,8 +47,10 @@ class Recovery:
         inbox, state = self.settings.paths.inbox, self.settings.paths.state
         state.mkdir(parents=True, exist_ok=True)
         if inbox.stat().st_dev != state.stat().st_dev:
-            raise ConfigError(f"paths.state ({state}) must be on the same filesystem as the inbox ({inbox}): "
-                              "claiming a job is an atomic rename between them")
+            raise ConfigError(
+                f"paths.state ({state}) must be on the same filesystem as the inbox ({inbox}): "
+                "claiming a job is an atomic rename between them"
+            )
 
     def recover(self) -> None:
         """Rebuild the daemon's view from the spool alone (after a crash, kill -9 or a clean stop)."""
@@ -82,8 +94,11 @@ class Recovery:
     def lease_lost(self) -> None:
         """Another daemon took our spool while we were unresponsive: everything we held is theirs now. Drop
         it without publishing anything, and start again with an empty spool."""
-        logger.error("lease.lost owner={}: another daemon took over our jobs; dropping {} records without "
-                     "publishing", self.settings.owner, len(self.book.records))
+        logger.error(
+            "lease.lost owner={}: another daemon took over our jobs; dropping {} records without publishing",
+            self.settings.owner,
+            len(self.book.records),
+        )
         self.placement.drop_all()
         self.book.records.clear()
         self.forget_intake_retries()

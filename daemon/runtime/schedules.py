@@ -21,12 +21,12 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any
 
 from loguru import logger
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from daemon.config import Schedule
 from daemon.fsutil import atomic_write_bytes, fsync_dir
@@ -39,17 +39,24 @@ def substitute(text: str, name: str, fire: datetime) -> str:
     """Fill {date} {time} {datetime} {name} {timestamp} {year} {month} {day} {hour} {minute}; other
     braces (YAML flow mappings) are left alone."""
     values = {
-        "date": fire.strftime("%Y-%m-%d"), "time": fire.strftime("%H%M%S"),
-        "datetime": fire.strftime("%Y%m%dT%H%M%S"), "name": name, "timestamp": str(int(fire.timestamp())),
-        "year": fire.strftime("%Y"), "month": fire.strftime("%m"), "day": fire.strftime("%d"),
-        "hour": fire.strftime("%H"), "minute": fire.strftime("%M"),
+        "date": fire.strftime("%Y-%m-%d"),
+        "time": fire.strftime("%H%M%S"),
+        "datetime": fire.strftime("%Y%m%dT%H%M%S"),
+        "name": name,
+        "timestamp": str(int(fire.timestamp())),
+        "year": fire.strftime("%Y"),
+        "month": fire.strftime("%m"),
+        "day": fire.strftime("%d"),
+        "hour": fire.strftime("%H"),
+        "minute": fire.strftime("%M"),
     }
     return _FIELDS.sub(lambda m: values[m.group(1)], text)
 
 
 class CronSubmitter:
-    def __init__(self, schedules: list[Schedule], *, state_dir: Path, inbox: Path,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, schedules: list[Schedule], *, state_dir: Path, inbox: Path, clock: Callable[[], float] = time.time
+    ) -> None:
         self.schedules = [s for s in schedules if s.enabled]
         self.fires = Path(state_dir) / "fires"
         self.inbox = Path(inbox)
@@ -103,7 +110,7 @@ class CronSubmitter:
         if last is None:
             # Never fired: start from now, do not backfill history (first start, or a new schedule).
             last = now - timedelta(seconds=s.misfire_grace_seconds)
-        fires = []
+        fires: list[datetime] = []
         t = trigger.get_next_fire_time(None, last + timedelta(microseconds=1))
         while t is not None and t <= now and len(fires) < 10 * MAX_CATCH_UP:
             fires.append(t)

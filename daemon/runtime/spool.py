@@ -24,13 +24,15 @@ import contextlib
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from loguru import logger
 
 from daemon.fsutil import atomic_write_json, fsync_dir, read_json
 from daemon.jobs import JobRecord, JobState, check_transition
+
 
 def original_name(claimed_name: str) -> str:
     """The name a claimed file had in the inbox (``<seq>.<owner>.<name>`` -> ``<name>``)."""

@@ -21,11 +21,11 @@ from daemon.runtime.metrics import MetricsWriter, read_gpus
 from daemon.runtime.notify import SystemdNotifier
 
 if TYPE_CHECKING:
+    from daemon.runtime.autodownload import ModelDownloads
     from daemon.runtime.book import JobBook
     from daemon.runtime.disk import DiskGuard
     from daemon.runtime.placement import Placement
     from daemon.runtime.watch import InboxWatcher
-    from daemon.runtime.autodownload import ModelDownloads
 
 # Bounded: a daemon runs for months. The CLI's --until-idle summary reads the last ones.
 RECENT_RESULTS = 10_000
@@ -33,8 +33,9 @@ DURATIONS_KEPT = 10_000
 
 
 class Status:
-    def __init__(self, settings: Settings, *, clock: Callable[[], float], notifier: SystemdNotifier,
-                 inventory: GpuInventory) -> None:
+    def __init__(
+        self, settings: Settings, *, clock: Callable[[], float], notifier: SystemdNotifier, inventory: GpuInventory
+    ) -> None:
         self.settings = settings
         self.clock = clock
         self.notifier = notifier
@@ -99,22 +100,36 @@ class Status:
             "running_jobs": jobs,
             "done": self.done,
             "failed": self.failed,
-            "device": {"state": st.state, "pid": st.pid, "restarts": st.restarts, "last_fatal": st.last_fatal,
-                       "device": st.info.device if st.info else None,
-                       "device_name": st.info.device_name if st.info else None,
-                       "vram_total_mb": st.info.vram_total_mb if st.info else None},
-            "workers": {name: {"state": w.status.state, "pid": w.status.pid, "restarts": w.status.restarts,
-                               "gpu": w.gpu.index if w.gpu else None,
-                               "device": w.status.info.device if w.status.info else None,
-                               "warm_models": list(w.warm), "last_fatal": w.status.last_fatal}
-                        for name, w in workers.items()},
+            "device": {
+                "state": st.state,
+                "pid": st.pid,
+                "restarts": st.restarts,
+                "last_fatal": st.last_fatal,
+                "device": st.info.device if st.info else None,
+                "device_name": st.info.device_name if st.info else None,
+                "vram_total_mb": st.info.vram_total_mb if st.info else None,
+            },
+            "workers": {
+                name: {
+                    "state": w.status.state,
+                    "pid": w.status.pid,
+                    "restarts": w.status.restarts,
+                    "gpu": w.gpu.index if w.gpu else None,
+                    "device": w.status.info.device if w.status.info else None,
+                    "warm_models": list(w.warm),
+                    "last_fatal": w.status.last_fatal,
+                }
+                for name, w in workers.items()
+            },
         }
 
     def status_line(self) -> str:
         assert self.book is not None and self.placement is not None and self.disk is not None
         queued = len(self.book.in_state(JobState.QUEUED))
-        doing = ", ".join(f"running {j.id} {j.phase} {j.step}/{j.total}"
-                          for j in self.placement.running.values()) or self.state
+        doing = (
+            ", ".join(f"running {j.id} {j.phase} {j.step}/{j.total}" for j in self.placement.running.values())
+            or self.state
+        )
         paused = f"; PAUSED: {self.disk.reason}" if self.disk.reason else ""
         return f"{doing}; {queued} queued; {self.done} done, {self.failed} failed{paused}"
 
@@ -143,8 +158,11 @@ class Status:
             return
         self._last_metrics = now
         try:
-            self.metrics.write(self.payload(),
-                               {"done_total": self.done, "failed_total_by_category": self.failed_by_category},
-                               list(self.durations), read_gpus(self.inventory))
+            self.metrics.write(
+                self.payload(),
+                {"done_total": self.done, "failed_total_by_category": self.failed_by_category},
+                list(self.durations),
+                read_gpus(self.inventory),
+            )
         except OSError as exc:
             logger.warning("metrics.write_failed error={}", exc)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import os
 import queue
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from loguru import logger
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserver
 
 from daemon.config import WatchConfig
@@ -37,7 +38,7 @@ def is_job_file_name(name: str) -> bool:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, sink: "queue.Queue[tuple[str, bool]]") -> None:
+    def __init__(self, sink: queue.Queue[tuple[str, bool]]) -> None:
         self.sink = sink
 
     def on_created(self, event: FileSystemEvent) -> None:
@@ -87,22 +88,24 @@ class InboxWatcher:
         self.inbox = Path(inbox)
         self.config = config
         self.clock = clock
-        self._hints: "queue.Queue[tuple[str, bool]]" = queue.Queue()
+        self._hints: queue.Queue[tuple[str, bool]] = queue.Queue()
         self._seen: dict[Path, _Seen] = {}
-        self._observer = None
+        self._observer: BaseObserver | None = None
         self._last_scan = float("-inf")
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
+        observer: BaseObserver
         if self.config.mode == "polling":
-            self._observer = PollingObserver(timeout=self.config.poll_interval_seconds)
+            observer = PollingObserver(timeout=self.config.poll_interval_seconds)
         else:
             _shorten_move_pairing()
-            self._observer = Observer()
-        self._observer.schedule(_Handler(self._hints), str(self.inbox), recursive=False)
-        self._observer.daemon = True
-        self._observer.start()
+            observer = Observer()
+        self._observer = observer
+        observer.schedule(_Handler(self._hints), str(self.inbox), recursive=False)
+        observer.daemon = True
+        observer.start()
         logger.info("watch.started inbox={} mode={}", self.inbox, self.config.mode)
 
     def stop(self) -> None:

@@ -23,8 +23,8 @@ from loguru import logger
 from daemon.errors import Category, JobError, JobInterrupted
 from daemon.models import LocatedModel
 from daemon.worker.cache import Loaded, PipelineCache, weights_mb
-from daemon.worker.media import encode_mp4, fit_image, probe_video, raise_if_disk_full, write_poster_frame
-from daemon.worker.protocol import DeviceInfo, JobPayload, JobResult, Report, VideoFacts
+from daemon.worker.media import encode_mp4, fit_image, raise_if_disk_full, video_facts, write_poster_frame
+from daemon.worker.protocol import DeviceInfo, JobPayload, JobResult, Report
 
 
 @dataclass
@@ -43,9 +43,16 @@ def _never() -> bool:
 class DiffusersWanBackend:
     """Wan2.2 through diffusers ``WanPipeline`` / ``WanImageToVideoPipeline``, pipelines kept warm (LRU)."""
 
-    def __init__(self, *, device: str = "auto", allow_cpu_for_real_models: bool = False,
-                 max_cached_pipelines: int = 1, models_dir: Path, cache_budget_mb: float | None = None,
-                 cpu_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        allow_cpu_for_real_models: bool = False,
+        max_cached_pipelines: int = 1,
+        models_dir: Path,
+        cache_budget_mb: float | None = None,
+        cpu_threads: int | None = None,
+    ) -> None:
         import torch
 
         # Imported now, not at the first job: diffusers' lazy pipeline imports cost about a second.
@@ -56,8 +63,11 @@ class DiffusersWanBackend:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if device == "cuda" and not torch.cuda.is_available():
-            raise JobError(Category.INSUFFICIENT_VRAM, "worker.device is cuda but torch sees no CUDA device",
-                           ["Install a CUDA build of torch (see README) or set worker.device: auto"])
+            raise JobError(
+                Category.INSUFFICIENT_VRAM,
+                "worker.device is cuda but torch sees no CUDA device",
+                ["Install a CUDA build of torch (see README) or set worker.device: auto"],
+            )
         self.device = device
         if device == "cpu" and cpu_threads:
             # Several workers on one host's cores: each keeps to its share instead of all of them spinning
@@ -65,9 +75,11 @@ class DiffusersWanBackend:
             torch.set_num_threads(cpu_threads)
         self.allow_cpu_for_real_models = allow_cpu_for_real_models
         self.models_dir = Path(models_dir)
-        self._cache = PipelineCache(max_entries=max_cached_pipelines,
-                                    budget_mb=cache_budget_mb or self._default_budget_mb(),
-                                    release=self._release)
+        self._cache = PipelineCache(
+            max_entries=max_cached_pipelines,
+            budget_mb=cache_budget_mb or self._default_budget_mb(),
+            release=self._release,
+        )
         self.evicted: list[str] = []  # model folders evicted while loading the current job's
 
     def _default_budget_mb(self) -> float:
@@ -94,8 +106,12 @@ class DiffusersWanBackend:
         return DeviceInfo(
             device=self.device,
             device_name=torch.cuda.get_device_name(0) if self.device == "cuda" else platform.processor() or "cpu",
-            versions={"torch": str(torch.__version__), "diffusers": diffusers.__version__,
-                      "transformers": transformers.__version__, "python": platform.python_version()},
+            versions={
+                "torch": str(torch.__version__),
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+                "python": platform.python_version(),
+            },
             cpu_threads=torch.get_num_threads() if self.device == "cpu" else None,
             vram_total_mb=vram_total,
             vram_free_mb=vram_free,
@@ -110,8 +126,9 @@ class DiffusersWanBackend:
             return {"default": torch.bfloat16, "vae": torch.float32}
         return torch.float32
 
-    def _pipeline(self, model: LocatedModel, kind: str, report: Report,
-                  offload: str = "none", fp8: bool = False) -> tuple[Any, str, float, str]:
+    def _pipeline(
+        self, model: LocatedModel, kind: str, report: Report, offload: str = "none", fp8: bool = False
+    ) -> tuple[Any, str, float, str]:
         path = str(model.path) if model.path else None
         if model.tiny and not path:
             from daemon.worker.tiny import build_tiny
@@ -142,8 +159,9 @@ class DiffusersWanBackend:
             for name in ("transformer", "transformer_2"):
                 module = getattr(pipe, name, None)
                 if module is not None:
-                    module.enable_layerwise_casting(storage_dtype=self.torch.float8_e4m3fn,
-                                                    compute_dtype=self.torch.bfloat16)
+                    module.enable_layerwise_casting(
+                        storage_dtype=self.torch.float8_e4m3fn, compute_dtype=self.torch.bfloat16
+                    )
         self._place(pipe, offload)
         pipe.set_progress_bar_config(disable=True)
         load_seconds = time.perf_counter() - t0
@@ -159,9 +177,13 @@ class DiffusersWanBackend:
             pipe.enable_model_cpu_offload(device=self.device)
         elif offload == "group":
             # Block-level groups with CUDA streams: weights stream in while the previous block computes.
-            pipe.enable_group_offload(onload_device=self.torch.device(self.device),
-                                      offload_device=self.torch.device("cpu"), offload_type="block_level",
-                                      num_blocks_per_group=1, use_stream=True)
+            pipe.enable_group_offload(
+                onload_device=self.torch.device(self.device),
+                offload_device=self.torch.device("cpu"),
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=True,
+            )
         elif offload == "sequential":
             pipe.enable_sequential_cpu_offload(device=self.device)
         else:
@@ -232,18 +254,22 @@ class DiffusersWanBackend:
         try:
             encode_mp4(frames, video_tmp, fps=payload.params.fps, quality=payload.params.quality)
             t1 = time.perf_counter()
-            facts = probe_video(video_tmp)
+            video = video_facts(video_tmp)
         except Exception as exc:
             raise_if_disk_full(video_tmp.parent, exc)
             raise
         t2 = time.perf_counter()
         poster_tmp = Path(payload.poster_tmp)
         write_poster_frame(frames, poster_tmp)
-        facts.pop("path")
-        timings = {**result.timings, "encode": round(t1 - t0, 4), "verify": round(t2 - t1, 4),
-                   "poster": round(time.perf_counter() - t2, 4)}
-        return dataclasses.replace(result, timings=timings, video_tmp=str(video_tmp), poster_tmp=str(poster_tmp),
-                                   video=VideoFacts(**facts))
+        timings = {
+            **result.timings,
+            "encode": round(t1 - t0, 4),
+            "verify": round(t2 - t1, 4),
+            "poster": round(time.perf_counter() - t2, 4),
+        }
+        return dataclasses.replace(
+            result, timings=timings, video_tmp=str(video_tmp), poster_tmp=str(poster_tmp), video=video
+        )
 
     def _generate(self, payload: JobPayload, report: Report, should_stop: Callable[[], bool]) -> Generated:
         torch = self.torch
@@ -253,8 +279,10 @@ class DiffusersWanBackend:
                 Category.INSUFFICIENT_VRAM,
                 f"no CUDA GPU: a real Wan2.2 model ({model.name}) on a CPU would take hours and tens of GB of "
                 "RAM per video, so it is refused",
-                ["Run the daemon on a machine with a CUDA GPU and a CUDA build of torch.",
-                 "Set worker.allow_cpu_for_real_models: true to force it anyway."],
+                [
+                    "Run the daemon on a machine with a CUDA GPU and a CUDA build of torch.",
+                    "Set worker.allow_cpu_for_real_models: true to force it anyway.",
+                ],
             )
         timings: dict[str, float] = {}
         self.evicted = []
@@ -284,8 +312,12 @@ class DiffusersWanBackend:
         pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config, flow_shift=params.flow_shift)
 
         kwargs: dict[str, Any] = dict(
-            prompt=params.prompt, negative_prompt=params.negative_prompt, height=params.height,
-            width=params.width, num_frames=params.frames, num_inference_steps=params.steps,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            height=params.height,
+            width=params.width,
+            num_frames=params.frames,
+            num_inference_steps=params.steps,
             guidance_scale=params.guidance_scale,
             generator=torch.Generator(device="cpu").manual_seed(params.seed),
         )
@@ -294,6 +326,8 @@ class DiffusersWanBackend:
         if params.pipeline == "i2v":
             from PIL import Image
 
+            if payload.input_image is None:  # intake copies the image of every i2v job into its spool folder
+                raise JobError(Category.INTERNAL, "an image-to-video job arrived without its input image")
             with Image.open(payload.input_image) as img:
                 kwargs["image"] = fit_image(img.convert("RGB"), params.width, params.height)
 
@@ -338,14 +372,18 @@ class DiffusersWanBackend:
         # An interrupt that lands now is too late to save anything: the video is made, it gets written.
         report("encoding")
         peak_vram = torch.cuda.max_memory_allocated() // (1 << 20) if self.device == "cuda" else None
-        return Generated(payload, frames, JobResult(
-            device=self.device,
-            model_path=model_path,
-            model_cache=cache_state,
-            timings={k: round(v, 4) for k, v in timings.items()},
-            optimizations_applied=optimizations,
-            peak_vram_usage_mb=peak_vram,
-            peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            models_evicted=list(self.evicted),
-            frames_generated=int(frames.shape[0]),
-        ))
+        return Generated(
+            payload,
+            frames,
+            JobResult(
+                device=self.device,
+                model_path=model_path,
+                model_cache=cache_state,
+                timings={k: round(v, 4) for k, v in timings.items()},
+                optimizations_applied=optimizations,
+                peak_vram_usage_mb=peak_vram,
+                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                models_evicted=list(self.evicted),
+                frames_generated=int(frames.shape[0]),
+            ),
+        )

@@ -52,11 +52,11 @@ class PipelineCache:
         """Evict, least recently used first, until a pipeline of ``size_mb`` fits the budget and the count
         limit. Returns the model folders evicted."""
         evicted: list[str] = []
-        while self._entries and (len(self._entries) >= self.max_entries
-                                 or self.held_mb() + size_mb > self.budget_mb):
+        while self._entries and (len(self._entries) >= self.max_entries or self.held_mb() + size_mb > self.budget_mb):
             old_key, old = self._entries.popitem(last=False)
-            logger.info("worker.pipeline_evicted path={} size_mb={:.0f} budget_mb={:.0f}", old_key, old.size_mb,
-                        self.budget_mb)
+            logger.info(
+                "worker.pipeline_evicted path={} size_mb={:.0f} budget_mb={:.0f}", old_key, old.size_mb, self.budget_mb
+            )
             evicted.append(old.model_path)
             del old
             self.release()

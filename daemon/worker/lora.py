@@ -13,8 +13,9 @@ import os
 import stat
 import warnings
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from daemon.errors import Category, JobError, classify_exception
 from daemon.jobspec.lora import EXPERT_COMPONENTS, ResolvedLora, adapter_name
@@ -44,7 +45,7 @@ class LoraManager:
     def __init__(self, max_adapters: int = 8) -> None:
         self.max_adapters = max(1, int(max_adapters))
         self._verified: set[str] = set()  # sha256s checked against the file content
-        self._lru: "OrderedDict[tuple[str, str], None]" = OrderedDict()  # (component, adapter name)
+        self._lru: OrderedDict[tuple[str, str], None] = OrderedDict()  # (component, adapter name)
 
     @staticmethod
     def adapters_on(pipe: Any) -> dict[str, list[str]]:
@@ -67,8 +68,11 @@ class LoraManager:
                 raise lora_error(f"unknown LoRA expert {expert!r}")
             for comp in EXPERT_COMPONENTS[expert]:
                 if getattr(pipe, comp, None) is None:
-                    raise lora_error(f"LoRA {Path(entry['path']).name}: expert {expert!r} needs {comp}, which "
-                                     "this pipeline does not have (one-transformer model)", "Use expert: high.")
+                    raise lora_error(
+                        f"LoRA {Path(entry['path']).name}: expert {expert!r} needs {comp}, which "
+                        "this pipeline does not have (one-transformer model)",
+                        "Use expert: high.",
+                    )
             if strength == 0:
                 continue
             name = adapter_name(entry["sha256"])
@@ -105,7 +109,9 @@ class LoraManager:
     def _evict(self, pipe: Any, wanted: dict[str, list[tuple[str, float]]]) -> None:
         for comp in ("transformer", "transformer_2"):
             model = getattr(pipe, comp, None)
-            names = list(getattr(model, "peft_config", None) or {}) if model is not None else []
+            if model is None:  # a one-transformer pipeline: nothing loaded there to evict
+                continue
+            names = list(getattr(model, "peft_config", None) or {})
             excess = len(names) - self.max_adapters
             if excess <= 0:
                 continue
@@ -135,8 +141,9 @@ class LoraManager:
                 while chunk := fh.read(1 << 20):
                     digest.update(chunk)
             if digest.hexdigest() != sha:
-                raise lora_error(f"LoRA {label} changed after the job was accepted (sha256 differs)",
-                                 "Submit the job again.")
+                raise lora_error(
+                    f"LoRA {label} changed after the job was accepted (sha256 differs)", "Submit the job again."
+                )
             self._verified.add(sha)
         source: Any = str(path)
         keys = read_safetensors_keys(path)
@@ -168,8 +175,9 @@ class LoraManager:
             classified = classify_exception(exc)
             if classified.category in (Category.OUT_OF_MEMORY, Category.DISK_FULL):
                 raise classified from exc
-            raise lora_error(f"diffusers could not load LoRA {label} into {comp}: {type(exc).__name__}: "
-                             f"{str(exc)[:500]}") from exc
+            raise lora_error(
+                f"diffusers could not load LoRA {label} into {comp}: {type(exc).__name__}: {str(exc)[:500]}"
+            ) from exc
         model = getattr(pipe, comp)
         if name not in (getattr(model, "peft_config", None) or {}):
             raise lora_error(f"LoRA {label}: diffusers found no weights for the Wan transformer in it")

@@ -23,7 +23,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from daemon.errors import JobInterrupted, classify_exception
 from daemon.worker.protocol import (
@@ -81,7 +81,7 @@ def _failed(job_id: str, exc: BaseException, *, while_: str = "") -> Failed:
 class _Finisher:
     """One thread that finishes jobs (encode, verify, poster) one at a time, in order."""
 
-    def __init__(self, backend: Backend, events: _Events) -> None:
+    def __init__(self, backend: Backend[Any], events: _Events) -> None:
         self.backend = backend
         self.events = events
         self._thread: threading.Thread | None = None
@@ -105,8 +105,19 @@ class _Finisher:
         self.events.put(Done(job_id, result))
 
 
-def _make_backend(config: WorkerConfig) -> Backend:
-    kwargs = dict(
+class _BackendKwargs(TypedDict):
+    """What every backend's constructor is given (stand-ins take these too, and may ignore some)."""
+
+    device: str
+    allow_cpu_for_real_models: bool
+    max_cached_pipelines: int
+    models_dir: Path
+    cache_budget_mb: float | None
+    cpu_threads: int | None
+
+
+def _make_backend(config: WorkerConfig) -> Backend[Any]:
+    kwargs = _BackendKwargs(
         device=config.device,
         allow_cpu_for_real_models=config.allow_cpu_for_real_models,
         max_cached_pipelines=config.max_cached_pipelines,
@@ -155,8 +166,11 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
     from loguru import logger
 
     logger.remove()
-    logger.add(sys.stderr, level=cfg.log_level,
-               format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | worker[{process}] | {message}")
+    logger.add(
+        sys.stderr,
+        level=cfg.log_level,
+        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | worker[{process}] | {message}",
+    )
     import diffusers
     import huggingface_hub.utils
     import imageio

@@ -40,8 +40,20 @@ def probe_video(path: Path) -> dict[str, Any]:
     import imageio_ffmpeg
     from imageio_ffmpeg._parsing import parse_ffmpeg_header
 
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-map", "0:v:0",
-           "-c", "copy", "-f", "null", "-"]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-hide_banner",
+        "-nostdin",
+        "-i",
+        str(path),
+        "-map",
+        "0:v:0",
+        "-c",
+        "copy",
+        "-f",
+        "null",
+        "-",
+    ]
     done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     text = done.stdout.decode(errors="ignore")
     if done.returncode != 0:
@@ -108,5 +120,6 @@ def encode_mp4(frames: Any, path: Path, *, fps: int, quality: float) -> None:
 
     with imageio.get_writer(str(path), fps=fps, quality=quality, macro_block_size=16) as writer:
         for frame in frames:
-            writer.append_data(as_uint8(frame))
+            # imageio's stubs type Writer.__enter__ as returning the base class, which lacks append_data.
+            writer.append_data(as_uint8(frame))  # type: ignore[attr-defined]
     fsync_file(path)

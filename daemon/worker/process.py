@@ -8,7 +8,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
@@ -17,7 +17,6 @@ from daemon.ops.inventory import GpuInfo
 from daemon.worker.main import worker_main
 from daemon.worker.protocol import (
     DeviceFree,
-    DeviceInfo,
     Done,
     ErrorInfo,
     Failed,
@@ -27,26 +26,29 @@ from daemon.worker.protocol import (
     Ready,
     WorkerConfig,
     WorkerEvent,
+    WorkerStatus,
     event_from_wire,
     to_wire,
 )
 
-
-@dataclass
-class WorkerStatus:
-    state: str = "stopped"  # stopped | starting | ready | busy | backoff
-    pid: int | None = None  # the worker process's (from its Ready event once it is up)
-    info: DeviceInfo | None = None  # what its backend said about the device (Ready.info)
-    job_id: str | None = None
-    restarts: int = 0
-    last_fatal: str | None = None  # why the worker could not start, if it could not
+if TYPE_CHECKING:
+    from multiprocessing.context import SpawnProcess
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import Event
 
 
 class LocalProcessExecutor:
     """One worker as a local ``spawn`` process, fed through multiprocessing queues."""
 
-    def __init__(self, config: WorkerConfig, *, clock: Callable[[], float], stall_timeout_seconds: float,
-                 start_timeout_seconds: float, gpu: GpuInfo | None = None) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        clock: Callable[[], float],
+        stall_timeout_seconds: float,
+        start_timeout_seconds: float,
+        gpu: GpuInfo | None = None,
+    ) -> None:
         self.config = config
         self.name = config.worker_name
         self.gpu = gpu
@@ -59,10 +61,11 @@ class LocalProcessExecutor:
         self.clock = clock
         self.ctx = mp.get_context("spawn")
         self.status = WorkerStatus()
-        self._proc = None
-        self._jobs = None
-        self._events = None
-        self._interrupt = None
+        # Set by start(), cleared together by _close(): all four, or none.
+        self._proc: SpawnProcess | None = None
+        self._jobs: Queue[Any] | None = None
+        self._events: Queue[Any] | None = None
+        self._interrupt: Event | None = None
         self._last_heard = 0.0
         self._respawn_at = 0.0
         self._failures_in_a_row = 0
@@ -73,9 +76,11 @@ class LocalProcessExecutor:
         self._jobs = self.ctx.Queue()
         self._events = self.ctx.Queue()
         self._interrupt = self.ctx.Event()
-        self._proc = self.ctx.Process(target=worker_main,
-                                      args=(to_wire(self.config), self._jobs, self._events, self._interrupt),
-                                      name="wan-worker")
+        self._proc = self.ctx.Process(
+            target=worker_main,
+            args=(to_wire(self.config), self._jobs, self._events, self._interrupt),
+            name="wan-worker",
+        )
         self._proc.start()
         self.status.state, self.status.pid, self.status.job_id = "starting", self._proc.pid, None
         self._last_heard = self.clock()
@@ -84,6 +89,7 @@ class LocalProcessExecutor:
     def stop(self, timeout: float = 10.0) -> None:
         if self._proc is None:
             return
+        assert self._jobs is not None  # set together with _proc
         if self._proc.is_alive() and self.status.state != "ready":
             self._proc.kill()  # still importing or busy: nothing in it is worth waiting for
             self._proc.join(5)
@@ -141,11 +147,12 @@ class LocalProcessExecutor:
     def note_warm(self, model: str) -> None:
         if model in self.warm:
             self.warm.remove(model)
-        self.warm = [*self.warm, model][-self.config.max_cached_pipelines:]
+        self.warm = [*self.warm, model][-self.config.max_cached_pipelines :]
 
     def submit(self, payload: JobPayload, silence_limit: float | None = None) -> None:
         """Hand a job over. ``silence_limit``: the job's own timeout for going without progress."""
         assert self.ready, "submit only to a ready worker"
+        assert self._jobs is not None and self._interrupt is not None  # a ready worker has been started
         stall = self.stall_timeout_seconds
         self._silence_limit = min(stall, silence_limit or stall)
         self._interrupt.clear()
@@ -160,6 +167,7 @@ class LocalProcessExecutor:
             if self.status.state in ("stopped", "backoff") and now >= self._respawn_at:
                 self.start()
             return []
+        assert self._events is not None  # set together with _proc
         raw: list[dict] = []
         try:
             while True:
@@ -191,23 +199,32 @@ class LocalProcessExecutor:
             logger.error("worker.fatal error={}", ev.error.message)
 
     def _check_liveness(self) -> list[WorkerEvent]:
+        assert self._proc is not None  # poll() checks a worker only while it has a process
         now = self.clock()
         stall = self.stall_timeout_seconds
         reason: JobError | None = None
         if not self._proc.is_alive():
             code = self._proc.exitcode
-            reason = JobError(Category.WORKER_CRASHED,
-                              f"the worker process exited with code {code} while running the job",
-                              details={"exitcode": code})
+            reason = JobError(
+                Category.WORKER_CRASHED,
+                f"the worker process exited with code {code} while running the job",
+                details={"exitcode": code},
+            )
         elif self.status.state == "busy" and now - self._last_heard > self._silence_limit:
-            reason = JobError(Category.TIMEOUT, f"the worker sent no progress for {now - self._last_heard:.0f}s "
-                              f"(limit {self._silence_limit:g}s: the job's timeout or "
-                              f"worker.stall_timeout_seconds); it was killed")
+            reason = JobError(
+                Category.TIMEOUT,
+                f"the worker sent no progress for {now - self._last_heard:.0f}s "
+                f"(limit {self._silence_limit:g}s: the job's timeout or "
+                f"worker.stall_timeout_seconds); it was killed",
+            )
         elif self.status.state == "starting" and now - self._last_heard > self.start_timeout_seconds:
             reason = JobError(Category.TIMEOUT, "the worker did not start in time")
         elif self.finishing and now - min(self.finishing.values()) > stall:
-            reason = JobError(Category.TIMEOUT, f"encoding a finished video took more than "
-                              f"worker.stall_timeout_seconds ({stall:g}s); the worker was killed")
+            reason = JobError(
+                Category.TIMEOUT,
+                f"encoding a finished video took more than "
+                f"worker.stall_timeout_seconds ({stall:g}s); the worker was killed",
+            )
         if reason is None:
             return []
         job_id = self.status.job_id
@@ -220,6 +237,7 @@ class LocalProcessExecutor:
         self.warm = []  # a new process starts cold
         delay = min(60.0, 0.5 * 2 ** (self._failures_in_a_row - 1))
         self._respawn_at = now + delay
-        self.status = WorkerStatus(state="backoff", restarts=self.status.restarts + 1,
-                                   last_fatal=self.status.last_fatal)
+        self.status = WorkerStatus(
+            state="backoff", restarts=self.status.restarts + 1, last_fatal=self.status.last_fatal
+        )
         return [Failed(lost_id, ErrorInfo.of(reason), synthetic=True) for lost_id in lost]

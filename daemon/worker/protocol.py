@@ -16,11 +16,10 @@ This module imports no torch, no diffusers: the daemon process imports it.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Protocol, Union
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 from pydantic import Field, TypeAdapter
 from pydantic.dataclasses import dataclass
@@ -213,17 +212,23 @@ class Interrupted:
     type: Literal["interrupted"] = "interrupted"
 
 
-WorkerEvent = Union[Ready, Fatal, Started, Phase, Progress, DeviceFree, Done, Failed, Interrupted]
-JobEvent = Union[Started, Phase, Progress, DeviceFree, Done, Failed, Interrupted]
+WorkerEvent = Ready | Fatal | Started | Phase | Progress | DeviceFree | Done | Failed | Interrupted
 
 _EVENT = TypeAdapter(Annotated[WorkerEvent, Field(discriminator="type")])
 _PAYLOAD = TypeAdapter(JobPayload)
 _CONFIG = TypeAdapter(WorkerConfig)
 
 
-@functools.cache
-def _adapter(cls: type) -> TypeAdapter:
-    return TypeAdapter(cls)
+_ADAPTERS: dict[type, TypeAdapter[Any]] = {}
+
+
+def _adapter(cls: type) -> TypeAdapter[Any]:
+    """The TypeAdapter of a message class, built on its first use. (Two threads may both build one the first
+    time; either result is the same, and a dict write is atomic.)"""
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    return adapter
 
 
 def to_wire(message: Any) -> dict[str, Any]:
@@ -261,7 +266,11 @@ class Generated(Protocol):
     payload: JobPayload
 
 
-class Backend(Protocol):
+#: What a backend's ``generate`` hands to its own ``finish`` (each backend has its own kind).
+G = TypeVar("G", bound=Generated)
+
+
+class Backend(Protocol[G]):
     """Runs jobs on one device inside the worker process. The real one is
     daemon.worker.backend.DiffusersWanBackend; daemon.testing.CueBackend stands in for a GPU in tests.
 
@@ -275,9 +284,9 @@ class Backend(Protocol):
 
     def describe(self) -> DeviceInfo: ...
 
-    def generate(self, payload: JobPayload, report: Report, should_stop: Callable[[], bool]) -> Generated: ...
+    def generate(self, payload: JobPayload, report: Report, should_stop: Callable[[], bool]) -> G: ...
 
-    def finish(self, generated: Generated) -> JobResult: ...
+    def finish(self, generated: G) -> JobResult: ...
 
 
 @dataclass

@@ -32,9 +32,12 @@ class ResourceSampler:
                 self._nvml = None
 
     def _sample(self) -> None:
-        s: dict[str, Any] = {"t": time.monotonic(), "phase": self.phase,
-                             "cpu_percent": self.process.cpu_percent(None),
-                             "rss_mb": self.process.memory_info().rss / (1 << 20)}
+        s: dict[str, Any] = {
+            "t": time.monotonic(),
+            "phase": self.phase,
+            "cpu_percent": self.process.cpu_percent(None),
+            "rss_mb": self.process.memory_info().rss / (1 << 20),
+        }
         if self._nvml is not None:
             pynvml, handle = self._nvml
             try:
@@ -49,7 +52,7 @@ class ResourceSampler:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def __enter__(self) -> "ResourceSampler":
+    def __enter__(self) -> ResourceSampler:
         self._thread = threading.Thread(target=self._run, name="resource-sampler", daemon=True)
         self._thread.start()
         return self
@@ -76,12 +79,16 @@ class ResourceSampler:
         if len(denoise) >= 3:
             mean = sum(s["gpu_util_percent"] for s in denoise) / len(denoise)
             if mean < 50:
-                found.append(f"GPU under-used while denoising (mean {mean:.0f}%): weights streaming in "
-                             "(offload) or a CPU-bound step; a resident mode or faster host memory would help")
+                found.append(
+                    f"GPU under-used while denoising (mean {mean:.0f}%): weights streaming in "
+                    "(offload) or a CPU-bound step; a resident mode or faster host memory would help"
+                )
         loading = [s for s in self.samples if s["phase"] == "loading_model"]
         if len(loading) * self.interval > 30:
-            found.append(f"model loading took about {len(loading) * self.interval:.0f}s: keep the model warm "
-                         "(worker.max_cached_pipelines) or use faster storage for the model cache")
+            found.append(
+                f"model loading took about {len(loading) * self.interval:.0f}s: keep the model warm "
+                "(worker.max_cached_pipelines) or use faster storage for the model cache"
+            )
         if self.samples and "gpu_util_percent" not in self.samples[0]:
             cpu = [s["cpu_percent"] for s in self.samples if s["phase"] == "denoising"]
             if cpu and max(cpu) < 50 * (os.cpu_count() or 1) / 100:

@@ -16,8 +16,7 @@ def cache_config(cache: dict[str, Any], steps: int):
 
     if cache["type"] == "first_block":
         return FirstBlockCacheConfig(threshold=cache["threshold"])
-    return MagCacheConfig(threshold=cache["threshold"], num_inference_steps=steps,
-                          mag_ratios=list(cache["mag_ratios"]))
+    return MagCacheConfig(threshold=cache["threshold"], num_inference_steps=steps, mag_ratios=list(cache["mag_ratios"]))
 
 
 def attention_available(name: str) -> str | None:

@@ -41,32 +41,62 @@ def _build_pipeline(architecture: str):
     torch.manual_seed(0)
     tokenizer = T5Tokenizer(vocab=_VOCAB, extra_ids=0)
     text_encoder = UMT5EncoderModel(
-        UMT5Config(vocab_size=len(_VOCAB), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   relative_attention_num_buckets=8)
+        UMT5Config(
+            vocab_size=len(_VOCAB),
+            d_model=32,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+        )
     )
 
     def transformer(in_channels: int, out_channels: int) -> WanTransformer3DModel:
         return WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_layers=2, num_attention_heads=2, attention_head_dim=16,
-            in_channels=in_channels, out_channels=out_channels, ffn_dim=64, text_dim=32, freq_dim=32,
-            rope_max_seq_len=64, qk_norm="rms_norm_across_heads",
+            patch_size=(1, 2, 2),
+            num_layers=2,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            ffn_dim=64,
+            text_dim=32,
+            freq_dim=32,
+            rope_max_seq_len=64,
+            qk_norm="rms_norm_across_heads",
         )
 
+    experts: tuple[WanTransformer3DModel, WanTransformer3DModel | None]  # (high-noise, low-noise or None)
+    boundary: float | None
+    cls: type[WanPipeline] | type[WanImageToVideoPipeline]
     if architecture == TI2V_5B:
         vae = AutoencoderKLWan(
-            base_dim=4, decoder_base_dim=4, z_dim=48, in_channels=12, out_channels=12, is_residual=True,
-            patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4, dim_mult=[1, 1, 1, 1],
-            num_res_blocks=1, temperal_downsample=[False, True, True],
-            latents_mean=[0.0] * 48, latents_std=[1.0] * 48,
+            base_dim=4,
+            decoder_base_dim=4,
+            z_dim=48,
+            in_channels=12,
+            out_channels=12,
+            is_residual=True,
+            patch_size=2,
+            scale_factor_spatial=16,
+            scale_factor_temporal=4,
+            dim_mult=[1, 1, 1, 1],
+            num_res_blocks=1,
+            temperal_downsample=[False, True, True],
+            latents_mean=[0.0] * 48,
+            latents_std=[1.0] * 48,
         )
         experts, boundary, expand, cls = (transformer(48, 48), None), None, True, WanPipeline
     elif architecture == T2V_SINGLE:  # Wan2.1 1.3B: one transformer, 16-channel VAE, no boundary
-        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
         experts, boundary, expand, cls = (transformer(16, 16), None), None, False, WanPipeline
     else:
-        vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                               temperal_downsample=[False, True, True])
+        vae = AutoencoderKLWan(
+            base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+        )
         in_ch = 36 if architecture == I2V_A14B else 16
         experts = (transformer(in_ch, 16), transformer(in_ch, 16))
         boundary = 0.9 if architecture == I2V_A14B else 0.875
@@ -74,8 +104,16 @@ def _build_pipeline(architecture: str):
         cls = WanImageToVideoPipeline if architecture == I2V_A14B else WanPipeline
     # The published Wan2.2 diffusers repos ship UniPC in flow mode; flow_shift is replaced per job.
     scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
-    return cls(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
-               transformer=experts[0], transformer_2=experts[1], boundary_ratio=boundary, expand_timesteps=expand)
+    return cls(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=scheduler,
+        transformer=experts[0],
+        transformer_2=experts[1],
+        boundary_ratio=boundary,
+        expand_timesteps=expand,
+    )
 
 
 def is_built(folder: Path) -> bool:
@@ -102,10 +140,17 @@ def build_tiny(name: str, models_dir: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         pipe = _build_pipeline(info.architecture)
         pipe.save_pretrained(staging)
-        (staging / MARKER).write_text(json.dumps({
-            "version": BUILD_VERSION, "name": name, "architecture": info.architecture,
-            "note": "random weights: videos made with this model are noise; for testing only",
-        }, indent=2))
+        (staging / MARKER).write_text(
+            json.dumps(
+                {
+                    "version": BUILD_VERSION,
+                    "name": name,
+                    "architecture": info.architecture,
+                    "note": "random weights: videos made with this model are noise; for testing only",
+                },
+                indent=2,
+            )
+        )
         with contextlib.suppress(FileNotFoundError):
             shutil.rmtree(folder)
         os.rename(staging, folder)
