@@ -3,7 +3,8 @@
 One worker (:func:`pick_next`): highest priority first, FIFO (intake order) within a priority; a job
 waiting out a retry backoff (``not_before`` in the future) is skipped until its time comes.
 
-Several workers (:func:`assign`), each a :class:`Slot` (a GPU with its free memory, or a CPU):
+Several workers (:func:`assign` on a list, :func:`assign_from` on a :class:`ReadyQueue`), each a :class:`Slot`
+(a GPU with its free memory, or a CPU):
 
 1. Ready jobs (``not_before <= now``) are ranked by :func:`effective_priority` (descending), then intake
    order. Aging makes a waiting job climb linearly so that it reaches the top priority present within
@@ -24,22 +25,43 @@ Several workers (:func:`assign`), each a :class:`Slot` (a GPU with its free memo
 A job that fits no GPU even when empty (:func:`fits_nowhere`) stays queued in :func:`assign`; the daemon
 fails it with ``insufficient_vram`` and :func:`insufficient_vram_message`.
 
-Cost: ranking is O(n log n) in the queue length n; placing is O(n * S) with S slots (the GPUs, a small
-constant), one ``plan`` call per (job, slot) tried. So :func:`assign` is O(n log n) in the queue length.
+Window: :func:`assign_from` applies these rules to a bounded set of candidates: the first ``window`` (256)
+ready jobs in rank order, plus the first ready jobs of each model warm on a free slot (one per such slot), so
+that affinity still finds a warm job deeper in the queue; with at most ``window`` ready jobs it decides as
+:func:`assign`. A deeper job waits for a later decision (each job end and tick makes one). The rules would
+start it now only if the ``window`` jobs above it could not use the few free slots (they wait for memory;
+each fits an empty GPU, or the daemon failed it), so what is lost is backfilling far behind them; it moves
+up as they start, and once it has waited the aging bound no newer job ranks above it.
+
+Cost: :func:`assign` ranks the whole list, O(n log n) for n queued, then places with one ``plan`` call per
+(job, slot) tried (S slots, a small constant). A :class:`ReadyQueue` keeps the order instead (O(log n) per
+add or discard); :func:`assign_from` reads its window in O(m + W log m) (m: (priority, model) pairs
+present; W: the window) and places in O(W * S), whatever n.
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple, TypeGuard
+from typing import NamedTuple
 
 from daemon.jobs import JobRecord, JobState
 from daemon.memory import MODES, JobDemand, Plan
-
-PRIORITY_MIN, PRIORITY_MAX = -1000, 1000  # daemon/spec.py JobSpec.priority bounds
-PRIORITY_SPAN = PRIORITY_MAX - PRIORITY_MIN
+from daemon.ranking import (  # noqa: F401  (re-exported: the scheduler's vocabulary)
+    PRIORITY_MAX,
+    PRIORITY_MIN,
+    PRIORITY_SPAN,
+    WINDOW,
+    Ranked,
+    ReadyQueue,
+    _aging_on,
+    _rank_pairs,
+    effective_priority,
+    rank,
+    waited,
+)
 
 
 def order_key(record: JobRecord) -> tuple[int, int]:
@@ -49,35 +71,6 @@ def order_key(record: JobRecord) -> tuple[int, int]:
 def pick_next(queued: Iterable[JobRecord], now: float) -> JobRecord | None:
     ready = [r for r in queued if r.state is JobState.QUEUED and r.not_before <= now]
     return min(ready, key=order_key, default=None)
-
-
-# ---- aging ------------------------------------------------------------------------------------------
-
-
-def _aging_on(aging_bound_seconds: float | None) -> TypeGuard[float]:
-    return aging_bound_seconds is not None and 0 < aging_bound_seconds < math.inf
-
-
-def waited(record: JobRecord, now: float) -> float:
-    since = record.queued_at if record.queued_at is not None else record.received_at
-    return max(0.0, now - since)
-
-
-def effective_priority(
-    record: JobRecord, now: float, aging_bound_seconds: float | None, *, span: float | None = None
-) -> float:
-    """``priority + waited / aging_bound * span``.
-
-    ``span`` is the priority distance aging must cover within the bound. Default :data:`PRIORITY_SPAN`
-    (2000, the whole allowed range): every job then reaches the top possible priority within the bound,
-    whatever else arrives. :func:`assign` passes the span of the priorities actually waiting (max - min),
-    so that with priorities 0 and 10 a priority-0 job overtakes fresh priority-10 jobs after the bound,
-    not after bound/200. Aging is off (plain priority) when the bound is None, 0 or infinite.
-    """
-    if not _aging_on(aging_bound_seconds):
-        return float(record.priority)
-    span = PRIORITY_SPAN if span is None else span
-    return record.priority + waited(record, now) / aging_bound_seconds * span
 
 
 # ---- assignment ---------------------------------------------------------------------------------------
@@ -110,27 +103,17 @@ def _plan_rank(plan: Plan | None) -> tuple[int, int, int]:
     return (int(plan.fp8), MODES.index(plan.mode) if plan.mode in MODES else len(MODES), int(plan.vae_tiling))
 
 
-def assign(
-    queued: list[JobRecord],
+def _decide(
+    ranked: Ranked,
     slots: list[Slot],
     now: float,
-    *,
     aging_bound_seconds: float | None,
     demand: Callable[[JobRecord], JobDemand | None],
     plan: Callable[[JobDemand, int], Plan | None],
 ) -> list[Assignment]:
-    """Jobs to start now, each on its own slot, in assignment order (see the module doc for the rules).
-
-    ``demand(record)`` -> the job's :class:`daemon.memory.JobDemand`, or None when unknown (then any slot
-    takes it, without a plan; the out-of-memory ladder is the safety net). ``plan(demand, free_mb)`` ->
-    a :class:`daemon.memory.Plan` that fits, or None (e.g. ``functools.partial(memory.plan_for, ...)``).
-    """
-    ready = [r for r in queued if r.state is JobState.QUEUED and r.not_before <= now]
-    if not ready or not slots:
+    """The rules of the module doc applied to ``ranked``: (record, effective priority) pairs, best first."""
+    if not ranked or not slots:
         return []
-    span = max(r.priority for r in ready) - min(r.priority for r in ready)
-    eff = {id(r): effective_priority(r, now, aging_bound_seconds, span=span) for r in ready}
-    ready.sort(key=lambda r: (-eff[id(r)], r.seq))
 
     def gpu_key(slot: Slot) -> object:
         return ("gpu", slot.gpu_index) if slot.gpu_index is not None else ("worker", slot.worker)
@@ -146,12 +129,10 @@ def assign(
     out: list[Assignment] = []
 
     def demand_of(r: JobRecord) -> JobDemand | None:
-        if id(r) not in demands:
-            demands[id(r)] = demand(r)
-        return demands[id(r)]
+        return demands[id(r)] if id(r) in demands else demands.setdefault(id(r), demand(r))
 
     def options(r: JobRecord, warm_only: bool) -> list[tuple[tuple, int, Slot, Plan | None]]:
-        d, name = demand_of(r), _model_name(r)
+        name = _model_name(r)
         found: list[tuple[tuple, int, Slot, Plan | None]] = []
         for n, s in enumerate(free_slots):
             warm = name is not None and name in s.warm_models
@@ -162,6 +143,7 @@ def assign(
                 continue
             if gpu_key(s) in reserved:
                 continue
+            d = demand_of(r)  # asked only when a GPU slot is tried: the affinity pass skips cold jobs cheaply
             p = plan(d, gpu_free[gpu_key(s)]) if d is not None else None
             if d is not None and p is None:
                 continue
@@ -191,14 +173,13 @@ def assign(
                 reserved.add(gpu_key(s))
 
     i = 0
-    while i < len(ready) and free_slots:
-        bucket = math.floor(eff[id(ready[i])])
+    while i < len(ranked) and free_slots:
+        bucket = math.floor(ranked[i][1])
         j = i
-        while j < len(ready) and math.floor(eff[id(ready[j])]) == bucket:
+        while j < len(ranked) and math.floor(ranked[j][1]) == bucket:
             j += 1
-        group = ready[i:j]
         # Model affinity first: within the bucket, jobs whose model is warm on a free slot that admits them.
-        left = [r for r in group if not (free_slots and place(r, warm_only=True))]
+        left = [r for r, _ in ranked[i:j] if not (free_slots and place(r, warm_only=True))]
         for r in left:
             if not free_slots:
                 break
@@ -206,6 +187,44 @@ def assign(
                 reserve(r)
         i = j
     return out
+
+
+def assign(
+    queued: list[JobRecord],
+    slots: list[Slot],
+    now: float,
+    *,
+    aging_bound_seconds: float | None,
+    demand: Callable[[JobRecord], JobDemand | None],
+    plan: Callable[[JobDemand, int], Plan | None],
+) -> list[Assignment]:
+    """Jobs to start now, each on its own slot, in assignment order (see the module doc for the rules).
+
+    ``demand(record)`` -> the job's :class:`daemon.memory.JobDemand`, or None when unknown (then any slot
+    takes it, without a plan; the out-of-memory ladder is the safety net). ``plan(demand, free_mb)`` ->
+    a :class:`daemon.memory.Plan` that fits, or None (e.g. ``functools.partial(memory.plan_for, ...)``).
+    Both must be pure. Ranks the whole list: O(n log n); :func:`assign_from` is the bounded form.
+    """
+    ranked = _rank_pairs(queued, now, aging_bound_seconds) if slots else []
+    return _decide(ranked, slots, now, aging_bound_seconds, demand, plan)
+
+
+def assign_from(
+    queue: ReadyQueue,
+    slots: list[Slot],
+    now: float,
+    *,
+    aging_bound_seconds: float | None,
+    demand: Callable[[JobRecord], JobDemand | None],
+    plan: Callable[[JobDemand, int], Plan | None],
+    window: int = WINDOW,
+) -> list[Assignment]:
+    """:func:`assign`'s rules applied to the window of ``queue`` (module doc, "Window"): the first ``window``
+    ranked ready jobs, plus the first ready jobs of each model warm on a free slot (as many as the free slots
+    where it is warm). Equal to ``assign(all queued, ...)`` whenever the ready jobs fit in the window."""
+    warm = Counter(m for s in slots for m in s.warm_models)
+    ranked = queue.window(now, aging_bound_seconds, window, warm) if slots else []
+    return _decide(ranked, slots, now, aging_bound_seconds, demand, plan)
 
 
 # ---- jobs no GPU can hold -------------------------------------------------------------------------

@@ -257,6 +257,7 @@ PURE_TOP_LEVEL = (
     "daemon.models",
     "daemon.memory",
     "daemon.scheduler",
+    "daemon.ranking",
     "daemon.policy",
     "daemon.speed",
     "daemon.jobs",

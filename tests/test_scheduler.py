@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from functools import partial
 
 import pytest
 from factories import make_record
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from daemon.jobs import JobRecord, JobState
 from daemon.memory import JobDemand, Plan, plan_for, strongest_estimate_mb
 from daemon.models import T2V_A14B, TI2V_5B
 from daemon.scheduler import (
     PRIORITY_SPAN,
+    WINDOW,
+    ReadyQueue,
     Slot,
     assign,
+    assign_from,
     effective_priority,
     fits_nowhere,
     insufficient_vram_message,
     pick_next,
+    rank,
 )
 
 HOUR = 3600.0
@@ -327,3 +335,171 @@ def test_real_planner_end_to_end():
     best = strongest_estimate_mb(d)
     msg = insufficient_vram_message(d, [8 * GIB], best)
     assert f"{best} MiB" in msg and "8192 MiB" in msg and "1280x720" in msg and "81 frames" in msg
+
+
+# ---- the ready queue: the same order and decisions, bounded work ----------------------------------------
+
+MODELS = ("m1", "m2", "m3")
+times = st.one_of(st.sampled_from([0.0, 1.0, 2.5, 10.0, 3600.0]), st.floats(0, 1e4))
+bounds = st.one_of(st.sampled_from([None, 0, math.inf, 1.0, 60.0, HOUR]), st.floats(0.5, 1e5))
+
+
+@st.composite
+def queued_records(draw, max_size=30):
+    """Queued records with unique ids and seqs: few priorities and times (ties), any not_before, some
+    records without queued_at (waited() then counts from received_at)."""
+    n = draw(st.integers(0, max_size))
+    seqs = draw(st.lists(st.integers(0, 10**6), min_size=n, max_size=n, unique=True))
+    out = []
+    for i, seq in enumerate(seqs):
+        received = draw(times)
+        queued_at = draw(st.one_of(st.none(), times))
+        out.append(
+            rec(
+                f"j{i}",
+                seq,
+                priority=draw(st.sampled_from([-1000, -3, 0, 0, 2, 7, 1000])),
+                model=draw(st.sampled_from(MODELS)),
+                need=draw(st.sampled_from([None, 1000, 20000, 50000, 90000])),
+                not_before=draw(st.one_of(st.just(0.0), times)),
+            ).model_copy(update={"queued_at": queued_at, "received_at": received})
+        )
+    return out
+
+
+def queue_of(records) -> ReadyQueue:
+    q = ReadyQueue()
+    for r in records:
+        q.add(r)
+    return q
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(queued_records(), st.lists(st.tuples(times, bounds), min_size=1, max_size=4))
+def test_ready_queue_ranks_as_assign(records, decisions):
+    # Several decisions on one queue: ``now`` may also go back (backoff jobs then wait again).
+    q = queue_of(records)
+    for now, bound in decisions:
+        assert [r.id for r in q.ranked(now, bound)] == [r.id for r in rank(records, now, bound)]
+        for model in MODELS:
+            expected = [r.id for r in rank(records, now, bound) if r.model.name == model][:2]
+            assert [r.id for r in q.heads([model], now, bound, per_model=2)[model]] == expected
+
+
+@pytest.mark.parametrize(
+    "since_a,since_b,now,expected",
+    [
+        (1.0, 2.0, 100.0, ["c", "a", "b"]),  # aging: the one queued first goes first, whatever its seq
+        (5.0, 6.0, 1.0, ["c", "b", "a"]),  # both "queued" after now (the clock went back): no wait, by seq
+        (0.0, 1e-300, 100.0, ["c", "b", "a"]),  # distinct times, one float effective priority: by seq
+    ],
+)
+def test_ready_queue_ties_within_a_priority_go_by_seq(since_a, since_b, now, expected):
+    records = [rec("a", 2, queued_at=since_a), rec("b", 1, queued_at=since_b), rec("c", 3, priority=1, queued_at=now)]
+    assert [r.id for r in rank(records, now, HOUR)] == expected
+    assert [r.id for r in queue_of(records).ranked(now, HOUR)] == expected
+
+
+slot_lists = st.lists(
+    st.one_of(
+        st.builds(
+            lambda n, free, warm, total: Slot(f"g{n}", n % 2, free, frozenset(warm), total),
+            st.integers(0, 3),
+            st.sampled_from([500, 10000, 30000, 60000, 100000]),
+            st.sets(st.sampled_from(MODELS), max_size=2),
+            st.sampled_from([None, 100000]),
+        ),
+        st.builds(lambda warm: cpu("cpu", warm=warm), st.sets(st.sampled_from(MODELS), max_size=1)),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(queued_records(), slot_lists, times, bounds)
+def test_assign_from_decides_as_assign_within_the_window(records, slots, now, bound):
+    kw = dict(aging_bound_seconds=bound, demand=demand, plan=plan)
+    assert assign_from(queue_of(records), slots, now, **kw) == assign(records, slots, now, **kw)
+
+
+@pytest.mark.parametrize(
+    "window,warm,expected",
+    [
+        # The whole queue in the window: as assign ("big2" fits neither free GPU, "small" backfills g1).
+        (4, (), [("big1", "g0"), ("small", "g1")]),
+        (4, {"m2"}, [("big1", "g0"), ("warm", "g1")]),  # affinity within the bucket, as assign
+        # Window 2: the jobs deeper than "big1" and "big2" wait for a later decision ...
+        (2, (), [("big1", "g0")]),
+        # ... except the first job of a model warm on a free slot: affinity looks past the window.
+        (2, {"m2"}, [("big1", "g0"), ("warm", "g1")]),
+    ],
+)
+def test_window_keeps_the_first_jobs_and_the_warm_heads(window, warm, expected):
+    queue = [
+        rec("big1", 1, priority=5, need=50000),
+        rec("big2", 2, priority=5, need=50000),
+        rec("small", 3, need=1000),
+        rec("warm", 4, need=1000, model="m2"),
+    ]
+    slots = [gpu("g0", 60000), gpu("g1", 20000, warm=warm)]
+    kw = dict(aging_bound_seconds=HOUR, demand=demand, plan=plan)
+    got = assign_from(queue_of(queue), slots, 0.0, window=window, **kw)
+    assert [(a.record.id, a.slot.worker) for a in got] == expected
+    if window >= len(queue):
+        assert got == assign(queue, slots, 0.0, **kw)
+
+
+def many(n: int) -> list[JobRecord]:
+    """n queued jobs (11 priorities, 3 models, one a second), each needing 60000 MiB."""
+    bases = [rec("j", 0, need=60000, model=m) for m in MODELS]
+    update = lambda i: {"id": f"j{i}", "seq": i, "priority": i % 11 - 5, "queued_at": float(i)}  # noqa: E731
+    return [bases[i % 3].model_copy(update=update(i)) for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [10_000, 100_000])
+def test_a_decision_reads_a_bounded_window(n):
+    records, calls = many(n), Counter()
+
+    def counted(name, f):
+        return lambda *a: (calls.update([name]), f(*a))[1]
+
+    kw = dict(aging_bound_seconds=HOUR, demand=counted("demand", demand), plan=counted("plan", plan))
+    q, now, warm = queue_of(records), float(n), {"m2", "m3"}
+    # One free slot that fits no job: every candidate is tried (the worst case), but only the window's.
+    tiny = [gpu("g0", 500, warm=warm)]
+    assert assign_from(q, tiny, now, **kw) == []
+    assert calls["demand"] <= WINDOW + len(warm) and calls["plan"] <= 2 * (WINDOW + len(warm))
+    # A slot that fits: the top job goes (the oldest of priority 5, which aging does not overtake).
+    calls.clear()
+    [a] = assign_from(q, [gpu("g0", 80000)], now, **kw)
+    assert a.record.id == "j10" and calls["demand"] == 1
+    if n == 10_000:  # the list form ranks and tries the whole queue
+        assert rank(records, now, HOUR)[0].id == "j10"
+        calls.clear()
+        assert assign(records, tiny, now, **kw) == []
+        assert calls["demand"] == n
+
+
+def test_ready_queue_bookkeeping():
+    q = ReadyQueue()
+    q.add(rec("a", 1, model="m1"))
+    q.add(rec("b", 2, priority=5, not_before=10.0, model="m1"))  # in a retry backoff until 10
+    q.add(rec("c", 3, model="m2"))
+    assert len(q) == 3 and "b" in q and "z" not in q and q.get("c").id == "c" and q.get("z") is None
+    assert q.by_priority() == {0: 2, 5: 1}
+    ids = lambda now: [r.id for r in q.ranked(now, HOUR)]  # noqa: E731
+    assert ids(5.0) == ["a", "c"] and q.advance(5.0) == 2
+    assert ids(10.0) == ["b", "a", "c"]  # its time has come
+    assert ids(9.0) == ["a", "c"]  # the clock went back: it waits again
+    assert q.heads(["m1", "m2", "m9"], 10.0, HOUR) == {"m1": [q.get("b")], "m2": [q.get("c")], "m9": []}
+    q.add(rec("a", 1, priority=9))  # a changed record replaces the old one
+    assert ids(10.0) == ["a", "b", "c"] and len(q) == 3 and q.by_priority() == {9: 1, 5: 1, 0: 1}
+    q.discard("b")
+    q.discard("b")  # absent: no-op
+    q.add(rec("d", 4, not_before=11.0))  # added after the clock passed 10: waits until 11
+    assert ids(10.0) == ["a", "c"] and ids(11.0) == ["a", "c", "d"]
+    for job in ("a", "c", "d"):
+        q.discard(job)
+    assert len(q) == 0 and q.by_priority() == {} and ids(12.0) == [] and q.advance(12.0) == 0
+    with pytest.raises(ValueError):
+        q.add(rec("r", 5, state=JobState.RUNNING))
