@@ -166,10 +166,13 @@ class InstanceConfig(_Frozen):
 
     @model_validator(mode="after")
     def _grace_outlasts_heartbeats(self) -> InstanceConfig:
+        # The heartbeat thread beats only while the main loop reported progress within half the grace
+        # (daemon.runtime.heartbeat.stuck_after_for): that half must hold more than one heartbeat.
         if self.lease_grace_seconds <= 2 * self.heartbeat_seconds:
             raise ValueError(
                 f"lease_grace_seconds ({self.lease_grace_seconds:g}) must be more than twice "
-                f"heartbeat_seconds ({self.heartbeat_seconds:g}), or live daemons take each other over"
+                f"heartbeat_seconds ({self.heartbeat_seconds:g}), or live daemons take each other over "
+                "(a daemon whose loop makes no progress for half the grace stops heartbeating)"
             )
         return self
 

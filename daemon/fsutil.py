@@ -70,10 +70,11 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644, durable: b
         fsync_dir(path.parent)
 
 
-def atomic_write_json(path: Path, data: Any, *, durable: bool = True) -> None:
-    atomic_write_bytes(
-        path, (json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n").encode(), durable=durable
-    )
+def atomic_write_json(path: Path, data: Any, *, durable: bool = True, compact: bool = False) -> None:
+    """``compact``: one line, for files only programs read, which json encodes in C (with an indent it falls back
+    to its Python encoder, several times slower)."""
+    text = json.dumps(data, indent=None if compact else 2, ensure_ascii=False, default=str)
+    atomic_write_bytes(path, (text + "\n").encode(), durable=durable)
 
 
 def read_json(path: Path) -> Any:
@@ -104,6 +105,25 @@ def publish(tmp: Path, final: Path) -> bool:
         return True
     os.unlink(tmp)
     fsync_dir(Path(final).parent)
+    return True
+
+
+def link_new(tmp: Path, final: Path) -> bool:
+    """Give a finished, fsynced temp file the name ``final`` too, never replacing an existing file; False when
+    ``final`` exists. The temp keeps its name: until the caller removes it, a temp of its own that is the same
+    file as ``final`` marks an unfinished publication (daemon.runtime.outbox repairs one after a crash). The
+    caller fsyncs the folder. Without hard links (SMB, FAT) the temp is renamed instead (after an
+    exclusive-existence check, as in :func:`publish`)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        if os.path.lexists(final):
+            return False
+        os.rename(tmp, final)
     return True
 
 

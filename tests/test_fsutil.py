@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import threading
@@ -51,6 +52,24 @@ def test_publish_never_replaces_an_existing_file(tmp_path):
     assert publish(t2, final) is False
     assert final.read_text() == "first"
     assert not t1.exists() and not t2.exists()
+
+
+def test_publish_without_hard_links_never_replaces_either(tmp_path, monkeypatch):
+    """SMB or FAT (no link()): the fallback still refuses a name that exists, and removes the temp."""
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    final = tmp_path / "out.mp4"
+    t1 = temp_path_for(final)
+    t1.write_bytes(b"first")
+    assert publish(t1, final) is True
+    t2 = temp_path_for(final)
+    t2.write_bytes(b"second")
+    assert publish(t2, final) is False
+    assert final.read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
 
 
 def test_temp_names_are_hidden_and_beside_the_target(tmp_path):

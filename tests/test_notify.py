@@ -154,6 +154,51 @@ def test_warns_again_after_recovery(tmp_path, warnings_logged):
     assert len(warnings_logged) == 2
 
 
+# ---- start-up: a long recovery before READY=1 --------------------------------------------------------
+
+
+@pytest.mark.slow  # starts the daemon's worker process
+def test_a_recovery_extends_the_start_timeout_and_says_recovering_before_ready(tmp_path):
+    """A restart with a big spool: while the records are read, systemd hears EXTEND_TIMEOUT_USEC and
+    STATUS=recovering n/N (so TimeoutStartSec= does not kill the daemon mid-recovery), then READY=1."""
+    import multiprocessing
+
+    from conftest import fast_settings, wait_for
+
+    from daemon.runtime.daemon import Daemon
+
+    settings = fast_settings(tmp_path, tmp_path / "models", instance={"id": "restarted"})
+    earlier = Daemon(settings, backend="daemon.testing:CueBackend")  # the run before the restart
+    jobs = 40
+    for n in range(jobs):
+        job = settings.paths.inbox / f"j{n}.yaml"
+        job.write_text("prompt: sleep=0\n")
+        earlier.claims.take_in(earlier.spool.claim(job))
+    if earlier.history is not None:
+        earlier.history.close()
+
+    address = str(tmp_path / "notify.sock")
+    sock = _bound(address)
+    daemon = Daemon(settings, backend="daemon.testing:CueBackend", notifier=SystemdNotifier(address))
+    try:
+        daemon.start()
+        received = []
+        while not received or not received[-1].startswith(b"READY=1"):
+            received.append(sock.recv(4096))
+    finally:
+        daemon.shutdown()
+        sock.close()
+    wait_for(lambda: not multiprocessing.active_children(), 15, what="the worker to exit")
+    fields = [f.decode() for datagram in received for f in datagram.split(b"\n")]
+    ready = fields.index("READY=1")
+    extend = next((i for i, f in enumerate(fields) if f.startswith("EXTEND_TIMEOUT_USEC=")), None)
+    recovering = next((i for i, f in enumerate(fields) if f.startswith(f"STATUS=recovering 1/{jobs}")), None)
+    assert extend is not None and recovering is not None, fields
+    assert extend < ready and recovering < ready, fields
+    assert int(fields[extend].partition("=")[2]) >= 30_000_000  # a margin, not a tick
+    assert len(daemon.records) == jobs
+
+
 # ---- the systemd units -------------------------------------------------------------------------------
 
 SYNTAX_WORDS = (

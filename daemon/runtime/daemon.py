@@ -1,9 +1,11 @@
 """The daemon: wires watch -> claims/intake -> job book -> placement (scheduler, workers) -> publishing, with
 recovery, leases and status around them, and runs the loop.
 
-One thread makes every decision. ``tick()`` does one round (heartbeat and takeovers, schedules, claim ready
-files, cancels, downloads, worker events, reconcile, dispatch, health); ``run()`` repeats it until
-``request_stop()`` or, with ``until_idle``, until nothing is left to do; ``shutdown()`` drains.
+One thread makes every decision. ``tick()`` does one round (progress for the heartbeat, a lost lease,
+takeovers, schedules, claim ready files, cancels, downloads, worker events, reconcile, dispatch, health);
+``run()`` repeats it until ``request_stop()`` or, with ``until_idle``, until nothing is left to do;
+``shutdown()`` drains. A second thread only beats the lease (daemon.runtime.heartbeat), while the loop
+reports progress.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -27,6 +31,7 @@ from daemon.runtime.autodownload import ModelDownloads
 from daemon.runtime.book import JobBook
 from daemon.runtime.claims import Claims
 from daemon.runtime.disk import DiskGuard
+from daemon.runtime.heartbeat import Heartbeat, stuck_after_for
 from daemon.runtime.intake import Intake
 from daemon.runtime.leases import Lease
 from daemon.runtime.notify import SystemdNotifier
@@ -40,6 +45,18 @@ from daemon.runtime.status import Status
 from daemon.runtime.watch import InboxWatcher
 
 
+@dataclass(frozen=True)
+class Seams:
+    """Slow or stuck steps injected by tests (never from a config), at the points where a real daemon stalls:
+    ``before_tick`` at the top of every tick (a hung loop: it reports no progress meanwhile);
+    ``per_recovered_record`` for every record a recovery reads (a slow spool: progress is reported);
+    ``before_publish(record, video_tmp)`` between the lease check and the outbox's first link (a freeze)."""
+
+    before_tick: Callable[[], None] | None = None
+    per_recovered_record: Callable[[], None] | None = None
+    before_publish: Callable[[JobRecord, Path], None] | None = None
+
+
 class Daemon:
     def __init__(
         self,
@@ -51,9 +68,10 @@ class Daemon:
         backend: str | None = None,
         notifier: SystemdNotifier | None = None,
         inventory: GpuInventory | None = None,
+        seams: Seams | None = None,
     ) -> None:
         """``backend``: "module:Factory" of a stand-in generation backend (daemon.testing), for tests and
-        benchmarks only; None is the real diffusers backend. Users cannot configure it."""
+        benchmarks only; None is the real diffusers backend. Users cannot configure it. ``seams``: see Seams."""
         self.settings = settings
         self.clock = clock
         self._cuda_available = cuda_available
@@ -68,12 +86,14 @@ class Daemon:
             heartbeat_seconds=inst.heartbeat_seconds,
             clock=clock,
         )
+        self.seams = seams or Seams()
+        self.heartbeat = Heartbeat(self.lease, interval=inst.heartbeat_seconds, stuck_after=stuck_after_for(inst))
         self.spool = Spool(self.lease.mine, settings.owner, clock=clock)
         self.disk = DiskGuard([paths.outbox, paths.state], min_free_mb=settings.limits.min_free_mb, clock=clock)
         self.downloads = ModelDownloads(min_free_mb=settings.limits.min_free_mb)
         self.cron = CronSubmitter(list(settings.schedules), state_dir=paths.state, inbox=paths.inbox, clock=clock)
         self._last_cron_tick = float("-inf")
-        self.outbox = Outbox(paths.outbox, owner=settings.owner)
+        self.outbox = Outbox(paths.outbox, owner=settings.owner, abandoned_after=inst.lease_grace_seconds)
         self.watcher = InboxWatcher(paths.inbox, settings.watch, clock=clock)
         self.inventory = inventory or StaticInventory([])
         gpus = [] if settings.worker.device == "cpu" else self.inventory.gpus()
@@ -90,7 +110,9 @@ class Daemon:
             downloads=self.downloads,
             clock=clock,
             rng=rng or random.Random(),
-            on_change=lambda: self.status.write(force=True),
+            on_change=self.status.changed,
+            lease_held=lambda: self.lease.held(),
+            on_lease_lost=lambda: self.recovery.lease_lost(),
             device_of=lambda rec: self.placement.device_of(rec),
         )
         self.publisher = Publisher(
@@ -102,6 +124,7 @@ class Daemon:
             status=self.status,
             clock=clock,
             on_lease_lost=lambda: self.recovery.lease_lost(),
+            before_publish=self.seams.before_publish,
         )
         self.placement = Placement(
             settings,
@@ -122,6 +145,8 @@ class Daemon:
             default_model=self.default_model,
             is_active_id=self.book.is_active_id,
             is_active_basename=self.book.is_active_basename,
+            has_records_from=self.book.has_records_from,
+            lease_held=lambda: self.lease.held(),
             clock=clock,
         )
         self.claims = Claims(
@@ -133,6 +158,8 @@ class Daemon:
             status=self.status,
             history=self.history,
             clock=clock,
+            progress=lambda: self.heartbeat.progress(),
+            on_lease_lost=lambda: self.recovery.lease_lost(),
         )
         self.recovery = Recovery(
             settings,
@@ -144,6 +171,9 @@ class Daemon:
             take_in=self.claims.take_in,
             forget_intake_retries=self.claims.retry.clear,
             clock=clock,
+            status=self.status,
+            progress=self.heartbeat.progress,
+            per_record=self.seams.per_recovered_record,
         )
         self.status.book, self.status.placement, self.status.disk = self.book, self.placement, self.disk
         self.status.watcher, self.status.downloads = self.watcher, self.downloads
@@ -220,20 +250,29 @@ class Daemon:
         )
         self.recovery.check_same_filesystem()
         self.lease.acquire()
-        self.status.write(force=True)
-        self.recovery.recover()
-        self.watcher.start()
-        self.watcher.scan()
-        for worker in self.placement.workers.values():
-            worker.start()
+        self.heartbeat.start()  # before the recovery, however long that takes: it reports progress
+        try:
+            self.status.write(force=True)
+            # The workers start first: they import their libraries (seconds) while the spool is recovered.
+            for worker in self.placement.workers.values():
+                worker.start()
+            self.recovery.recover()
+            self.watcher.start()
+            self.watcher.scan()
+        except BaseException:
+            self.heartbeat.stop()
+            for worker in self.placement.workers.values():
+                worker.stop()
+            raise
         self.status.state = "idle"
         self._started = True
         self.status.write(force=True)
         self.notifier.ready(self.status.status_line())
 
     def tick(self) -> None:
-        if not self.lease.beat():
-            self.recovery.lease_lost()
+        if self.seams.before_tick is not None:
+            self.seams.before_tick()
+        self._keep_lease()
         self.recovery.take_over_the_dead()
         self._fire_schedules()
         paused = self.disk.paused()
@@ -250,6 +289,17 @@ class Daemon:
         if not paused:
             self.placement.dispatch()
         self.placement.wait_for_something(self.watcher)
+        self.status.write()
+
+    def _keep_lease(self) -> None:
+        """Report progress to the heartbeat thread, and step back if the lease was lost: found by a beat, or,
+        when the loop comes back from a stall (no beats meanwhile), checked here before anything is done."""
+        stalled = self.heartbeat.progress()
+        if self.heartbeat.lost or (stalled and not self.lease.held()):
+            self.recovery.lease_lost()
+
+    def _drain_progress(self) -> None:
+        self.heartbeat.progress()
         self.status.write()
 
     def _fire_schedules(self) -> None:
@@ -301,11 +351,12 @@ class Daemon:
         self.notifier.stopping()
         self.notifier.extend_timeout(timeout + 15)  # how long the drain may take, beyond TimeoutStopSec
         self.watcher.stop()
-        self.placement.drain(self.clock() + timeout, self.watcher, heartbeat=self.status.write)
+        self.placement.drain(self.clock() + timeout, self.watcher, heartbeat=self._drain_progress)
         for worker in self.placement.workers.values():
             worker.stop()
         self.status.state = "stopped"
         self.status.write(force=True)
+        self.heartbeat.stop()
         self.lease.release()
         if self.history is not None:
             self.history.close()

@@ -2,14 +2,20 @@
 
 ```
 <state>/owners/<id>/lease        this daemon's heartbeat: its mtime is refreshed while it runs
+<state>/owners/<id>/progress     touched (at most once per heartbeat) when its main loop made progress
 <state>/owners/<id>/files, jobs  its spool (daemon.runtime.spool)
 <state>/takeover/<me>~<dead>~<n> a dead owner's spool, renamed here by the one daemon that won it
 ```
 
 - Locks are not trusted over NFS/SMB, so ownership is a lease: a file whose mtime the owner refreshes
-  every ``heartbeat_seconds``. Staleness is judged against the file server's clock (we touch a probe
+  every ``heartbeat_seconds`` (from its heartbeat thread, daemon.runtime.heartbeat, and only while its
+  main loop makes progress). Staleness is judged against the file server's clock (we touch a probe
   file and read its mtime), with a grace above the attribute-cache time (``acregmax`` defaults to 60 s)
-  plus clock skew.
+  plus clock skew. An owner is taken over only when its lease is stale *and* its progress marker has
+  not changed for the grace either.
+- The heartbeat thread and the main loop meet in :class:`Lease`: ``lock`` (re-entrant) serialises the
+  beat, the ownership check and the renewal after a loss, so that a beat never refreshes a lease the
+  main loop is replacing.
 - A dead owner's whole spool folder is taken with one ``rename()``: exactly one daemon wins it.
 - An owner that comes back after losing its lease finds its folder gone (or the lease file no longer
   holding its instance token): it drops what it held without publishing and starts a fresh spool.
@@ -24,6 +30,7 @@ import json
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,10 +66,16 @@ class Lease:
         self.instance = secrets.token_hex(8)
         self._lock_fd: int | None = None
         self._last_beat = float("-inf")
+        # Where the heartbeat thread and the main loop meet: beat, held, acquire, renew_after_loss.
+        self.lock = threading.RLock()
 
     @property
     def lease_file(self) -> Path:
         return self.mine / "lease"
+
+    @property
+    def progress_file(self) -> Path:
+        return self.mine / "progress"
 
     # ---- owning --------------------------------------------------------------------------------
 
@@ -83,8 +96,9 @@ class Lease:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
         self._lock_fd = fd
-        self.mine.mkdir(exist_ok=True)
-        self._write_lease()
+        with self.lock:
+            self.mine.mkdir(exist_ok=True)
+            self._write_lease()
         logger.info("lease.acquired owner={} instance={}", self.owner, self.instance)
 
     def _write_lease(self) -> None:
@@ -96,6 +110,10 @@ class Lease:
 
     def held(self) -> bool:
         """True while our folder and lease are still ours (nobody took them over)."""
+        with self.lock:
+            return self._held()
+
+    def _held(self) -> bool:
         try:
             return json.loads(self.lease_file.read_text()).get("instance") == self.instance
         except FileNotFoundError:
@@ -106,22 +124,30 @@ class Lease:
             logger.warning("lease.unreadable path={} error={}", self.lease_file, exc)
             return True
 
-    def beat(self, *, force: bool = False) -> bool:
-        """Refresh the heartbeat when due. Returns False when the lease was lost."""
-        now = self.clock()
-        if not force and now - self._last_beat < self.heartbeat:
+    def beat(self, *, force: bool = False, progressed: bool = False) -> bool:
+        """Refresh the heartbeat when due (``progressed``: touch the progress marker too). Returns False when
+        the lease was lost. Called by the heartbeat thread (daemon.runtime.heartbeat)."""
+        with self.lock:
+            now = self.clock()
+            if not force and now - self._last_beat < self.heartbeat:
+                return True
+            if not self._held():
+                return False
+            try:
+                os.utime(self.lease_file)
+                if progressed:
+                    _touch(self.progress_file)
+            except FileNotFoundError:  # our folder was renamed away between the check and the touch
+                return False
+            self._last_beat = now
             return True
-        if not self.held():
-            return False
-        os.utime(self.lease_file)
-        self._last_beat = now
-        return True
 
     def renew_after_loss(self) -> None:
         """After losing the lease: start over with a fresh, empty folder and a new instance token."""
-        self.instance = secrets.token_hex(8)
-        self.mine.mkdir(parents=True, exist_ok=True)
-        self._write_lease()
+        with self.lock:
+            self.instance = secrets.token_hex(8)
+            self.mine.mkdir(parents=True, exist_ok=True)
+            self._write_lease()
         logger.warning("lease.renewed owner={} instance={}", self.owner, self.instance)
 
     def release(self) -> None:
@@ -140,6 +166,8 @@ class Lease:
         return probe.stat().st_mtime
 
     def expired_owners(self) -> list[str]:
+        """Owners whose lease is older than the grace and whose progress marker (where they have one: an
+        older daemon may not) has not changed for the grace either, by the file server's clock."""
         now = self.server_now()
         dead = []
         for d in self.owners.iterdir():
@@ -152,6 +180,8 @@ class Lease:
                     beat = d.stat().st_mtime  # a folder whose lease was never written
                 except FileNotFoundError:
                     continue
+            with contextlib.suppress(FileNotFoundError):
+                beat = max(beat, (d / "progress").stat().st_mtime)
             if now - beat > self.grace:
                 dead.append(d.name)
         return dead
@@ -179,3 +209,12 @@ class Lease:
         if not self.takeovers.is_dir():
             return []
         return sorted(p for p in self.takeovers.iterdir() if p.name.startswith(f"{self.owner}~"))
+
+
+def _touch(path: Path) -> None:
+    """Set ``path``'s mtime to now (the file server's now), creating it if need be (never its folder)."""
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        with open(path, "a"):
+            pass

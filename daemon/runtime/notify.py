@@ -10,7 +10,10 @@ sends newline-separated ``KEY=VALUE`` fields to it, each datagram on its own:
   kills (then, with ``Restart=on-failure``, restarts) a service that has not pinged within that time. The
   daemon pings from its main loop on purpose, so a hung loop is what gets caught, not just a live process;
 * ``EXTEND_TIMEOUT_USEC=...``: ask for more time than ``TimeoutStartSec=``/``TimeoutStopSec=`` allow,
-  counted from now (the daemon sends it while draining a running job).
+  counted from now. The daemon sends it while it recovers a spool at start-up (every few seconds, each
+  time for a margin ahead, with ``STATUS=recovering n/N``; READY=1 comes after: daemon.runtime.recovery),
+  and while draining a running job. It is not sent once READY=1 is out: with ``RuntimeMaxSec=`` it
+  would extend the run time.
 
 An address beginning with ``/`` is a filesystem socket; one beginning with ``@`` is in Linux's abstract
 namespace (``"\\0"`` + the rest). This follows systemd's ``man/notify-selfcontained-example.py``: a fresh

@@ -1,5 +1,7 @@
 """Publishing a finished job: the sidecar, the outbox (video, poster, then sidecar), the DONE record and its
-history row. Only the owner of the job's lease publishes."""
+history row. Only the owner of the job's lease publishes: it checks the lease before publishing, and again
+after (a daemon frozen in between may have lost the job to the peer that took its spool over: the outbox
+never lets it replace what that peer published, and it records nothing of the job)."""
 
 from __future__ import annotations
 
@@ -43,7 +45,10 @@ class Publisher:
         status: Status,
         clock: Callable[[], float],
         on_lease_lost: Callable[[], None],
+        before_publish: Callable[[JobRecord, Path], None] | None = None,
     ) -> None:
+        """``before_publish``: a seam for tests (a daemon frozen between its lease check and the outbox), called
+        with the record and the video's temp path inside Outbox.publish_result's window; None in production."""
         self.settings = settings
         self.book = book
         self.outbox = outbox
@@ -52,6 +57,7 @@ class Publisher:
         self.status = status
         self.clock = clock
         self.on_lease_lost = on_lease_lost
+        self.before_publish = before_publish
 
     def publish(
         self, rec: JobRecord, result: JobResult, job: RunningJob, device: DeviceInfo | None, worker_pid: int | None
@@ -71,18 +77,43 @@ class Publisher:
                 result.peak_vram_usage_mb,
             )
         sidecar = self.sidecar(rec, result, device, worker_pid, now)
+        video_tmp = Path(result.video_tmp or job.video_tmp)
+        hook = self.before_publish
         try:
             poster = Path(result.poster_tmp) if result.poster_tmp else None
-            published = self.outbox.publish_result(basename, Path(result.video_tmp or job.video_tmp), sidecar, poster)
+            published = self.outbox.publish_result(
+                basename, video_tmp, sidecar, poster, before_link=None if hook is None else lambda: hook(rec, video_tmp)
+            )
         except OSError as exc:
             self.discard_temp(job)
+            if not self.lease.held():  # not ours to retry or fail any more
+                self.on_lease_lost()
+                return
             self.book.fail_or_retry(rec, classify_exception(exc))  # a full disk pauses there
             return
-        if not published and self.outbox.published_token(basename) != rec.token:
-            self.book.fail_or_retry(
-                rec, JobError(Category.DUPLICATE_JOB, f"{basename}.json appeared in the outbox while the job ran")
-            )
+        if not self.lease.held():
+            # Frozen past our lease while publishing: the job is the taker's now. If ours won the race it is
+            # complete, and the taker finds it by its token; nothing else here is ours to record.
+            self.discard_temp(job)
+            self.on_lease_lost()
             return
+        if not published:
+            token = self.outbox.published_token(basename)
+            if token is None:  # a video without a sidecar holds the name: retried once it is done or abandoned
+                self.book.fail_or_retry(
+                    rec,
+                    JobError(
+                        Category.IO_ERROR,
+                        f"{basename}.mp4 is in the outbox without its sidecar (a publication in progress, or an "
+                        "unfinished one); trying again later",
+                    ),
+                )
+                return
+            if token != rec.token:
+                self.book.fail_or_retry(
+                    rec, JobError(Category.DUPLICATE_JOB, f"{basename}.json appeared in the outbox while the job ran")
+                )
+                return
         self.outbox.remove_stale_failure(rec.id)
         outputs = self.book.outputs(basename)
         done = self.book.set(rec, JobState.DONE, note=f"published {basename}.mp4", finished_at=now, outputs=outputs)
