@@ -35,7 +35,7 @@ def main() -> int:
         if len(seen) == 1:
             daemon.request_stop()
         else:
-            daemon.executor.kill()
+            daemon.kill_workers()
             os._exit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_signal)

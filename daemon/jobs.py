@@ -82,6 +82,11 @@ class JobRecord(BaseModel):
     state: JobState | None = None
     source: str = Field(description="Claimed file name in spool/files/.")
     source_name: str = Field(description="The file's name when it was dropped into the inbox.")
+    file_jobs: int | None = Field(
+        None,
+        description="How many jobs its file holds: when the spool has a record for each, a restart need not "
+        "take the file in again.",
+    )
     seq: int = Field(description="Intake order: FIFO within a priority.")
     priority: int = 0
     spec: dict[str, Any] = Field(description="The job exactly as given (batch defaults merged).")

@@ -63,5 +63,5 @@ def make_record(
     )
     base.update(fields)
     return JobRecord(
-        params=make_params(basename=job_id, **(params or {})), model=make_model(model, architecture), **base
+        params=make_params(**{"basename": job_id, **(params or {})}), model=make_model(model, architecture), **base
     )

@@ -4,6 +4,11 @@ end a job or send it round again (retry, cancel, reconcile, release).
 A record is in the book while its folder is in the spool: active, or terminal with its claimed file not yet
 released. Every change goes through :meth:`JobBook.set`, which persists it (daemon.runtime.spool), records
 it in the history, and has the health file rewritten.
+
+Costs do not grow with the queue: the book keeps indexes by state, by claimed file and by active output
+name, updated on every change, so a lookup, a transition or a release is O(1) (plus the jobs it touches),
+not a scan of every record. ``records`` is read-only for everyone else: records enter through :meth:`add`
+or :meth:`set` and leave through :meth:`release_if_finished` or :meth:`drop_all`.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from daemon.runtime.disk import DiskGuard
 from daemon.runtime.outbox import Outbox
 from daemon.runtime.spool import Spool
 from daemon.runtime.status import Status
+from daemon.scheduler import ReadyQueue
 
 
 class JobBook:
@@ -45,6 +51,8 @@ class JobBook:
         rng: random.Random,
         on_change: Callable[[], None],
         device_of: Callable[[JobRecord], str],
+        lease_held: Callable[[], bool] = lambda: True,
+        on_lease_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -57,23 +65,85 @@ class JobBook:
         self.rng = rng
         self.on_change = on_change
         self.device_of = device_of
+        self.lease_held = lease_held
+        self.on_lease_lost = on_lease_lost
         self.records: dict[str, JobRecord] = {}
+        self._by_state: dict[JobState | None, dict[str, JobRecord]] = {s: {} for s in [None, *JobState]}
+        self._by_source: dict[str, set[str]] = {}
+        self._active_names: dict[str, str] = {}  # output basename -> id of the active job that writes it
+        self.queue = ReadyQueue()  # the queued records, ranked for the scheduler (daemon.scheduler)
+        # Records that entered the queue since placement last looked (it checks each once for fitting nowhere).
+        self.newly_queued: list[JobRecord] = []
         self.cancel_dir = settings.paths.state / "cancel"
         self.cancel_requested: set[str] = set()
 
     # ---- reading -------------------------------------------------------------------------------
 
     def in_state(self, state: JobState) -> list[JobRecord]:
-        return [r for r in self.records.values() if r.state is state]
+        return list(self._by_state[state].values())
+
+    def count(self, state: JobState) -> int:
+        return len(self._by_state[state])
 
     def is_active_id(self, job_id: str) -> bool:
         return job_id in self.records
 
     def is_active_basename(self, name: str) -> bool:
-        return any(r.params.basename == name and r.state is not None and r.state.active for r in self.records.values())
+        return name in self._active_names
+
+    def queued_by_priority(self) -> dict[int, int]:
+        return self.queue.by_priority()
+
+    def has_records_from(self, source: str) -> bool:
+        return bool(self._by_source.get(source))
+
+    def fully_taken_in(self, source: str) -> bool:
+        """Every job of this claimed file has its record here (so a restart need not parse it again). A file
+        with a rejected job, or one whose intake a crash cut short, has fewer: it is taken in again (idempotent)."""
+        ids = self._by_source.get(source)
+        if not ids:
+            return False
+        expected = self.records[next(iter(ids))].file_jobs
+        return expected is not None and len(ids) >= expected
 
     def has_waiting_work(self) -> bool:
-        return any(r.state in (JobState.QUEUED, JobState.WAITING_FOR_MODEL) for r in self.records.values())
+        return bool(self._by_state[JobState.QUEUED] or self._by_state[JobState.WAITING_FOR_MODEL])
+
+    # ---- indexes -------------------------------------------------------------------------------
+
+    def _index(self, rec: JobRecord) -> None:
+        old = self.records.get(rec.id)
+        if old is not None:
+            self._unindex(old)
+        self.records[rec.id] = rec
+        self._by_state[rec.state][rec.id] = rec
+        self._by_source.setdefault(rec.source, set()).add(rec.id)
+        if rec.state is not None and rec.state.active:
+            self._active_names[rec.params.basename] = rec.id
+        if rec.state is JobState.QUEUED:
+            self.queue.add(rec)
+            if old is None or old.state is not JobState.QUEUED:
+                self.newly_queued.append(rec)
+
+    def _unindex(self, rec: JobRecord) -> None:
+        self.records.pop(rec.id, None)
+        self._by_state[rec.state].pop(rec.id, None)
+        ids = self._by_source.get(rec.source)
+        if ids is not None:
+            ids.discard(rec.id)
+            if not ids:
+                del self._by_source[rec.source]
+        if self._active_names.get(rec.params.basename) == rec.id:
+            del self._active_names[rec.params.basename]
+        if rec.state is JobState.QUEUED:
+            self.queue.discard(rec.id)
+
+    def drop_all(self) -> None:
+        """Forget every record (the lease was lost: they are another daemon's now). Nothing is written."""
+        for rec in list(self.records.values()):
+            self._unindex(rec)
+        self.cancel_requested.clear()
+        self.newly_queued.clear()
 
     def outputs(self, basename: str) -> dict[str, str]:
         return {"video": str(self.outbox.video_path(basename)), "sidecar": str(self.outbox.sidecar_path(basename))}
@@ -82,11 +152,11 @@ class JobBook:
 
     def add(self, rec: JobRecord) -> None:
         """A record already persisted (by intake, or found in the spool)."""
-        self.records[rec.id] = rec
+        self._index(rec)
 
     def set(self, rec: JobRecord, state: JobState, note: str = "", **changes: Any) -> JobRecord:
         updated = self.spool.transition(rec, state, note, **changes)
-        self.records[updated.id] = updated
+        self._index(updated)
         self.record_history(updated)
         self.on_change()
         return updated
@@ -152,6 +222,10 @@ class JobBook:
                     **changes,
                 )
                 return
+        if not self.lease_held():
+            # Presumed dead while this was decided: the job is another daemon's now, and so is its record.
+            self.on_lease_lost()
+            return
         path = self.outbox.write_failure(
             rec.id,
             err,
@@ -189,19 +263,19 @@ class JobBook:
 
     def release_if_finished(self, source: str) -> None:
         """Remove a claimed file once all its jobs are terminal, then their spool folders."""
-        recs = [r for r in self.records.values() if r.source == source]
+        recs = [self.records[i] for i in self._by_source.get(source, ())]
         if not recs or not all(r.state is not None and r.state.terminal for r in recs):
             return
         self.spool.remove_source(source)
         for r in recs:
             self.spool.remove_job_dir(r.id)
-            del self.records[r.id]
+            self._unindex(r)
 
     def reconcile(self, running: AbstractSet[str]) -> None:
         """A record left RUNNING with no job in a worker (a write failed mid-way, e.g. on a full disk) goes
         back through the retry policy, so that no job is ever stuck."""
-        for rec in list(self.records.values()):
-            if rec.state is JobState.RUNNING and rec.id not in running:
+        for rec in self.in_state(JobState.RUNNING):
+            if rec.id not in running:
                 try:
                     if self.done_if_published(rec, "published; recorded late"):  # only DONE was not recorded
                         self.release_if_finished(rec.source)

@@ -14,7 +14,7 @@ from loguru import logger
 from daemon.config import Settings
 from daemon.ops.history import History
 from daemon.runtime.book import JobBook
-from daemon.runtime.intake import Intake
+from daemon.runtime.intake import Intake, LeaseLost
 from daemon.runtime.outbox import Outbox
 from daemon.runtime.spool import Spool
 from daemon.runtime.status import Status
@@ -33,6 +33,8 @@ class Claims:
         status: Status,
         history: History | None,
         clock: Callable[[], float],
+        progress: Callable[[], object] = lambda: None,
+        on_lease_lost: Callable[[], None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.intake = intake
@@ -42,16 +44,25 @@ class Claims:
         self.status = status
         self.history = history
         self.clock = clock
+        self.progress = progress  # the loop is alive (daemon.runtime.heartbeat): called per file taken in
+        self.on_lease_lost = on_lease_lost
         self.retry: set[Path] = set()
         self._last_retry = clock()
 
     def claim_ready(self, watcher: InboxWatcher) -> None:
+        """Claim every ready file (renames, then one fsync of the two folders), then take each in."""
+        claimed = []
         for path in watcher.ready_files():
             watcher.forget(path)
-            claimed = self.spool.claim(path)
-            if claimed is not None:
+            dest = self.spool.claim(path, sync=False)
+            if dest is not None:
                 logger.info("job.claimed file={}", path.name)
-                self.take_in(claimed)
+                claimed.append(dest)
+        if claimed:
+            self.spool.sync_claims(self.settings.paths.inbox)
+        for dest in claimed:
+            self.take_in(dest)
+            self.progress()
 
     def retry_due(self) -> None:
         if self.retry and self.clock() - self._last_retry >= self.settings.watch.rescan_interval_seconds:
@@ -62,6 +73,10 @@ class Claims:
     def take_in(self, claimed: Path) -> None:
         try:
             result = self.intake.process(claimed)
+        except LeaseLost as exc:
+            logger.error("intake.stopped file={}: {}", claimed.name, exc)
+            self.on_lease_lost()  # steps back now: drops every record, writes nothing
+            return
         except Exception as exc:  # e.g. a full disk while writing a record: the file stays spooled
             logger.exception("intake.error file={} error={}; retried at the next rescan", claimed.name, exc)
             self.retry.add(claimed)
@@ -94,4 +109,4 @@ class Claims:
                 )
         self.book.release_if_finished(claimed.name)
         if result.queued or result.rejected:
-            self.status.write(force=True)  # new jobs show at once, like every other change of state
+            self.status.changed()  # new jobs show in this round's health file, like every other change

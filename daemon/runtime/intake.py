@@ -15,7 +15,7 @@ from pathlib import Path
 from loguru import logger
 
 from daemon.config import Settings
-from daemon.errors import Category, JobError
+from daemon.errors import Category, JobError, WanDaemonError
 from daemon.fsutil import open_confined
 from daemon.jobs import JobRecord, JobState
 from daemon.jobspec.resolve import DISK_ERRNOS, InputImage, resolve_job, unusable_path
@@ -38,6 +38,10 @@ class IntakeResult:
     rejected_categories: list[str] = field(default_factory=list)
 
 
+class LeaseLost(WanDaemonError):
+    """The lease was lost during intake: stop, write nothing more (the loop steps back at its next check)."""
+
+
 class Intake:
     def __init__(
         self,
@@ -49,6 +53,8 @@ class Intake:
         is_active_id: Callable[[str], bool],
         clock: Callable[[], float],
         is_active_basename: Callable[[str], bool] = lambda name: False,
+        has_records_from: Callable[[str], bool] = lambda source: False,
+        lease_held: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
         self.spool = spool
@@ -56,6 +62,8 @@ class Intake:
         self.default_model = default_model
         self.is_active_id = is_active_id
         self.is_active_basename = is_active_basename
+        self.has_records_from = has_records_from
+        self.lease_held = lease_held
         self.clock = clock
 
     def process(self, claimed: Path) -> IntakeResult:
@@ -65,6 +73,11 @@ class Intake:
         try:
             data = self._read(claimed)
         except JobError as err:
+            if not os.path.lexists(claimed):
+                # Gone while we looked: another daemon adopted this spool (a takeover), or it was released.
+                # The file is theirs now, not a bad file: no failure record.
+                logger.warning("intake.file_vanished file={}: taken by another daemon", claimed.name)
+                return result
             self._reject_file(claimed, original_name, err, result)
             return result
         entries, file_error = parse_job_file(data, original_name, max_bytes=self.settings.limits.max_job_file_bytes)
@@ -78,7 +91,9 @@ class Intake:
                     result.queued.append(existing)
                 continue  # already taken in by an earlier, interrupted intake
             try:
-                record = self._accept(entry, source, original_name, existing_elsewhere=existing is not None)
+                record = self._accept(
+                    entry, source, original_name, existing_elsewhere=existing is not None, file_jobs=len(entries)
+                )
             except JobError as err:
                 self._reject_entry(entry, original_name, err, source, result)
                 continue
@@ -89,7 +104,7 @@ class Intake:
                 self._reject_entry(entry, original_name, unusable_path(exc), source, result)
                 continue
             result.queued.append(record)
-        if not result.queued and not any(r.source == source for r in self.spool.iter_records()):
+        if not result.queued and not self.has_records_from(source):
             self.spool.remove_source(source)  # every job was rejected and recorded: nothing left to do
         return result
 
@@ -103,7 +118,9 @@ class Intake:
         except ValueError as exc:
             raise JobError(Category.INVALID_SPEC, f"job file refused: {exc}") from None
 
-    def _accept(self, entry: SpecEntry, source: str, original_name: str, *, existing_elsewhere: bool) -> JobRecord:
+    def _accept(
+        self, entry: SpecEntry, source: str, original_name: str, *, existing_elsewhere: bool, file_jobs: int
+    ) -> JobRecord:
         if entry.error is not None:
             raise entry.error
         spec = entry.spec
@@ -142,18 +159,19 @@ class Intake:
             params=params,
             model=job.model,
             received_at=now,
+            file_jobs=file_jobs,
             queued_at=now,
             not_before=_epoch(spec.not_before) if spec.not_before else 0.0,
         )
-        folder = self.spool.job_dir(spec.id)
-        folder.mkdir(exist_ok=True)
         if job.image is not None:
+            folder = self.spool.job_dir(spec.id)
+            folder.mkdir(exist_ok=True)
             record.input_image = str(self._write_input(job.image, folder))
         if job.waiting:
             return self.spool.transition(
                 record, JobState.WAITING_FOR_MODEL, note=f"from {original_name}; downloading {job.model.repo_id}"
             )
-        return self.spool.transition(record, JobState.QUEUED, note=f"from {original_name}")
+        return self.spool.transition(record, JobState.QUEUED, note=f"from {original_name}", durable=False)
 
     @staticmethod
     def _write_input(image: InputImage, folder: Path) -> Path:
@@ -165,9 +183,16 @@ class Intake:
             os.fsync(fh.fileno())
         return dest
 
+    def _check_lease(self, original_name: str) -> None:
+        """Before any failure record: a daemon presumed dead (frozen, then taken over) must not write records for
+        jobs that are its taker's now; what it was taking in is the taker's to take in."""
+        if not self.lease_held():
+            raise LeaseLost(f"lease lost while taking in {original_name}: left to the daemon that took over")
+
     def _reject_entry(
         self, entry: SpecEntry, original_name: str, err: JobError, source: str, result: IntakeResult
     ) -> None:
+        self._check_lease(original_name)
         name = entry.id
         if err.category is Category.DUPLICATE_JOB or self.is_active_id(entry.id):
             # Never overwrite (or let a later success delete) the record of the job that owns this id.
@@ -187,6 +212,7 @@ class Intake:
         result.rejected_categories.append(err.category.value)
 
     def _reject_file(self, claimed: Path, original_name: str, err: JobError, result: IntakeResult) -> None:
+        self._check_lease(original_name)
         stem = safe_stem(original_name)
         self.outbox.write_failure(stem, err, job_id=None, source_name=original_name, spec=None, attempts=0)
         logger.warning("job.rejected file={} category={} error={}", original_name, err.category.value, err.message)

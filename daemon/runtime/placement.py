@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 from loguru import logger
@@ -26,7 +27,7 @@ from daemon.runtime.outbox import Outbox
 from daemon.runtime.publishing import Publisher
 from daemon.runtime.status import Status
 from daemon.runtime.watch import InboxWatcher
-from daemon.scheduler import Slot, assign, fits_nowhere, insufficient_vram_message
+from daemon.scheduler import Assignment, Slot, assign_from, fits_nowhere, insufficient_vram_message
 from daemon.worker.process import LocalProcessExecutor
 from daemon.worker.protocol import (
     DeviceFree,
@@ -148,7 +149,6 @@ class Placement:
         # Job id -> where it runs. A worker holds at most one job on its device and may still be encoding the
         # one before.
         self.running: dict[str, RunningJob] = {}
-        self._vram_checked: set[str] = set()
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -193,42 +193,43 @@ class Placement:
             )
         return slots
 
-    def _fail_if_it_fits_nowhere(self, queued: list[JobRecord]) -> list[JobRecord]:
-        """A job that no GPU here could hold, even empty and with the strongest offload, fails at once."""
+    def _fail_what_fits_nowhere(self) -> None:
+        """A job that no GPU here could hold, even empty and with the strongest offload, fails as soon as it is
+        queued. Each job is checked once per time it enters the queue, not at every decision."""
+        fresh, self.book.newly_queued = self.book.newly_queued, []
         if not self.gpus:
-            return queued
-        keep = []
+            return
         totals = [g.total_mb for g in self.gpus]
-        for rec in queued:
-            if rec.token not in self._vram_checked:
-                self._vram_checked.add(rec.token)
-                demand = self.demand(rec)
-                if fits_nowhere(demand, totals, self.plan):
-                    msg = insufficient_vram_message(demand, totals, strongest_estimate_mb(demand))
-                    self.book.fail_or_retry(rec, JobError(Category.INSUFFICIENT_VRAM, msg))
-                    continue
-            keep.append(rec)
-        return keep
+        for rec in fresh:
+            if self.book.records.get(rec.id) is not rec:
+                continue  # moved on since (started, cancelled, dropped)
+            demand = self.demand(rec)
+            if fits_nowhere(demand, totals, self.plan):
+                msg = insufficient_vram_message(demand, totals, strongest_estimate_mb(demand))
+                self.book.fail_or_retry(rec, JobError(Category.INSUFFICIENT_VRAM, msg))
 
-    def dispatch(self) -> None:
-        slots = self.slots()
-        if not slots:
-            return
-        now = self.clock()
-        queued = self.book.in_state(JobState.QUEUED)
-        if not queued:
-            if not self.running:
-                self.status.state = "idle"
-            return
-        queued = self._fail_if_it_fits_nowhere(queued)
-        for assignment in assign(
-            queued,
+    def decide(self, slots: list[Slot], now: float) -> list[Assignment]:
+        """What the scheduler would start now on these slots (nothing is started)."""
+        return assign_from(
+            self.book.queue,
             slots,
             now,
             aging_bound_seconds=self.settings.scheduler.aging_bound_seconds,
             demand=self.demand,
             plan=self.plan,
-        ):
+        )
+
+    def dispatch(self) -> None:
+        self._fail_what_fits_nowhere()
+        slots = self.slots()
+        if not slots:
+            return
+        if not self.book.count(JobState.QUEUED):
+            if not self.running:
+                self.status.state = "idle"
+            return
+        now = self.clock()
+        for assignment in self.decide(slots, now):
             self.start_job(assignment.record, assignment.slot.worker, assignment.plan, now)
 
     def start_job(self, rec: JobRecord, worker_name: str, plan: Plan | None, now: float) -> None:
@@ -258,7 +259,9 @@ class Placement:
             model=rec.model,
             params=params,
             video_tmp=str(self.outbox.temp_video_path(rec.params.basename)),
-            input_image=rec.input_image,
+            # The copy in the job's spool folder, wherever that folder is now: a job adopted from a dead daemon's
+            # spool still names the folder it was taken in to.
+            input_image=str(self.book.spool.job_dir(rec.id) / Path(rec.input_image).name) if rec.input_image else None,
         )
         self.running[rec.id] = RunningJob(
             id=rec.id,

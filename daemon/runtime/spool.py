@@ -57,21 +57,27 @@ class Spool:
     # ---- claimed files -------------------------------------------------------------------------
 
     def _max_seq(self) -> int:
+        """The highest sequence number among the claimed files' names. Records carry higher ones (a batch's jobs
+        are numbered after their file): :meth:`iter_records` raises the counter past each record it reads, and
+        recovery reads them all before anything new is taken in. Reading every record here as well would double
+        the cost of a restart."""
         best = 0
-        for p in self.files.iterdir():
-            head = p.name.split(".", 1)[0]
+        for name in os.listdir(self.files):
+            head = name.split(".", 1)[0]
             if head.isdigit():
                 best = max(best, int(head))
-        for rec in self.iter_records():
-            best = max(best, rec.seq)
         return best
 
     def next_seq(self) -> int:
         self._seq += 1
         return self._seq
 
-    def claim(self, path: Path) -> Path | None:
-        """Move a job file out of the inbox into the spool, atomically. None if another claimant won."""
+    def claim(self, path: Path, *, sync: bool = True) -> Path | None:
+        """Move a job file out of the inbox into the spool, atomically. None if another claimant won.
+
+        ``sync=False`` leaves the folders' fsync to one :meth:`sync_claims` after a whole round of claims: the
+        rename is atomic either way, and until the folders are synced a power loss can only put the file back
+        in the inbox, where it is claimed again; nothing is taken in before the sync."""
         dest = self.files / f"{self.next_seq():012d}.{self.owner}.{path.name}"
         try:
             os.rename(path, dest)
@@ -83,10 +89,14 @@ class Spool:
         except OSError as exc:  # e.g. EACCES: the file stays in the inbox and the next rescan tries again
             logger.error("job.claim_failed file={} error={}", path.name, exc)
             return None
+        if sync:
+            self.sync_claims(path.parent)
+        return dest
+
+    def sync_claims(self, inbox: Path) -> None:
         fsync_dir(self.files)
         with contextlib.suppress(OSError):
-            fsync_dir(path.parent)
-        return dest
+            fsync_dir(inbox)
 
     def claimed_files(self) -> list[Path]:
         return sorted(p for p in self.files.iterdir() if not p.name.startswith("."))
@@ -107,15 +117,23 @@ class Spool:
             if d.name.startswith("."):
                 continue
             try:
-                yield JobRecord.model_validate(read_json(d / "job.json"))
+                rec = JobRecord.model_validate(read_json(d / "job.json"))
+                self._seq = max(self._seq, rec.seq)
+                yield rec
             except FileNotFoundError:
                 # A folder created at intake whose record was never written: intake will redo it.
                 shutil.rmtree(d, ignore_errors=True)
             except ValueError as exc:
                 logger.error("spool.corrupt_record dir={} error={}", d, exc)
 
-    def transition(self, record: JobRecord, new: JobState, note: str = "", **changes: Any) -> JobRecord:
-        """The one way a job changes state: check the table, persist atomically, then log."""
+    def transition(
+        self, record: JobRecord, new: JobState, note: str = "", *, durable: bool = True, **changes: Any
+    ) -> JobRecord:
+        """The one way a job changes state: check the table, persist atomically, then log.
+
+        ``durable=False`` (intake's first write only) skips the fsyncs: the claimed file stays in the spool until
+        every job it holds has ended, so a record lost to a power cut is simply taken in again from it. Every
+        later transition (the attempt counted before a hand-over above all) is fsynced."""
         check_transition(record.state, new)
         now = self.clock()
         updated = record.model_copy(update=changes)
@@ -123,7 +141,7 @@ class Spool:
         updated.events = [*record.events, {"state": new.value, "at": now, **({"note": note} if note else {})}]
         folder = self.job_dir(updated.id)
         folder.mkdir(exist_ok=True)
-        atomic_write_json(folder / "job.json", updated.model_dump(mode="json"))
+        atomic_write_json(folder / "job.json", updated.model_dump(mode="json"), durable=durable, compact=True)
         logger.bind(job=updated.id).info(
             "job.{} id={} attempts={}{}", new.value, updated.id, updated.attempts, f" note={note}" if note else ""
         )

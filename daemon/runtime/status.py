@@ -51,6 +51,9 @@ class Status:
         self.results: deque[dict[str, Any]] = deque(maxlen=RECENT_RESULTS)  # for the CLI's summary
         self._last_metrics = float("-inf")
         self._notified_status = ""
+        self._changed = False  # a job changed state since the health file was last written
+        # While the spool is being recovered: (records read, records in all), for health, status and systemd.
+        self.recovery: tuple[int, int] | None = None
         # Set by the Daemon once everything is wired.
         self.book: JobBook | None = None
         self.placement: Placement | None = None
@@ -74,10 +77,7 @@ class Status:
 
     def payload(self) -> dict[str, Any]:
         assert self.book is not None and self.placement is not None and self.disk is not None
-        queued = self.book.in_state(JobState.QUEUED)
-        by_priority: dict[str, int] = {}
-        for r in queued:
-            by_priority[str(r.priority)] = by_priority.get(str(r.priority), 0) + 1
+        by_priority = {str(p): n for p, n in sorted(self.book.queued_by_priority().items())}
         workers = self.placement.workers
         first = next(iter(workers.values()))
         st = first.status
@@ -85,15 +85,16 @@ class Status:
         return {
             "version": __version__,
             "state": self.state,
+            "recovering": {"done": self.recovery[0], "total": self.recovery[1]} if self.recovery else None,
             "instance": self.settings.owner,
             "paused": self.disk.reason,
             "started_at": self.started_at,
             "started_at_iso": iso(self.started_at),
             "inbox": str(self.settings.paths.inbox),
             "outbox": str(self.settings.paths.outbox),
-            "queue_depth": len(queued),
+            "queue_depth": self.book.count(JobState.QUEUED),
             "queue_by_priority": by_priority,
-            "waiting_for_model": len(self.book.in_state(JobState.WAITING_FOR_MODEL)),
+            "waiting_for_model": self.book.count(JobState.WAITING_FOR_MODEL),
             "downloads": dict(self.downloads.progress) if self.downloads else {},
             "inbox_pending": self.watcher.pending if self.watcher else 0,
             "running": jobs[0] if jobs else None,  # the first running job (one per worker in running_jobs)
@@ -125,17 +126,26 @@ class Status:
 
     def status_line(self) -> str:
         assert self.book is not None and self.placement is not None and self.disk is not None
-        queued = len(self.book.in_state(JobState.QUEUED))
+        queued = self.book.count(JobState.QUEUED)
         doing = (
             ", ".join(f"running {j.id} {j.phase} {j.step}/{j.total}" for j in self.placement.running.values())
             or self.state
         )
         paused = f"; PAUSED: {self.disk.reason}" if self.disk.reason else ""
+        if self.recovery:
+            doing = f"recovering {self.recovery[0]}/{self.recovery[1]}"
         return f"{doing}; {queued} queued; {self.done} done, {self.failed} failed{paused}"
 
+    def changed(self) -> None:
+        """A job changed state: the health file is rewritten at the end of this round of the loop (once, however
+        many jobs changed in it: a batch of thousands is one write, not thousands)."""
+        self._changed = True
+
     def write(self, force: bool = False) -> None:
-        """The health file (forced on every change of state), the metrics file at its interval, the systemd
+        """The health file (forced after a change of state), the metrics file at its interval, the systemd
         watchdog ping and STATUS line."""
+        force = force or self._changed
+        self._changed = False
         try:
             written = self.health.maybe_write(self.payload(), force=force)
         except OSError as exc:  # a full disk must not stop the daemon; the next write tries again

@@ -148,6 +148,31 @@ def _reporter(events: _Events, job_id: str):
     return report
 
 
+def _prepare_real_backend() -> None:
+    """What the diffusers backend needs before its first job: quiet libraries and a warm encoder. A stand-in
+    backend (daemon.testing) needs none of it, and its worker starts without importing them."""
+    import diffusers
+    import huggingface_hub.utils
+    import imageio
+    import transformers
+
+    # The encoder's ffmpeg lookup and its probe for an H.264 encoder (two ffmpeg runs, cached per process):
+    # now, rather than in the first job, where they cost a third of a second. An ffmpeg without H.264
+    # fails that job with the reason instead.
+    with contextlib.suppress(Exception):
+        from imageio_ffmpeg._io import get_first_available_h264_encoder
+
+        imageio.plugins.ffmpeg.get_exe()
+        get_first_available_h264_encoder()
+
+    # Progress bars are for terminals; the worker reports progress as events and log lines instead.
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
     # Ctrl-C in a terminal reaches the whole process group; the daemon decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -171,26 +196,8 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
         level=cfg.log_level,
         format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | worker[{process}] | {message}",
     )
-    import diffusers
-    import huggingface_hub.utils
-    import imageio
-    import transformers
-
-    # The encoder's ffmpeg lookup and its probe for an H.264 encoder (two ffmpeg runs, cached per process):
-    # now, rather than in the first job, where they cost a third of a second. An ffmpeg without H.264
-    # fails that job with the reason instead.
-    with contextlib.suppress(Exception):
-        from imageio_ffmpeg._io import get_first_available_h264_encoder
-
-        imageio.plugins.ffmpeg.get_exe()
-        get_first_available_h264_encoder()
-
-    # Progress bars are for terminals; the worker reports progress as events and log lines instead.
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
+    if cfg.backend is None:
+        _prepare_real_backend()
     try:
         backend = _make_backend(cfg)
         events.put(Ready(pid=os.getpid(), info=backend.describe()))

@@ -1,0 +1,131 @@
+"""The job book's indexes (by state, by claimed file, by active output name, the ranked queue) against the truth
+recomputed from its records after every change, over random sequences of the operations the daemon performs.
+
+The indexes are what keeps intake, recovery, health and dispatch from scanning every record (bench/scale.py
+measures that); here they must simply never disagree with the records.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+from factories import make_params, make_record
+
+from daemon.config import load_settings
+from daemon.errors import Category, JobError
+from daemon.jobs import JobRecord, JobState
+from daemon.ops.inventory import StaticInventory
+from daemon.runtime.autodownload import ModelDownloads
+from daemon.runtime.book import JobBook
+from daemon.runtime.disk import DiskGuard
+from daemon.runtime.notify import SystemdNotifier
+from daemon.runtime.outbox import Outbox
+from daemon.runtime.spool import Spool
+from daemon.runtime.status import Status
+
+
+def make_book(tmp_path, seed: int) -> JobBook:
+    settings = load_settings(
+        None,
+        {
+            "paths": {"inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox")},
+            "instance": {"id": "me"},
+            "worker": {"max_attempts": 2, "retry_base_seconds": 0.0},
+        },
+    )
+    clock = iter(range(10**9)).__next__
+    spool = Spool(tmp_path / "spool", "me", clock=lambda: float(clock()))
+    status = Status(settings, clock=lambda: 0.0, notifier=SystemdNotifier(None), inventory=StaticInventory([]))
+    return JobBook(
+        settings,
+        spool,
+        Outbox(tmp_path / "outbox", owner="me"),
+        status=status,
+        history=None,
+        disk=DiskGuard([tmp_path], min_free_mb=0),
+        downloads=ModelDownloads(),
+        clock=lambda: 0.0,
+        rng=random.Random(seed),
+        on_change=lambda: None,
+        device_of=lambda rec: "cpu",
+    )
+
+
+def check_indexes(book: JobBook) -> None:
+    recs = list(book.records.values())
+    for state in [None, *JobState]:
+        assert {r.id for r in book.in_state(state)} == {r.id for r in recs if r.state is state}, state
+        assert book.count(state) == sum(r.state is state for r in recs)
+    by_source: dict[str, set[str]] = {}
+    for r in recs:
+        by_source.setdefault(r.source, set()).add(r.id)
+    for source, ids in by_source.items():
+        assert book.has_records_from(source)
+        assert {r.id for r in book.records.values() if r.source == source} == ids
+    active = {r.params.basename for r in recs if r.state is not None and r.state.active}
+    for r in recs:
+        assert book.is_active_basename(r.params.basename) == (r.params.basename in active)
+    queued = [r for r in recs if r.state is JobState.QUEUED]
+    assert len(book.queue) == len(queued) and all(r.id in book.queue for r in queued)
+    assert book.queued_by_priority() == dict(Counter(r.priority for r in queued))
+    assert book.has_waiting_work() == any(r.state in (JobState.QUEUED, JobState.WAITING_FOR_MODEL) for r in recs)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_indexes_agree_with_the_records_after_every_change(tmp_path, seed):
+    rnd = random.Random(seed)
+    book = make_book(tmp_path, seed)
+    n = 0
+    for _ in range(250):
+        op = rnd.choice(["intake", "intake", "start", "finish", "fail", "retry", "release", "reload"])
+        active = [r for r in book.records.values() if r.state is not None and r.state.active]
+        if op == "intake" or not book.records:
+            n += 1
+            source = f"{n // 3:06d}.me.f{n // 3}.yaml"  # about three jobs per claimed file
+            rec = make_record(
+                f"j{n}",
+                seq=n,
+                source=source,
+                priority=rnd.choice([-5, 0, 0, 3]),
+                state=None,
+                params={"basename": f"out{rnd.randrange(40)}"},
+            )
+            if book.is_active_basename(rec.params.basename):
+                continue  # intake refuses a second active job writing the same name
+            book.set(rec, JobState.QUEUED)
+        elif op == "start":
+            queued = book.in_state(JobState.QUEUED)
+            if queued:
+                rec = rnd.choice(queued)
+                book.set(rec, JobState.RUNNING, attempts=rec.attempts + 1)
+        elif op == "finish":
+            running = book.in_state(JobState.RUNNING)
+            if running:
+                book.set(rnd.choice(running), JobState.DONE)
+        elif op in ("fail", "retry"):
+            running = book.in_state(JobState.RUNNING)
+            if running:
+                category = Category.INVALID_INPUT if op == "fail" else Category.WORKER_CRASHED
+                book.fail_or_retry(rnd.choice(running), JobError(category, "on cue"))
+        elif op == "release":
+            for source in {r.source for r in book.records.values()}:
+                book.release_if_finished(source)
+        elif op == "reload" and active:
+            # a record found in the spool again (recovery, adoption) replaces the one in the book
+            rec = rnd.choice(active)
+            book.add(rec.model_copy(update={"params": make_params(basename=rec.params.basename)}))
+        check_indexes(book)
+    book.drop_all()
+    check_indexes(book)
+    assert not book.records and not book.queue
+
+
+def test_a_record_leaving_the_queue_leaves_the_ranked_queue(tmp_path):
+    book = make_book(tmp_path, 0)
+    rec = book.set(make_record("a", state=None), JobState.QUEUED)
+    assert "a" in book.queue and book.newly_queued == [rec]
+    book.set(rec, JobState.RUNNING)
+    assert "a" not in book.queue
+    assert isinstance(book.records["a"], JobRecord)
