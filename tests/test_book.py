@@ -129,3 +129,16 @@ def test_a_record_leaving_the_queue_leaves_the_ranked_queue(tmp_path):
     book.set(rec, JobState.RUNNING)
     assert "a" not in book.queue
     assert isinstance(book.records["a"], JobRecord)
+
+
+def test_status_says_recovering_n_of_n_while_the_spool_is_read(tmp_path):
+    from daemon.runtime.health import format_status
+
+    book = make_book(tmp_path, 0)
+    status = book.status
+    status.book, status.disk = book, book.disk
+    status.placement = type("NoJobsRunning", (), {"running": {}})()  # type: ignore[assignment]
+    status.recovery = (1200, 10000)
+    assert status.status_line().startswith("recovering 1200/10000;")
+    text = format_status({"state": "starting", "recovering": {"done": 1200, "total": 10000}, "started_at": 0})
+    assert "recovering 1200/10000 records" in text

@@ -395,3 +395,41 @@ def test_a_publication_a_crash_cut_short_is_undone_at_the_next_start(tmp_path):
     assert sorted(_state(outbox)) == sorted(["done.json", "done.mp4", "theirs.mp4", their_tmp.name])
     video_tmp, poster_tmp = _temps(outbox, "mine")
     assert outbox.publish_result("mine", video_tmp, SIDECAR, poster_tmp) is True
+
+
+# ---- a daemon frozen in the middle of taking in a round of files --------------------------------------------
+
+
+def test_a_daemon_frozen_during_intake_writes_no_failure_record_when_it_wakes(daemons, lease_log, unblock):
+    """The incident: frozen during a batch's intake, a daemon woke after its peer had taken its spool over and
+    wrote failure records for jobs the peer was running. Now what it had not taken in is the peer's."""
+    frozen, released = threading.Event(), threading.Event()
+    unblock.append(released)
+    seen: list[str] = []
+
+    def freeze_on_second_file(claimed: Path) -> None:
+        seen.append(claimed.name)
+        if len(seen) == 2:
+            frozen.set()
+            released.wait(120)  # no progress reported meanwhile: its heartbeat stops, its lease goes stale
+
+    alpha = daemons("alpha", Seams(before_take_in=freeze_on_second_file)).start()
+    beta = daemons("beta").start()
+    wait_for(lambda: alpha.daemon.workers_ready() and beta.daemon.workers_ready(), 60, what="workers")
+    staging = alpha.root / "staging"
+    staging.mkdir()
+    for n in range(5):
+        (staging / f"f{n}.yaml").write_text(f"id: f{n}\nprompt: sleep=0.05\n")
+    beta.daemon.watcher.stop()  # beta must not race alpha for the files: alpha claims all five in one round
+    for n in range(5):
+        os.rename(staging / f"f{n}.yaml", alpha.inbox / f"f{n}.yaml")
+    assert frozen.wait(30), "alpha did not begin its round"
+    sides = [beta.sidecar(f"f{n}", timeout=30) for n in range(5)]  # beta took the spool over and ran them all
+    assert {s["instance"] for s in sides} == {"beta"}
+    assert takeovers(lease_log) == ["lease.takeover owner=beta took over alpha"]
+    released.set()
+    wait_for(lambda: any(m.startswith("lease.lost owner=alpha") for m in lease_log), 30, what="alpha to step back")
+    time.sleep(0.5)
+    assert failures(alpha.outbox) == [], "alpha wrote failure records for jobs that were beta's"
+    assert alpha.daemon.failed == 0 and not alpha.daemon.records
+    assert sorted(p.name for p in alpha.outbox.glob("f*.mp4")) == [f"f{n}.mp4" for n in range(5)]

@@ -35,6 +35,7 @@ class Claims:
         clock: Callable[[], float],
         progress: Callable[[], object] = lambda: None,
         on_lease_lost: Callable[[], None] = lambda: None,
+        before_take_in: Callable[[Path], None] | None = None,
     ) -> None:
         self.settings = settings
         self.intake = intake
@@ -46,6 +47,7 @@ class Claims:
         self.clock = clock
         self.progress = progress  # the loop is alive (daemon.runtime.heartbeat): called per file taken in
         self.on_lease_lost = on_lease_lost
+        self.before_take_in = before_take_in  # a test seam (daemon.runtime.daemon.Seams)
         self.retry: set[Path] = set()
         self._last_retry = clock()
 
@@ -61,6 +63,8 @@ class Claims:
         if claimed:
             self.spool.sync_claims(self.settings.paths.inbox)
         for dest in claimed:
+            if self.before_take_in is not None:
+                self.before_take_in(dest)
             self.take_in(dest)
             self.progress()
 

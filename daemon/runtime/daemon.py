@@ -50,11 +50,13 @@ class Seams:
     """Slow or stuck steps injected by tests (never from a config), at the points where a real daemon stalls:
     ``before_tick`` at the top of every tick (a hung loop: it reports no progress meanwhile);
     ``per_recovered_record`` for every record a recovery reads (a slow spool: progress is reported);
-    ``before_publish(record, video_tmp)`` between the lease check and the outbox's first link (a freeze)."""
+    ``before_publish(record, video_tmp)`` between the lease check and the outbox's first link (a freeze);
+    ``before_take_in(claimed)`` before each claimed file of a round is taken in (a freeze during intake)."""
 
     before_tick: Callable[[], None] | None = None
     per_recovered_record: Callable[[], None] | None = None
     before_publish: Callable[[JobRecord, Path], None] | None = None
+    before_take_in: Callable[[Path], None] | None = None
 
 
 class Daemon:
@@ -160,6 +162,7 @@ class Daemon:
             clock=clock,
             progress=lambda: self.heartbeat.progress(),
             on_lease_lost=lambda: self.recovery.lease_lost(),
+            before_take_in=self.seams.before_take_in,
         )
         self.recovery = Recovery(
             settings,

@@ -80,6 +80,9 @@ def format_status(h: dict[str, Any], now: float | None = None) -> str:
         f"  queue: {h.get('queue_depth', 0)} queued, {h.get('inbox_pending', 0)} settling in inbox; "
         f"done {h.get('done', 0)}, failed {h.get('failed', 0)}",
     ]
+    recovering = h.get("recovering")
+    if recovering:
+        lines.append(f"  recovering {recovering.get('done')}/{recovering.get('total')} records from the spool")
     dev = h.get("device") or {}
     if dev:
         lines.append(
