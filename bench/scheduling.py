@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from daemon.config import load_settings  # noqa: E402
-from daemon.jobs import JobRecord, JobState  # noqa: E402
+from daemon.jobs import JobRecord  # noqa: E402
 from daemon.memory import JobDemand, plan_for  # noqa: E402
 from daemon.scheduler import ReadyQueue, Slot, assign, assign_from, pick_next  # noqa: E402
+from daemon.testing import make_record  # noqa: E402
 
 
 def pickup_latency(mode: str, drops: int) -> list[float]:
@@ -84,39 +85,19 @@ def pickup_latency(mode: str, drops: int) -> list[float]:
     return latencies
 
 
-PARAMS = {
-    "task": "t2v",
-    "pipeline": "t2v",
-    "prompt": "a fox",
-    "negative_prompt": "",
-    "width": 64,
-    "height": 64,
-    "frames": 9,
-    "fps": 16,
-    "steps": 2,
-    "guidance_scale": 5.0,
-    "guidance_scale_2": None,
-    "flow_shift": 5.0,
-    "seed": 1,
-    "seed_was_drawn": False,
-    "quality": 8.0,
-}
-
-
 def record(n: int, model: str, priority: int = 0, queued_at: float = 0.0) -> JobRecord:
-    return JobRecord(
-        id=f"j{n}",
+    return make_record(
+        f"j{n}",
+        seq=n,
+        model=model,
+        architecture="wan2.2-ti2v-5b",
+        priority=priority,
+        params={"steps": 2},
+        received_at=queued_at,
+        queued_at=queued_at,
         token=f"t{n}",
         source="s",
         source_name="s.yaml",
-        seq=n,
-        priority=priority,
-        spec={},
-        params={**PARAMS, "basename": f"j{n}"},
-        model={"name": model, "architecture": "wan2.2-ti2v-5b", "tiny_random_weights": True},
-        received_at=queued_at,
-        queued_at=queued_at,
-        state=JobState.QUEUED,
     )
 
 

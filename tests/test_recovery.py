@@ -132,7 +132,8 @@ def test_kill_9_of_the_daemon_mid_job_loses_nothing_and_publishes_once(tmp_path,
         proc.wait(10)
         # The worker notices its daemon is gone and exits instead of holding the device.
         wait_for(lambda: not _alive(worker_pid), 10, what="orphaned worker to exit")
-        assert not list(outbox.glob("*.mp4"))
+        # nothing published (the worker may have left its hidden temp file, which the next start removes)
+        assert not [p for p in outbox.glob("*.mp4") if not p.name.startswith(".")]
         assert list((spool_root(settings) / "files").iterdir()), "the job file must still be spooled"
     finally:
         if proc.poll() is None:

@@ -20,6 +20,8 @@ from daemon.runtime.spool import Spool
 from daemon.runtime.status import Status
 from daemon.runtime.watch import InboxWatcher
 
+CLAIM_GROUP = 8  # files claimed per folder sync
+
 
 class Claims:
     def __init__(
@@ -52,21 +54,25 @@ class Claims:
         self._last_retry = clock()
 
     def claim_ready(self, watcher: InboxWatcher) -> None:
-        """Claim every ready file (renames, then one fsync of the two folders), then take each in."""
-        claimed = []
-        for path in watcher.ready_files():
-            watcher.forget(path)
-            dest = self.spool.claim(path, sync=False)
-            if dest is not None:
-                logger.info("job.claimed file={}", path.name)
-                claimed.append(dest)
-        if claimed:
-            self.spool.sync_claims(self.settings.paths.inbox)
-        for dest in claimed:
-            if self.before_take_in is not None:
-                self.before_take_in(dest)
-            self.take_in(dest)
-            self.progress()
+        """Claim the ready files a few at a time (renames, then one fsync of the two folders), taking each group
+        in before the next: one folder sync serves a group, and daemons sharing the inbox still share its files
+        (a daemon that renamed every ready file before taking any in would leave its peers idle)."""
+        ready = watcher.ready_files()
+        for start in range(0, len(ready), CLAIM_GROUP):
+            claimed = []
+            for path in ready[start : start + CLAIM_GROUP]:
+                watcher.forget(path)
+                dest = self.spool.claim(path, sync=False)
+                if dest is not None:
+                    logger.info("job.claimed file={}", path.name)
+                    claimed.append(dest)
+            if claimed:
+                self.spool.sync_claims(self.settings.paths.inbox)
+            for dest in claimed:
+                if self.before_take_in is not None:
+                    self.before_take_in(dest)
+                self.take_in(dest)
+                self.progress()
 
     def retry_due(self) -> None:
         if self.retry and self.clock() - self._last_retry >= self.settings.watch.rescan_interval_seconds:
