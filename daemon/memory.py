@@ -353,21 +353,25 @@ def plan_for(
     fp8 are still tried).
     """
     for mode, tiling, fp8 in candidates(override=override, allow_lossy=allow_lossy):
-        est = estimate_mb(
-            job.architecture,
-            job.width,
-            job.height,
-            job.frames,
-            mode,
-            dtype=job.dtype,
-            fp8=fp8,
-            vae_tiling=tiling,
-            book=book,
-            tiny=job.tiny,
-        )
+        est = _estimate(job, mode, tiling, fp8, book)
         if est <= free_mb:
             return Plan(mode, tiling, fp8, est)
     return None
+
+
+def _estimate(job: JobDemand, mode: str, tiling: bool, fp8: bool, book: PeakBook | None) -> int:
+    return estimate_mb(
+        job.architecture,
+        job.width,
+        job.height,
+        job.frames,
+        mode,
+        dtype=job.dtype,
+        fp8=fp8,
+        vae_tiling=tiling,
+        book=book,
+        tiny=job.tiny,
+    )
 
 
 def strongest_estimate_mb(
@@ -375,18 +379,7 @@ def strongest_estimate_mb(
 ) -> int:
     """The smallest estimate over every allowed candidate (what an empty GPU must at least hold)."""
     return min(
-        estimate_mb(
-            job.architecture,
-            job.width,
-            job.height,
-            job.frames,
-            mode,
-            dtype=job.dtype,
-            fp8=fp8,
-            vae_tiling=tiling,
-            book=book,
-            tiny=job.tiny,
-        )
+        _estimate(job, mode, tiling, fp8, book)
         for mode, tiling, fp8 in candidates(override=override, allow_lossy=allow_lossy)
     )
 

@@ -146,12 +146,13 @@ class Status:
         watchdog ping and STATUS line."""
         force = force or self._changed
         self._changed = False
+        payload = self.payload()
         try:
-            written = self.health.maybe_write(self.payload(), force=force)
+            written = self.health.maybe_write(payload, force=force)
         except OSError as exc:  # a full disk must not stop the daemon; the next write tries again
             logger.warning("health.write_failed error={}", exc)
             written = False
-        self._write_metrics(force)
+        self._write_metrics(payload, force)
         # The watchdog ping comes from the main loop on purpose: a hung loop stops pinging and systemd acts.
         self.notifier.maybe_watchdog(self.clock())
         if written and self.notifier.enabled:
@@ -160,7 +161,7 @@ class Status:
                 self._notified_status = line
                 self.notifier.status(line)
 
-    def _write_metrics(self, force: bool = False) -> None:
+    def _write_metrics(self, payload: dict[str, Any], force: bool = False) -> None:
         if self.metrics is None:
             return
         now = self.clock()
@@ -169,7 +170,7 @@ class Status:
         self._last_metrics = now
         try:
             self.metrics.write(
-                self.payload(),
+                payload,
                 {"done_total": self.done, "failed_total_by_category": self.failed_by_category},
                 list(self.durations),
                 read_gpus(self.inventory),
