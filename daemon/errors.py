@@ -19,6 +19,7 @@ JobError(category, message, suggestions)
     ├── worker_crashed    the worker process died (segfault, kill -9, OOM killer)
     ├── timeout           no progress for longer than the stall limit
     ├── disk_full         no space left for the output (retried without counting an attempt)
+    ├── unwritable        a folder the daemon writes is read-only, refuses it, or is gone (not counted)
     └── io_error          any other OS error while reading or writing
 ```
 
@@ -55,6 +56,7 @@ class Category(str, enum.Enum):
     WORKER_CRASHED = "worker_crashed"
     TIMEOUT = "timeout"
     DISK_FULL = "disk_full"
+    UNWRITABLE = "unwritable"
     IO_ERROR = "io_error"
 
 
@@ -72,14 +74,16 @@ OUTCOME: dict[Category, Outcome] = {
     Category.WORKER_CRASHED: Outcome.RETRY,
     Category.TIMEOUT: Outcome.RETRY,
     Category.DISK_FULL: Outcome.RETRY,
+    Category.UNWRITABLE: Outcome.RETRY,
     Category.IO_ERROR: Outcome.RETRY,
 }
 
 # What a user can do about each category. Specific errors add their own suggestions first.
 DEFAULT_SUGGESTIONS: dict[Category, list[str]] = {
     Category.INVALID_SPEC: [
-        "Fix the fields named in the message and drop the file into the inbox again.",
-        "Check a file before submitting it with `wan-daemon validate FILE`.",
+        # What to fix is suggested by each error (daemon.jobspec); this holds for all of them.
+        "Check a file before submitting it with `wan-daemon validate FILE`; editors with the YAML language "
+        "server check it against jobs/schema.json as you type.",
     ],
     Category.INVALID_INPUT: [
         "Put the input file under one of the configured input roots (paths.input_roots) and refer to it "
@@ -113,6 +117,10 @@ DEFAULT_SUGGESTIONS: dict[Category, list[str]] = {
     ],
     Category.TIMEOUT: ["Raise worker.stall_timeout_seconds if this model legitimately takes longer per step."],
     Category.DISK_FULL: ["Free space on the outbox / spool filesystem; the job is retried automatically."],
+    Category.UNWRITABLE: [
+        "Make the outbox and the state folder writable again (a read-only remount, lost permissions, an "
+        "unmounted share); the daemon pauses meanwhile and the job is retried automatically."
+    ],
     Category.IO_ERROR: ["Check permissions and the health of the filesystem holding the inbox and outbox."],
 }
 
@@ -185,5 +193,8 @@ def classify_exception(exc: BaseException) -> JobError:
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return JobError(Category.DISK_FULL, f"no space left on device: {exc}")
-        return JobError(Category.IO_ERROR, f"{name}: {exc}")
+        # The errno travels with the error (a worker's error crosses as a dict): daemon.runtime.disk tells by it,
+        # and by trying the folders, whether the daemon's own folders are at fault.
+        code = errno.errorcode.get(exc.errno, str(exc.errno)) if exc.errno is not None else None
+        return JobError(Category.IO_ERROR, f"{name}: {exc}", details={"errno": code} if code else {})
     return JobError(Category.INTERNAL, f"{name}: {exc}")

@@ -79,8 +79,11 @@ def test_invalid_fields_are_named_with_the_bad_value_and_what_is_allowed(text, n
         (b"prompt: caf\xe9\n", "not valid UTF-8"),
         (b"prompt: " + b"[" * 200 + b"]" * 200 + b"\n", "nested deeper"),
         (b"prompt: [unclosed\n", "malformed YAML"),
-        (b"- just\n- a list\n", "must be a mapping"),
-        (b"", "must be a mapping"),
+        (b"- just\n- a list\n", "must be a mapping of job fields, not a list"),
+        (b"", "the file is empty"),
+        (b"prompt: a\nseed: 1\nseed: 2\n", "job.yaml, line 3, column 1: duplicate key 'seed'"),
+        (b"prompt: a\nsteps: [1, 2\n", "job.yaml, line 3, column 1:"),
+        (b"prompt: !!timestamp 2020-01-01\n", "job.yaml, line 1"),
         (b"x" * (LIMIT + 1), "limit"),
     ],
 )
@@ -127,7 +130,10 @@ def test_batch_rejects_bad_jobs_one_by_one_and_repeated_ids():
     "text,needle",
     [
         ("defaults: {prompt: a}\n", "needs a `jobs:` list"),
-        ("jobs: []\n", "non-empty list"),
+        ("jobs: []\n", "empty list"),
+        ("jobs: {prompt: a}\n", "expected a list of jobs under `jobs`, not a mapping"),
+        ("defaults: [1]\njobs: [{prompt: a}]\n", "`defaults` must be a mapping of job fields, not a list"),
+        ("defaults: {frames: 8}\njobs: [{prompt: a, frames: 9}]\n", "defaults.frames: must be 4n+1"),
         ("jobs: [{prompt: a}]\nextra: 1\n", "unknown top-level keys"),
         ("defaults: {id: x}\njobs: [{prompt: a}]\n", "cannot set `id`"),
     ],
@@ -243,3 +249,21 @@ def test_resolve_retry_switches_the_model_keeping_seed_frames_and_the_snapped_si
         with pytest.raises(JobError) as info:  # the new model must be on this machine: no download on a retry
             resolve_retry(raw, "job", before, {"model": "wan2.2-ti2v-5b"}, settings)
         assert info.value.category is Category.MODEL_NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    "data,advice,not_advice",
+    [
+        (b"prompt: [a\n", "Fix the YAML at the line named", "Fix the fields"),
+        (b"", "Write at least `prompt:", "Fix the fields"),
+        (b"- a\n", "A job file is one job", "Fix the fields"),
+        (b"a: &x 1\nprompt: a\n", "no anchors, aliases or tags", "Fix the fields"),
+        (b"prompt: a\nsteps: x\n", "Fix the fields named", "YAML"),
+    ],
+)
+def test_suggestions_follow_what_went_wrong_and_messages_use_plain_words(data, advice, not_advice):
+    entries, err = parse(data)
+    err = err or entries[0].error
+    said = " ".join(err.all_suggestions())
+    assert advice in said and not_advice not in " ".join(err.suggestions), said
+    assert "<unicode string>" not in err.message and "NoneType" not in err.message and "got str" not in err.message

@@ -120,6 +120,11 @@ CASES = [
     Case("frames_not_4n_plus_1", "model: tiny-ti2v-5b\nprompt: a\nframes: 10\n", False),
     Case("malformed_yaml", "prompt: [a, b\nmodel: tiny-ti2v-5b\n", False),
     Case("yaml_alias", "prompt: &p hello\nnegative_prompt: *p\n", False),
+    Case("yaml_1_2_scalars", "model: tiny-ti2v-5b\nid: NO\nprompt: yes\nseed: 010\n", True),
+    Case("yaml_1_2_sexagesimal_is_text", "model: tiny-ti2v-5b\nprompt: a\nseed: 1:30\n", False),
+    Case("quality_half", "model: tiny-ti2v-5b\nprompt: a\noutput: {quality: 0.5}\n", True),
+    Case("model_empty", "model: ''\nprompt: a\n", False),
+    Case("id_trailing_newline", 'model: tiny-ti2v-5b\nid: "nl\\n"\nprompt: a\n', False),
     Case("not_a_mapping", "- prompt: a\n", False),
     Case(
         "batch_one_bad_job",

@@ -86,7 +86,11 @@ def resolve_params(
             "to the two-expert A14B models"
         )
     if problems:
-        raise JobError(Category.INVALID_SPEC, "; ".join(problems))
+        raise JobError(
+            Category.INVALID_SPEC,
+            "; ".join(problems),
+            ["Fix the fields named in the message (or pick a model that fits them) and drop the file in again."],
+        )
     preset: dict[str, Any] = {}
     if spec.preset:
         from daemon.jobspec.lora import apply_preset
@@ -130,3 +134,38 @@ def resolve_params(
         attention_backend=spec.attention_backend or speed.attention_backend,
         min_cache_steps=speed.min_cache_steps,
     )
+
+
+def job_from_sidecar(sidecar: dict[str, Any], new_id: str) -> dict[str, Any]:
+    """A job that renders a published video again, from its sidecar alone: every resolved parameter written out
+    (seed, size, steps, scheduler shift, guidance, speed options), the model as it ran (after any fallback),
+    and the job's own image, LoRAs and preset. Offload, VAE tiling and FP8 are the daemon's memory plan, not
+    job fields: a run planned differently can differ in the last bits (see the sidecar's
+    ``optimizations_applied``)."""
+    p, spec, model = sidecar["parameters"], sidecar.get("spec") or {}, sidecar["model_used"]
+    source = model.get("source")
+    name = model["path"] if source == "local" else model.get("repo_id") if source == "hub-cache" else model["name"]
+    job: dict[str, Any] = {
+        "id": new_id,
+        "model": name,
+        "task": p["task"],
+        "prompt": p["prompt"],
+        "negative_prompt": p["negative_prompt"],
+        "size": f"{p['width']}x{p['height']}",
+        "frames": p["frames"],
+        "fps": p["fps"],
+        "steps": p["steps"],
+        "guidance_scale": p["guidance_scale"],
+        "flow_shift": p["flow_shift"],
+        "seed": p["seed"],
+        "output": {"basename": new_id, "quality": p["quality"]},
+        "compile": p.get("compile", False),
+        "cache": p.get("cache") or {"type": "none"},
+        "attention_backend": p.get("attention_backend", "native"),
+    }
+    if p.get("guidance_scale_2") is not None:
+        job["guidance_scale_2"] = p["guidance_scale_2"]
+    for key in ("image", "loras", "preset"):
+        if spec.get(key):
+            job[key] = spec[key]
+    return job

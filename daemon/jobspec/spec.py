@@ -8,49 +8,95 @@ model (parameters, LoRAs, input image) is :mod:`daemon.jobspec.resolve`.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
 from daemon.errors import Category, JobError
 from daemon.jobspec.lora import LoraSpec
+from daemon.jobspec.patterns import (
+    ID_CHARS,
+    ID_PATTERN,
+    NONBLANK_PATTERN,
+    NOT_BEFORE_PATTERN,
+    SIZE_CHARS,
+    SIZE_PATTERN,
+    kind_of,
+    parse_not_before,
+)
 from daemon.jobspec.reader import load_yaml_bytes
 from daemon.speed import ATTENTION_BACKENDS, CacheOptions
 
-ID_PATTERN = r"^[A-Za-z0-9._-]{1,128}$"
-_ID_RE = re.compile(ID_PATTERN)
-_SIZE_RE = re.compile(r"^\s*(\d{1,5})\s*[xX×]\s*(\d{1,5})\s*$")
+_ID_RE = re.compile(ID_CHARS)
+_SIZE_RE = re.compile(SIZE_CHARS)
+_NONBLANK_RE = re.compile(NONBLANK_PATTERN)
 
 MAX_STRING = 20_000
 MAX_JOBS_PER_FILE = 1_000
+#: Integer fields: an integral float (``seed: 7.0``) is that integer, as in JSON Schema.
+INT_FIELDS = ("width", "height", "frames", "fps", "steps", "seed", "priority")
+_FIX_FIELDS = "Fix the fields named in the message and drop the file into the inbox again."
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+def _check_id(value: str | None, field: str) -> str | None:
+    if value is not None and not _ID_RE.fullmatch(value):
+        raise ValueError(f"{field} {value!r} must be 1-128 characters of A-Z a-z 0-9 . _ - and must not start with '.'")
+    return value
+
+
 class OutputSpec(_Strict):
     """Where and how the video is written."""
 
     basename: str | None = Field(
-        None, pattern=ID_PATTERN, description="File name without extension for <basename>.mp4/.json. Default: the id."
+        None,
+        description="File name without extension for <basename>.mp4/.json. Default: the id.",
+        json_schema_extra={"pattern": ID_PATTERN},
     )
-    quality: float = Field(8.0, ge=0, le=10, description="H.264 quality, 0 (smallest) to 10 (best).")
+    quality: float = Field(
+        8.0, ge=0, le=10, description="H.264 quality, 0 (smallest file, CRF 51) to 10 (best, CRF 1; never lossless)."
+    )
+
+    @field_validator("basename")
+    @classmethod
+    def _valid_basename(cls, v: str | None) -> str | None:
+        return _check_id(v, "basename")
 
 
-def _check_id(value: str | None, field: str) -> str | None:
-    if value is not None and (value.startswith(".") or not _ID_RE.match(value)):
-        raise ValueError(f"{field} {value!r} must be 1-128 characters of A-Z a-z 0-9 . _ - and must not start with '.'")
-    return value
+_NOT_BEFORE_SCHEMA = {
+    "anyOf": [{"type": "string", "pattern": NOT_BEFORE_PATTERN}, {"type": "null"}],
+    "default": None,
+    "description": "Do not start before this time: a date (2026-05-01, midnight) or a date and time "
+    "(2026-05-01T18:30[:00[.ffffff]], `T` or a space), with an optional zone (Z, +02:00, +0200); "
+    "no zone means UTC. Written as a string (YAML 1.2 reads dates as strings).",
+}
 
 
 class JobSpec(_Strict):
     """One generation job, as written in a job file. Unset fields take the model's defaults."""
 
-    id: str | None = Field(None, description="Job id; default: the file stem (batch: <stem>-<n>).")
+    id: str | None = Field(
+        None,
+        description="Job id, 1-128 of A-Z a-z 0-9 . _ -, not starting with '.'; default: the file stem "
+        "(batch: <stem>-<n>).",
+        json_schema_extra={"pattern": ID_PATTERN},
+    )
     task: Literal["t2v", "i2v", "ti2v"] | None = Field(
         None,
         description="t2v: text only; i2v: needs `image`; ti2v (TI2V-5B): text, plus an image if given. "
@@ -58,14 +104,27 @@ class JobSpec(_Strict):
     )
     model: str | None = Field(
         None,
+        min_length=1,
         max_length=1024,
         description="Registry name (wan2.2-t2v-a14b, wan2.2-i2v-a14b, wan2.2-ti2v-5b, tiny-*), a local "
         "diffusers folder, or a Hugging Face repo id in the local cache. Default: models.default from the config.",
     )
-    prompt: str = Field(..., min_length=1, max_length=MAX_STRING)
+    prompt: str = Field(
+        ...,
+        min_length=1,
+        max_length=MAX_STRING,
+        description="What the video shows; not blank.",
+        json_schema_extra={"pattern": NONBLANK_PATTERN},
+    )
     negative_prompt: str | None = Field(None, max_length=MAX_STRING, description="Default: the standard Wan one.")
-    image: str | None = Field(None, max_length=4096, description="Input image, relative to an input root.")
-    size: str | None = Field(None, description="WIDTHxHEIGHT, e.g. 1280x704. Alternative to width/height.")
+    image: str | None = Field(
+        None, min_length=1, max_length=4096, description="Input image, relative to an input root."
+    )
+    size: str | None = Field(
+        None,
+        description="WIDTHxHEIGHT, e.g. 1280x704. Alternative to width/height.",
+        json_schema_extra={"pattern": SIZE_PATTERN},
+    )
     width: int | None = Field(None, ge=16)
     height: int | None = Field(None, ge=16)
     frames: int | None = Field(None, ge=1, description="Number of frames; must be 4n+1 (e.g. 81, 121).")
@@ -76,9 +135,7 @@ class JobSpec(_Strict):
     flow_shift: float | None = Field(None, gt=0, le=100, description="Scheduler flow shift.")
     seed: int | None = Field(None, ge=0, lt=2**32, description="Drawn at random and recorded when absent.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
-    not_before: datetime | None = Field(
-        None, strict=False, description="Do not start before this time (ISO 8601; UTC if no zone)."
-    )
+    not_before: Annotated[datetime | None, WithJsonSchema(_NOT_BEFORE_SCHEMA)] = None
     timeout: float | None = Field(
         None,
         gt=0,
@@ -116,6 +173,7 @@ class JobSpec(_Strict):
     fallback: list[Literal["lower_resolution", "fewer_frames", "smaller_model"]] = Field(
         default_factory=list,
         max_length=3,
+        json_schema_extra={"uniqueItems": True},
         description="Degradations allowed when the job runs out of memory after offload and VAE tiling were "
         "tried, in this order. Each one applied is recorded in the sidecar. Default: none (fail instead).",
     )
@@ -125,6 +183,36 @@ class JobSpec(_Strict):
     def _unique_fallbacks(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError("each fallback may be listed once")
+        return v
+
+    @field_validator(*INT_FIELDS, mode="before")
+    @classmethod
+    def _integral_float_is_int(cls, v: Any) -> Any:
+        return int(v) if isinstance(v, float) and v.is_integer() else v
+
+    @field_validator("not_before", mode="before")
+    @classmethod
+    def _not_before(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return parse_not_before(v)
+        if v is None or isinstance(v, datetime):  # None, or given from Python
+            return v
+        raise ValueError("must be written as a date or a date and time, e.g. 2026-05-01T18:30:00Z")
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _strict_cache(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            v = CacheOptions.model_validate(v, strict=True)  # no "0.5" for 0.5, as everywhere in a job
+            if v.mag_ratios is not None and not all(math.isfinite(r) and r > 0 for r in v.mag_ratios):
+                raise ValueError("cache.mag_ratios must be positive numbers")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size_shape(cls, v: str | None) -> str | None:
+        if v is not None and not _SIZE_RE.fullmatch(v):
+            raise ValueError(f"size {v!r} must look like WIDTHxHEIGHT, e.g. 1280x704")
         return v
 
     @field_validator("id")
@@ -143,28 +231,28 @@ class JobSpec(_Strict):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if not _NONBLANK_RE.search(v):
             raise ValueError("prompt must not be blank")
         return v
 
     @model_validator(mode="after")
-    def _size_xor_width_height(self) -> JobSpec:
+    def _fields_that_go_together(self, info: ValidationInfo) -> JobSpec:
+        if info.context and info.context.get("partial"):
+            return self  # a batch's defaults: these rules apply to each job once merged
         if self.size is not None:
             if self.width is not None or self.height is not None:
                 raise ValueError("give either size or width/height, not both")
-            if not _SIZE_RE.match(self.size):
-                raise ValueError(f"size {self.size!r} must look like WIDTHxHEIGHT, e.g. 1280x704")
         elif (self.width is None) != (self.height is None):
             raise ValueError("width and height go together")
-        if self.task == "i2v" and not self.image:
+        if self.task == "i2v" and self.image is None:
             raise ValueError("task i2v needs an `image`")
-        if self.task == "t2v" and self.image:
+        if self.task == "t2v" and self.image is not None:
             raise ValueError("task t2v takes no `image` (use i2v or ti2v)")
         return self
 
     def requested_size(self) -> tuple[int, int] | None:
         if self.size is not None:
-            m = _SIZE_RE.match(self.size)
+            m = _SIZE_RE.fullmatch(self.size)
             assert m
             return int(m.group(1)), int(m.group(2))
         if self.width is not None and self.height is not None:
@@ -187,23 +275,58 @@ class SpecEntry:
     raw: Any
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(job)"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            allowed = ", ".join(JobSpec.model_fields)
-            parts.append(f"{loc}: unknown field (allowed: {allowed})")
-        elif err["type"] == "missing":
-            parts.append(f"{loc}: required field is missing")
-        else:
-            inp = err.get("input")
-            shown = repr(inp) if not isinstance(inp, dict) else "{...}"
-            if len(shown) > 80:
-                shown = shown[:77] + "..."
-            parts.append(f"{loc}: {msg} (got {shown})")
-    return "; ".join(parts)
+_SHAPE = (
+    "A job file is one job (`prompt: ...` and the other fields, one per line) or a batch (`defaults:` and a "
+    "`jobs:` list); see jobs/examples/."
+)
+# pydantic's messages for a wrong type name Python's types; these say it in words.
+_TYPE_WORDS = {
+    "model_type": "must be a mapping of fields (`key: value`)",
+    "model_attributes_type": "must be a mapping of fields (`key: value`)",
+    "dict_type": "must be a mapping of fields (`key: value`)",
+    "list_type": "must be a list",
+    "string_type": "must be text",
+    "int_type": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "float_type": "must be a number",
+    "bool_type": "must be true or false",
+}
+
+
+def _problem(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(job)"
+    if err["type"] == "extra_forbidden":
+        return f"{loc}: unknown field (allowed: {', '.join(JobSpec.model_fields)})"
+    if err["type"] == "missing":
+        return f"{loc}: required field is missing"
+    msg = _TYPE_WORDS.get(err["type"]) or err["msg"].removeprefix("Value error, ")
+    inp = err.get("input")
+    shown = "a mapping" if isinstance(inp, dict) else repr(inp)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{loc}: {msg} (got {shown})"
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    return "; ".join(prefix + _problem(err) for err in exc.errors())
+
+
+def _invalid(exc: ValidationError, prefix: str = "") -> JobError:
+    problems = [
+        {"field": prefix + ".".join(str(p) for p in e["loc"]), "error": _problem(e), "type": e["type"]}
+        for e in exc.errors()
+    ]
+    return JobError(
+        Category.INVALID_SPEC,
+        format_validation_error(exc, prefix),
+        [_FIX_FIELDS],
+        details={"validation_errors": problems},
+    )
+
+
+def _shape_error(message: str) -> JobError:
+    return JobError(Category.INVALID_SPEC, message, [_SHAPE])
 
 
 def safe_stem(name: str) -> str:
@@ -218,65 +341,69 @@ def safe_stem(name: str) -> str:
 
 def _validate_one(raw: Any, default_id: str) -> SpecEntry:
     if not isinstance(raw, dict):
-        return SpecEntry(
-            default_id,
-            None,
-            JobError(Category.INVALID_SPEC, f"a job must be a mapping of fields, got {type(raw).__name__}"),
-            raw,
-        )
+        return SpecEntry(default_id, None, _shape_error(f"a job must be a mapping of fields, not {kind_of(raw)}"), raw)
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         given = raw.get("id")
-        jid = given if isinstance(given, str) and _ID_RE.match(given) and not given.startswith(".") else default_id
-        problems = [
-            {
-                "field": ".".join(str(p) for p in e["loc"]),
-                "error": e["msg"].removeprefix("Value error, "),
-                "type": e["type"],
-            }
-            for e in exc.errors()
-        ]
-        return SpecEntry(
-            jid,
-            None,
-            JobError(Category.INVALID_SPEC, format_validation_error(exc), details={"validation_errors": problems}),
-            raw,
-        )
+        jid = given if isinstance(given, str) and _ID_RE.fullmatch(given) else default_id
+        return SpecEntry(jid, None, _invalid(exc), raw)
     if spec.id is None:
         spec = spec.model_copy(update={"id": default_id})
         return SpecEntry(default_id, spec, None, raw)
     return SpecEntry(spec.id, spec, None, raw)
 
 
+def _batch_error(doc: dict[Any, Any]) -> JobError | None:
+    """What makes a batch file unreadable as a whole: its shape, or a default that no job could use."""
+    extra = set(doc) - {"defaults", "jobs"}
+    if extra:
+        return _shape_error(
+            f"a batch file holds only `defaults` and `jobs`; unknown top-level keys: {sorted(map(str, extra))}"
+        )
+    defaults, jobs = doc.get("defaults", {}), doc["jobs"]
+    if not isinstance(defaults, dict):
+        return _shape_error(f"`defaults` must be a mapping of job fields, not {kind_of(defaults)}")
+    if "id" in defaults:
+        return _shape_error("`defaults` cannot set `id` (every job needs its own)")
+    if not isinstance(jobs, list):
+        return _shape_error(f"expected a list of jobs under `jobs`, not {kind_of(jobs)}")
+    if not jobs:
+        return _shape_error("`jobs` is an empty list: give at least one job")
+    if len(jobs) > MAX_JOBS_PER_FILE:
+        return _shape_error(f"a batch holds at most {MAX_JOBS_PER_FILE} jobs, got {len(jobs)}")
+    try:
+        # Each default is checked on its own (a job may complete or override it): rules between fields apply
+        # to every job once merged.
+        JobSpec.model_validate({"prompt": "-", **defaults}, context={"partial": True})
+    except ValidationError as exc:
+        return _invalid(exc, "defaults.")
+    return None
+
+
 def parse_job_file(data: bytes, filename: str, *, max_bytes: int) -> tuple[list[SpecEntry], JobError | None]:
     """Parse a job file. Returns (entries, file_error); file_error is set when nothing could be read."""
     stem = safe_stem(filename)
     try:
-        doc = load_yaml_bytes(data, max_bytes=max_bytes)
+        doc = load_yaml_bytes(data, max_bytes=max_bytes, name=filename.rsplit("/", 1)[-1])
     except JobError as exc:
         return [], exc
-    if not isinstance(doc, dict):
-        return [], JobError(Category.INVALID_SPEC, f"a job file must be a mapping, got {type(doc).__name__}")
-    if "jobs" not in doc:
-        if "defaults" in doc:
-            return [], JobError(Category.INVALID_SPEC, "a batch file with `defaults` needs a `jobs:` list")
-        return [_validate_one(doc, stem)], None
-    extra = set(doc) - {"defaults", "jobs"}
-    if extra:
+    if doc is None:
         return [], JobError(
             Category.INVALID_SPEC,
-            f"a batch file holds only `defaults` and `jobs`; unknown top-level keys: {sorted(extra)}",
+            "the file is empty (a job file must be a mapping of job fields)",
+            ["Write at least `prompt: <what the video shows>`; see jobs/examples/."],
         )
-    defaults, jobs = doc.get("defaults") or {}, doc["jobs"]
-    if not isinstance(defaults, dict):
-        return [], JobError(Category.INVALID_SPEC, "`defaults` must be a mapping of job fields")
-    if "id" in defaults:
-        return [], JobError(Category.INVALID_SPEC, "`defaults` cannot set `id` (every job needs its own)")
-    if not isinstance(jobs, list) or not jobs:
-        return [], JobError(Category.INVALID_SPEC, "`jobs` must be a non-empty list")
-    if len(jobs) > MAX_JOBS_PER_FILE:
-        return [], JobError(Category.INVALID_SPEC, f"a batch holds at most {MAX_JOBS_PER_FILE} jobs, got {len(jobs)}")
+    if not isinstance(doc, dict):
+        return [], _shape_error(f"a job file must be a mapping of job fields, not {kind_of(doc)}")
+    if "jobs" not in doc:
+        if "defaults" in doc:
+            return [], _shape_error("a batch file with `defaults` needs a `jobs:` list")
+        return [_validate_one(doc, stem)], None
+    problem = _batch_error(doc)
+    if problem is not None:
+        return [], problem
+    defaults, jobs = doc.get("defaults", {}), doc["jobs"]
     entries = []
     for n, job in enumerate(jobs, start=1):
         merged = job
@@ -292,7 +419,9 @@ def parse_job_file(data: bytes, filename: str, *, max_bytes: int) -> tuple[list[
                 e.id,
                 None,
                 JobError(
-                    Category.INVALID_SPEC, f"id {e.id!r} is used twice in this file (jobs {seen[e.id] + 1} and {i + 1})"
+                    Category.INVALID_SPEC,
+                    f"id {e.id!r} is used twice in this file (jobs {seen[e.id] + 1} and {i + 1})",
+                    ["Give each job of a batch its own `id`, or leave ids out to get <file stem>-<n>."],
                 ),
                 e.raw,
             )
