@@ -190,6 +190,23 @@ def phase_peaks_mb(
     }
 
 
+def weights_mb(architecture: str, *, dtype: str = "bf16", fp8: bool = False, tiny: bool = False) -> float:
+    """Every weight of a pipeline (each transformer, the text encoder, the VAE), MiB: what a warm pipeline holds
+    in memory, on the device or, offloaded, in the host's RAM."""
+    if tiny:
+        return float(TINY_WEIGHTS_MB)
+    transformer = TRANSFORMER_MB[architecture] * DTYPE_FACTOR[dtype] * (FP8_WEIGHT_FACTOR if fp8 else 1.0)
+    return transformer * EXPERTS[architecture] + TEXT_ENCODER_MB * DTYPE_FACTOR[dtype] + VAE_MB[architecture]
+
+
+def device_weights_mb(
+    architecture: str, mode: str, *, dtype: str = "bf16", fp8: bool = False, tiny: bool = False
+) -> float:
+    """What a warm pipeline keeps on the GPU between jobs, MiB: all its weights when resident, none when
+    offloaded (model, group and sequential offload hand every component back to the CPU at the end of a call)."""
+    return weights_mb(architecture, dtype=dtype, fp8=fp8, tiny=tiny) if _mode(mode) == "resident" else 0.0
+
+
 def book_key(architecture: str, mode: str, dtype: str = "bf16", vae_tiling: bool = False, *, tiny: bool = False) -> str:
     """PeakBook key. Tiny models get their own keys (``tiny:<arch>``): their peaks say nothing about real ones."""
     arch = f"tiny:{architecture}" if tiny else architecture
@@ -331,28 +348,50 @@ class Plan:
 OVERRIDES = ("auto", "none", "resident", "model", "group", "sequential")
 
 
-def candidates(*, override: str = "auto", allow_lossy: bool = False) -> list[tuple[str, bool, bool]]:
-    """(mode, vae_tiling, fp8) in the order tried: fastest first, lossless before lossy (fp8)."""
+@dataclass(frozen=True)
+class WarmMode:
+    """How a worker holds a model warm: the offload mode its pipeline was placed with, and its weight precision
+    (each is its own cache entry in the worker: another mode or precision means loading the model again)."""
+
+    mode: str  # one of MODES
+    fp8: bool = False
+
+
+def candidates(
+    *, override: str = "auto", allow_lossy: bool = False, warm: WarmMode | None = None
+) -> list[tuple[str, bool, bool]]:
+    """(mode, vae_tiling, fp8) in the order tried: fastest first, lossless before lossy (fp8); the ``warm``
+    pipeline's own (mode, fp8), when allowed, before all of them."""
     if override not in OVERRIDES:
         raise ValueError(f"unknown offload override {override!r} (one of {', '.join(OVERRIDES)})")
     modes = MODES if override == "auto" else (_mode(override),)
     order = [(m, tiling, False) for m in modes for tiling in (False, True)]
     if allow_lossy:
         order += [(m, tiling, True) for m, tiling, _ in order]
+    if warm is not None:
+        first = [c for c in order if (c[0], c[2]) == (_mode(warm.mode), warm.fp8)]
+        order = first + [c for c in order if c not in first]
     return order
 
 
 def plan_for(
-    job: JobDemand, free_mb: int, *, override: str = "auto", allow_lossy: bool = False, book: PeakBook | None = None
+    job: JobDemand,
+    free_mb: int,
+    *,
+    override: str = "auto",
+    allow_lossy: bool = False,
+    book: PeakBook | None = None,
+    warm: WarmMode | None = None,
 ) -> Plan | None:
     """The fastest (mode, tiling, fp8) whose estimate fits ``free_mb``; None when none does.
 
     Order: resident, resident+tiling, model, model+tiling, group, group+tiling, sequential,
     sequential+tiling, then the same with fp8 weights if ``allow_lossy``. ``override`` (``none`` /
     ``resident``, ``model``, ``group``, ``sequential``) restricts it to that mode (tiling and, if allowed,
-    fp8 are still tried).
+    fp8 are still tried). ``warm``: the mode the job's model is already loaded in on this worker; tried
+    first (with and without tiling) when allowed, because another mode means loading the model a second time.
     """
-    for mode, tiling, fp8 in candidates(override=override, allow_lossy=allow_lossy):
+    for mode, tiling, fp8 in candidates(override=override, allow_lossy=allow_lossy, warm=warm):
         est = _estimate(job, mode, tiling, fp8, book)
         if est <= free_mb:
             return Plan(mode, tiling, fp8, est)

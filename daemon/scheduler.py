@@ -13,7 +13,8 @@ Several workers (:func:`assign` on a list, :func:`assign_from` on a :class:`Read
 2. Within one priority bucket (the integer part of the effective priority), jobs whose model is already
    warm on a free slot go first and go to that slot (model affinity): a mixed queue does not reload
    models back and forth. A higher bucket always beats affinity.
-3. Admission: a job goes to a GPU slot only if ``plan(demand, free_mb)`` finds a mode that fits; the
+3. Admission: a job goes to a GPU slot only if ``plan(demand, free_mb)`` finds a mode that fits (on a slot
+   where its model is warm, the warm pipeline's mode is tried first: another mode would load it again); the
    GPU's free memory then drops by the plan's estimate for the rest of the call (slots on the same GPU
    share it). CPU slots (``free_mb is None``) take any job. Each slot gets at most one job per call.
    Among the slots that admit a job: a warm one, then a GPU over a CPU, then the fastest plan, then the
@@ -43,12 +44,12 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from daemon.jobs import JobRecord, JobState
-from daemon.memory import MODES, JobDemand, Plan
+from daemon.memory import MODES, JobDemand, Plan, WarmMode
 from daemon.ranking import (  # noqa: F401  (re-exported: the scheduler's vocabulary)
     PRIORITY_MAX,
     PRIORITY_MIN,
@@ -85,6 +86,19 @@ class Slot:
     free_mb: int | None  # None: a CPU worker (no admission check)
     warm_models: frozenset[str] = frozenset()  # model names (record.model.name) loaded in the worker
     total_mb: int | None = None  # the GPU's size; enables reservation for aged jobs (see module doc)
+    # How each warm model is held (the worker's report): its plan is tried first, so it is not loaded again.
+    warm_modes: Mapping[str, WarmMode] = field(default_factory=dict)
+
+
+#: ``plan(demand, free_mb)`` -> a Plan that fits, or None (e.g. ``functools.partial(memory.plan_for, ...)``);
+#: on a slot where the job's model is warm it is asked ``plan(demand, free_mb, warm=WarmMode)``, which tries
+#: that mode first (:func:`daemon.memory.plan_for`).
+Planner = Callable[..., Plan | None]
+
+
+def _plan_on(plan: Planner, d: JobDemand, free_mb: int, warm: WarmMode | None) -> Plan | None:
+    # Asked without the keyword when nothing is warm: a planner may know nothing of warm modes.
+    return plan(d, free_mb) if warm is None else plan(d, free_mb, warm=warm)
 
 
 class Assignment(NamedTuple):
@@ -109,7 +123,7 @@ def _decide(
     now: float,
     aging_bound_seconds: float | None,
     demand: Callable[[JobRecord], JobDemand | None],
-    plan: Callable[[JobDemand, int], Plan | None],
+    plan: Planner,
 ) -> list[Assignment]:
     """The rules of the module doc applied to ``ranked``: (record, effective priority) pairs, best first."""
     if not ranked or not slots:
@@ -144,7 +158,8 @@ def _decide(
             if gpu_key(s) in reserved:
                 continue
             d = demand_of(r)  # asked only when a GPU slot is tried: the affinity pass skips cold jobs cheaply
-            p = plan(d, gpu_free[gpu_key(s)]) if d is not None else None
+            held = s.warm_modes.get(name) if warm and name is not None else None
+            p = _plan_on(plan, d, gpu_free[gpu_key(s)], held) if d is not None else None
             if d is not None and p is None:
                 continue
             found.append(((not warm, 0, _plan_rank(p), gpu_free[gpu_key(s)], n), n, s, p))
@@ -196,7 +211,7 @@ def assign(
     *,
     aging_bound_seconds: float | None,
     demand: Callable[[JobRecord], JobDemand | None],
-    plan: Callable[[JobDemand, int], Plan | None],
+    plan: Planner,
 ) -> list[Assignment]:
     """Jobs to start now, each on its own slot, in assignment order (see the module doc for the rules).
 
@@ -216,7 +231,7 @@ def assign_from(
     *,
     aging_bound_seconds: float | None,
     demand: Callable[[JobRecord], JobDemand | None],
-    plan: Callable[[JobDemand, int], Plan | None],
+    plan: Planner,
     window: int = WINDOW,
 ) -> list[Assignment]:
     """:func:`assign`'s rules applied to the window of ``queue`` (module doc, "Window"): the first ``window``

@@ -201,9 +201,11 @@ class HubServer:
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> HubServer:
-        for listener in ("hub", "cdn"):
+        # The CDN on another host, as the real one is (huggingface_hub follows a redirect to the same host, and
+        # would read the hub's headers off the CDN's response): 127.0.0.2, the loopback network's next address.
+        for listener, host in (("hub", "127.0.0.1"), ("cdn", "127.0.0.2")):
             handler = type(f"_{listener.title()}Handler", (_Handler,), {"hub": self, "listener": listener})
-            server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+            server = ThreadingHTTPServer((host, 0), handler)
             server.daemon_threads = True
             thread = threading.Thread(
                 target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"hubserver-{listener}", daemon=True
@@ -212,7 +214,7 @@ class HubServer:
             self._servers.append(server)
             self._threads.append(thread)
         self.url = f"http://127.0.0.1:{self._servers[0].server_address[1]}"
-        self.cdn_url = f"http://127.0.0.1:{self._servers[1].server_address[1]}"
+        self.cdn_url = f"http://127.0.0.2:{self._servers[1].server_address[1]}"
         return self
 
     def stop(self) -> None:

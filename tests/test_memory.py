@@ -10,18 +10,22 @@ from factories import make_record
 
 from daemon.memory import (
     CUDA_CONTEXT_MB,
+    GB,
     MODES,
     SAFETY_MARGIN,
     JobDemand,
     PeakBook,
     Plan,
+    WarmMode,
     book_key,
+    device_weights_mb,
     estimate_mb,
     latent_tokens,
     optimizations,
     phase_peaks_mb,
     plan_for,
     strongest_estimate_mb,
+    weights_mb,
 )
 from daemon.models import I2V_A14B, T2V_A14B, T2V_SINGLE, TI2V_5B
 
@@ -260,3 +264,33 @@ def test_an_unreadable_book_starts_afresh(tmp_path):
 def test_job_demand_from_a_record():
     rec = make_record("r", model="tiny-ti2v-5b", params={"width": 64, "height": 64, "frames": 9})
     assert JobDemand.from_record(rec) == JobDemand(TI2V_5B, 64, 64, 9, tiny=True)
+
+
+# ---- the warm pipeline's mode first -------------------------------------------------------------------------
+
+TI2V_720P = JobDemand("wan2.2-ti2v-5b", 1280, 704, 121)
+
+
+def test_the_warm_mode_is_planned_first_when_it_fits():
+    # 24 GiB: a cold worker gets model offload with tiling; a worker holding the model in sequential offload
+    # keeps that mode (another mode is another cache entry: the model would be loaded a second time).
+    assert plan_for(TI2V_720P, 24 * GIB).mode == "model"
+    warm = plan_for(TI2V_720P, 24 * GIB, warm=WarmMode("sequential"))
+    assert warm is not None and warm.mode == "sequential" and not warm.fp8
+
+
+def test_a_warm_mode_that_does_not_fit_gives_way_to_the_usual_order():
+    resident = plan_for(TI2V_720P, 24 * GIB, warm=WarmMode("resident"))
+    assert resident == plan_for(TI2V_720P, 24 * GIB)
+
+
+def test_a_warm_mode_outside_the_override_or_lossy_setting_is_not_tried():
+    assert plan_for(TI2V_720P, 24 * GIB, override="group", warm=WarmMode("sequential")).mode == "group"
+    assert not plan_for(TI2V_720P, 24 * GIB, warm=WarmMode("model", fp8=True)).fp8
+
+
+def test_warm_pipelines_hold_their_weights_on_the_device_only_when_resident():
+    weights = weights_mb("wan2.2-t2v-a14b")
+    assert round(weights / GB) == 2 * 28 + 11 + 1  # two experts, UMT5-XXL, the Wan2.1 VAE (0.5 GB)
+    assert device_weights_mb("wan2.2-t2v-a14b", "none") == weights
+    assert [device_weights_mb("wan2.2-t2v-a14b", m) for m in ("model", "group", "sequential")] == [0, 0, 0]

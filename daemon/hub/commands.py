@@ -61,7 +61,7 @@ def models(
             report = verify(repo, revision=args.revision, allow_patterns=patterns, token=token)
             for problem in report.problems:
                 print(f"  - {problem}")
-            print(f"{'ok' if report.ok else 'BROKEN'}: {repo}, {report.checked} files checked ({report.source})")
+            print(f"{'ok' if report.ok else 'BROKEN'}: {repo}: {report.what()}")
             return EXIT_OK if report.ok else EXIT_FAIL
         if args.models_cmd == "remove":
             freed = remove(repo)

@@ -12,14 +12,15 @@ Pure I/O around ``huggingface_hub`` (no torch import). What this module adds to 
   blobs and ``*.incomplete`` partial files) every ``progress_interval`` seconds and calls ``progress``
   with a dict, so a service whose stderr is not a TTY still reports progress. huggingface_hub's own bars
   are passed a ``tqdm_class`` that shows them only when stderr is a terminal.
-* **Resume.** huggingface_hub resumes a transfer cut off *during* a call (it retries with ``Range``), but
-  since 1.x it writes each download to a process-unique ``<etag>.<random>.incomplete`` file and deletes it
-  when the call fails, so a *new* call starts that file from zero. Partial files survive only when the
-  process is killed (SIGKILL, OOM killer, power loss). Before each download, :func:`download` continues
-  such orphaned partial files itself with an HTTP ``Range`` request (plain HTTP only, i.e. when Xet is
-  disabled or ``hf_xet`` is not installed: a file Xet was writing need not be a prefix of the real one),
-  checks the result against the hub's sha256 and moves it into place. It never deletes a partial file that
-  could still be continued.
+* **Resume: huggingface_hub's own, as users get it.** With ``hf_xet`` installed (huggingface_hub's default),
+  Xet-backed files (every Wan2.2 repo's weights) are fetched by hf_xet; other files, and every file when Xet is
+  off, by plain HTTP, which huggingface_hub retries with a ``Range`` request when a transfer is cut off during
+  a call. Each download is written to a process-unique ``<etag>.<random>.incomplete`` file that huggingface_hub
+  deletes when its call fails and never reuses, so after a *killed* process the next call fetches that file
+  from its start (files finished before stay). This module adds no resume of its own (a file Xet was writing
+  need not be a prefix of the real one, and such code would run only with Xet off, not as users download): it
+  removes the partial files killed processes left behind, which nothing would ever read, so that they neither
+  fill the disk nor count as downloaded.
 * **Checksums.** After a download the new files are hashed (sha256 for LFS files, the git blob id for the
   others) against the hub's metadata; corrupted ones are removed from the cache and reported. A manifest
   (``<snapshot>/.wan-daemon-manifest.json``: name, size, sha256 of each file) is written next to the files
@@ -32,7 +33,6 @@ huggingface_hub itself (read when it is imported); this module never reads the e
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import threading
@@ -123,7 +123,7 @@ def download(
         reporter.report()
         reporter.start()
     try:
-        _resume_partials(repo_id, commit, files, cache, storage, token, endpoint)
+        _discard_orphaned_partials(cache, storage)
         try:
             from huggingface_hub import ResolvedRevision  # 1.x: skips a second repo_info call
 
@@ -196,25 +196,10 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _missing_bytes(files: list[RemoteFile], blobs: Path) -> int:
-    done, partial = scan_blobs(blobs)
-    missing = 0
-    for f in files:
-        if f.size is None or (f.etag and f.etag in done):
-            continue
-        have = max((s for _, s in partial.get(f.etag or "", [])), default=0) if _http_resume_possible() else 0
-        missing += max(f.size - (have if have <= f.size else 0), 0)
-    return missing
-
-
-def _http_resume_possible() -> bool:
-    """Partial files are continued by plain HTTP only when Xet is not used (see the module docstring)."""
-    import importlib.util
-
-    from huggingface_hub import constants
-
-    if getattr(constants, "HF_HUB_DISABLE_XET", False):
-        return True
-    return importlib.util.find_spec("hf_xet") is None
+    """Bytes still to fetch: every file not finished in the cache (huggingface_hub continues no partial file
+    from an earlier process)."""
+    done, _ = scan_blobs(blobs)
+    return sum(f.size for f in files if f.size is not None and not (f.etag and f.etag in done))
 
 
 # ---- progress --------------------------------------------------------------------------------------
@@ -301,96 +286,29 @@ def _stderr_is_tty() -> bool:
         return False
 
 
-# ---- resuming partial files left by a killed process ----------------------------------------------
+# ---- partial files left by killed processes --------------------------------------------------------
 
 
-def _resume_partials(
-    repo_id: str,
-    commit: str,
-    files: list[RemoteFile],
-    cache: Path,
-    storage: Path,
-    token: str | None,
-    endpoint: str | None,
-) -> None:
-    """Continue ``*.incomplete`` files that a killed download left behind (see the module docstring)."""
-    if not _http_resume_possible():
-        return
-    blobs = storage / "blobs"
-    done, partial = scan_blobs(blobs)
-    for f in files:
-        if not f.etag or f.etag in done or f.etag not in partial or f.size is None:
-            continue
-        try:
-            _resume_one(repo_id, commit, f, cache, storage, token, endpoint)
-        except Exception as exc:  # keep the partial file; snapshot_download fetches the file from scratch
-            logger.warning(
-                "download.resume_failed repo={} file={} error={}: {}", repo_id, f.name, type(exc).__name__, exc
-            )
+def _discard_orphaned_partials(cache: Path, storage: Path) -> None:
+    """Remove the ``*.incomplete`` files of downloads that no process is running any more (a killed one's).
 
-
-def _resume_one(
-    repo_id: str, commit: str, f: RemoteFile, cache: Path, storage: Path, token: str | None, endpoint: str | None
-) -> None:
+    huggingface_hub holds ``<cache>/.locks/<repo folder>/<etag>.lock`` while it downloads a blob: a partial
+    file whose lock can be taken at once belongs to nobody and is never continued (its name is unique to the
+    process that wrote it)."""
     from filelock import FileLock, Timeout
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
-    from huggingface_hub.file_download import http_get
-    from huggingface_hub.utils import build_hf_headers
 
-    size = f.size
-    if size is None:  # the caller skips these: nothing to tell a partial file's length against
-        return
-    blobs = storage / "blobs"
-    # The lock huggingface_hub holds while it downloads this blob: if it is taken, someone is downloading it.
-    lock_path = cache / ".locks" / storage.name / f"{f.etag}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path), mode=0o664)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        return
-    try:
-        done, partial = scan_blobs(blobs)
-        if f.etag in done or f.etag not in partial:
-            return
-        candidates = sorted(partial[f.etag], key=lambda p: p[1], reverse=True)
-        best, have = candidates[0]
-        for other, _ in candidates[1:]:  # shorter copies of the same bytes: nobody can use them any more
-            other.unlink(missing_ok=True)
-        if have > size:
-            best.unlink(missing_ok=True)
-            return
-        if have < size:
-            url = hf_hub_url(repo_id, f.name, revision=commit, endpoint=endpoint)
-            meta = get_hf_file_metadata(url, token=token, endpoint=endpoint)
-            if meta.etag != f.etag:
-                return  # not the file the partial belongs to: leave both alone
-            headers = build_hf_headers(token=token)
-            if _origin(meta.location) != _origin(url):
-                headers.pop("authorization", None)  # a CDN's signed URL; the token stays on the hub
-            logger.info("download.resume repo={} file={} from_byte={} of={}", repo_id, f.name, have, f.size)
-            with open(best, "ab") as fh:
-                http_get(
-                    meta.location,
-                    fh,
-                    resume_size=have,
-                    headers=headers,
-                    expected_size=f.size,
-                    displayed_filename=f.name,
-                )
-        problem = check_file(best, f)
-        if problem:
-            logger.warning("download.resume_discarded repo={} file={}: {}", repo_id, f.name, problem)
-            best.unlink(missing_ok=True)
-            return
-        os.chmod(best, 0o644)
-        os.replace(best, blobs / f.etag)
-    finally:
-        lock.release()
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    from urllib.parse import urlparse
-
-    p = urlparse(url)
-    return p.scheme, (p.hostname or "").lower(), p.port
+    _, partial = scan_blobs(storage / "blobs")
+    for etag, parts in partial.items():
+        lock_path = cache / ".locks" / storage.name / f"{etag}.lock"
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(lock_path), mode=0o664)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue  # being downloaded right now, by another process or thread
+        try:
+            for path, size in parts:
+                logger.info("download.partial_discarded file={} bytes={} (left by a killed download)", path, size)
+                path.unlink(missing_ok=True)
+        finally:
+            lock.release()

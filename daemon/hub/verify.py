@@ -22,6 +22,23 @@ class VerifyReport:
     checked: int = 0
     source: str = "hub"  # "hub": checked against the hub's metadata; "manifest": against the local manifest
     path: Path | None = None  # the snapshot folder checked
+    by_sha256: int = 0  # files whose every byte was hashed (sha256) against the reference
+    by_blob_id: int = 0  # files hashed as git blobs against the hub's blob id (small non-LFS files)
+
+    def what(self) -> str:
+        """What was checked, in words (``wan-daemon models verify`` prints it)."""
+        where = f" in {self.path}" if self.path else ""
+        if self.source == "manifest":
+            ref = "the manifest wan-daemon wrote when it downloaded them (offline: the hub was not asked)"
+        else:
+            commit = f" for commit {self.path.name}" if self.path else ""
+            ref = f"the hub's metadata{commit}"
+        sizes_only = self.checked - self.by_sha256 - self.by_blob_id
+        return (
+            f"{self.checked} files{where} checked against {ref}: each present with its size; "
+            f"{self.by_sha256} hashed in full (sha256), {self.by_blob_id} by git blob id"
+            + (f", {sizes_only} by size only (no checksum known)" if sizes_only > 0 else "")
+        )
 
 
 def file_digests(path: Path, *, git: bool) -> tuple[int, str, str | None]:
@@ -82,7 +99,8 @@ def verify_local(path: Path, *, checksums: bool = True) -> VerifyReport:
             got = file_digests(local, git=False)[1]
             if got != entry["sha256"]:
                 problems.append(f"{name}: sha256 {got} does not match the recorded {entry['sha256']} (corrupted)")
-    return VerifyReport(not problems, problems, len(manifest["files"]), "manifest", path)
+    hashed = sum(1 for e in manifest["files"].values() if e.get("sha256")) if checksums else 0
+    return VerifyReport(not problems, problems, len(manifest["files"]), "manifest", path, by_sha256=hashed)
 
 
 def verify(
@@ -131,4 +149,6 @@ def verify(
         allow_patterns = (read_manifest(snap) or {}).get("allow_patterns")
     files = remote_files(info, allow_patterns)
     problems = [p for f in files if (p := check_file(snap / f.name, f))]
-    return VerifyReport(not problems, problems, len(files), "hub", snap)
+    sha = sum(1 for f in files if f.sha256)
+    blob = sum(1 for f in files if f.blob_id and not f.sha256)
+    return VerifyReport(not problems, problems, len(files), "hub", snap, by_sha256=sha, by_blob_id=blob)

@@ -148,6 +148,10 @@ def _analyse_wan(keys: list[str]) -> KeyAnalysis:
             a.ignored.append(k)
             continue
         mapped = _map_wan_module(module, is_i2v)
+        if kind == "alpha" and not module.startswith("blocks."):
+            # diffusers' converter scales by alpha only inside the blocks: any other alpha is left over, refused
+            a.problems.append(f"key {k!r}: diffusers' converter reads alpha only for transformer blocks")
+            continue
         if kind == "full":
             if module == "head.head":
                 if "head.head.diff_b" not in names:  # the converter sizes the identity lora_B from diff_b

@@ -21,10 +21,21 @@ from typing import Any
 from loguru import logger
 
 from daemon.errors import Category, JobError, JobInterrupted
+from daemon.memory import CUDA_CONTEXT_MB
 from daemon.models import LocatedModel
 from daemon.worker.cache import Loaded, PipelineCache, weights_mb
-from daemon.worker.media import encode_mp4, fit_image, raise_if_disk_full, video_facts, write_poster_frame
-from daemon.worker.protocol import DeviceInfo, JobPayload, JobResult, Report
+from daemon.worker.media import (
+    encode_mp4,
+    ffmpeg_versions,
+    fit_image,
+    pipeline_provenance,
+    raise_if_disk_full,
+    video_facts,
+    write_poster_frame,
+)
+from daemon.worker.protocol import DeviceInfo, DeviceMemory, JobPayload, JobResult, Report, WarmPipeline
+
+_MIB = 1 << 20
 
 
 @dataclass
@@ -52,6 +63,7 @@ class DiffusersWanBackend:
         models_dir: Path,
         cache_budget_mb: float | None = None,
         cpu_threads: int | None = None,
+        visible_device: str | None = None,  # already applied: the worker's CUDA_VISIBLE_DEVICES, its cuda:0
     ) -> None:
         import torch
 
@@ -94,6 +106,21 @@ class DiffusersWanBackend:
         if self.device == "cuda":
             self.torch.cuda.empty_cache()
 
+    def memory(self) -> DeviceMemory:
+        """What this worker holds on its device between jobs (daemon.worker.protocol.DeviceMemory): torch's
+        reserved pool (warm weights and the last peak's cached blocks) plus the CUDA context."""
+        warm = tuple(WarmPipeline(e.model, e.offload, e.fp8, int(e.device_mb)) for e in self._cache.entries())
+        held = 0
+        if self.device == "cuda" and self.torch.cuda.is_initialized():
+            held = self.torch.cuda.memory_reserved() // _MIB + CUDA_CONTEXT_MB
+        return DeviceMemory(held_mb=held, warm=warm)
+
+    def _device_room_mb(self) -> float:
+        """The device's free memory plus what this worker holds there: what its warm pipelines and the next
+        job may use together (the daemon planned the job against the same figure)."""
+        free, _ = self.torch.cuda.mem_get_info()
+        return (free + self.torch.cuda.memory_reserved()) / _MIB + CUDA_CONTEXT_MB
+
     def describe(self) -> DeviceInfo:
         import diffusers
         import transformers
@@ -111,8 +138,9 @@ class DiffusersWanBackend:
                 "diffusers": diffusers.__version__,
                 "transformers": transformers.__version__,
                 "python": platform.python_version(),
+                **ffmpeg_versions(),
             },
-            cpu_threads=torch.get_num_threads() if self.device == "cpu" else None,
+            cpu_threads=torch.get_num_threads(),  # the host's share for this worker, CUDA or not
             vram_total_mb=vram_total,
             vram_free_mb=vram_free,
         )
@@ -127,7 +155,13 @@ class DiffusersWanBackend:
         return torch.float32
 
     def _pipeline(
-        self, model: LocatedModel, kind: str, report: Report, offload: str = "none", fp8: bool = False
+        self,
+        model: LocatedModel,
+        kind: str,
+        report: Report,
+        offload: str = "none",
+        fp8: bool = False,
+        estimate_mb: int | None = None,
     ) -> tuple[Any, str, float, str]:
         path = str(model.path) if model.path else None
         if model.tiny and not path:
@@ -142,6 +176,10 @@ class DiffusersWanBackend:
         key = f"{model_path}|{offload}|{'fp8' if fp8 else 'bf16'}"
         cls = self.pipeline_classes[kind]
         loaded = self._cache.get(key)
+        if estimate_mb is not None and self.device == "cuda":
+            # The daemon planned this job against the device's free memory plus what this worker holds: make
+            # it true by evicting the warm pipelines the job does not fit beside.
+            self.evicted.extend(self._cache.fit_on_device(key, estimate_mb, self._device_room_mb()))
         if loaded is not None:
             if kind not in loaded.pipes:
                 # Same weights, other task (TI2V-5B): share the loaded components, load nothing.
@@ -153,6 +191,7 @@ class DiffusersWanBackend:
         self.evicted.extend(self._cache.make_room(size_mb))
         report("loading_model")
         t0 = time.perf_counter()
+        allocated_before = self.torch.cuda.memory_allocated() if self.device == "cuda" else 0
         pipe = cls.from_pretrained(path, dtype=self._dtype())
         if fp8:
             # Lossy, only when the job's plan allows it: weights stored in FP8, computed in bf16.
@@ -165,7 +204,20 @@ class DiffusersWanBackend:
         self._place(pipe, offload)
         pipe.set_progress_bar_config(disable=True)
         load_seconds = time.perf_counter() - t0
-        self._cache.put(key, Loaded(model_path, {kind: pipe}, load_seconds, size_mb))
+        device_mb = (self.torch.cuda.memory_allocated() - allocated_before) / _MIB if self.device == "cuda" else 0.0
+        self._cache.put(
+            key,
+            Loaded(
+                model_path,
+                {kind: pipe},
+                load_seconds,
+                size_mb,
+                model=model.name,
+                offload=offload,
+                fp8=fp8,
+                device_mb=max(0.0, device_mb),
+            ),
+        )
         logger.info("worker.pipeline_loaded path={} seconds={:.2f}", key, load_seconds)
         return pipe, "loaded", load_seconds, model_path
 
@@ -242,7 +294,7 @@ class DiffusersWanBackend:
 
         with sampler:
             generated = self._generate(payload, tracked, should_stop)
-        generated.result.resources = sampler.summary()
+        generated.result.resources = {**sampler.summary(), **generated.result.resources}
         return generated
 
     def finish(self, generated: Generated) -> JobResult:
@@ -288,7 +340,9 @@ class DiffusersWanBackend:
         self.evicted = []
         offload = params.offload if self.device == "cuda" else "none"
         fp8 = params.fp8 and self.device == "cuda"
-        pipe, cache_state, load_seconds, model_path = self._pipeline(model, params.pipeline, report, offload, fp8)
+        pipe, cache_state, load_seconds, model_path = self._pipeline(
+            model, params.pipeline, report, offload, fp8, payload.estimate_mb
+        )
         timings["model_load"] = load_seconds
         optimizations = [f"offload:{offload}"] if offload != "none" else []
         if fp8:
@@ -346,6 +400,7 @@ class DiffusersWanBackend:
             report("denoising", step + 1, total)
             return callback_kwargs
 
+        others_mb = self._cache.device_mb() - (entry.device_mb if entry else 0.0)  # other warm weights, not this job's
         if self.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         report("denoising", 0, total)
@@ -371,7 +426,7 @@ class DiffusersWanBackend:
         timings["vae_decode"] = t1 - (last_step_at[0] or t1)
         # An interrupt that lands now is too late to save anything: the video is made, it gets written.
         report("encoding")
-        peak_vram = torch.cuda.max_memory_allocated() // (1 << 20) if self.device == "cuda" else None
+        peak_vram = torch.cuda.max_memory_allocated() // _MIB - int(others_mb) if self.device == "cuda" else None
         return Generated(
             payload,
             frames,
@@ -385,5 +440,7 @@ class DiffusersWanBackend:
                 peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                 models_evicted=list(self.evicted),
                 frames_generated=int(frames.shape[0]),
+                # Carried to the daemon with the resources; the sidecar shows it as `pipeline`.
+                resources={"pipeline": pipeline_provenance(pipe, fp8)},
             ),
         )

@@ -25,6 +25,10 @@ class Loaded:
     loras: Any = None  # daemon.worker.lora.LoraManager: adapters stay loaded with the pipeline, switched per job
     compiled: bool = False  # its transformer blocks were torch.compiled (in place: every later job runs them)
     attention: str = "native"  # the attention backend its transformers are set to
+    model: str = ""  # the model's name (LocatedModel.name), as the daemon knows it
+    offload: str = "none"  # the offload mode it was placed with (none | model | group | sequential)
+    fp8: bool = False
+    device_mb: float = 0.0  # what it keeps on the device between jobs (its weights when resident)
 
 
 def weights_mb(folder: Path | str) -> float:
@@ -61,6 +65,37 @@ class PipelineCache:
             del old
             self.release()
         return evicted
+
+    def fit_on_device(self, keep: str | None, need_mb: float, room_mb: float) -> list[str]:
+        """Evict, least recently used first, the entries other than ``keep`` until what they keep on the device
+        plus ``need_mb`` (a job's estimate) fits ``room_mb`` (the device's free memory plus what this worker
+        holds there). Returns the model folders evicted. A job that fits the empty device thus never waits on
+        pipelines its own worker keeps warm."""
+        evicted: list[str] = []
+        while True:
+            others = [(k, e) for k, e in self._entries.items() if k != keep and e.device_mb > 0]
+            if not others or sum(e.device_mb for _, e in others) + need_mb <= room_mb:
+                return evicted
+            old_key, old = others[0]
+            del self._entries[old_key]
+            logger.info(
+                "worker.pipeline_evicted path={} device_mb={:.0f} need_mb={:.0f} room_mb={:.0f}",
+                old_key,
+                old.device_mb,
+                need_mb,
+                room_mb,
+            )
+            evicted.append(old.model_path)
+            del old
+            self.release()
+
+    def device_mb(self) -> float:
+        """What the warm pipelines keep on the device between jobs."""
+        return sum(e.device_mb for e in self._entries.values())
+
+    def entries(self) -> list[Loaded]:
+        """The warm pipelines, least recently used first."""
+        return list(self._entries.values())
 
     def put(self, key: str, entry: Loaded) -> None:
         self._entries[key] = entry

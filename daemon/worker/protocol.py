@@ -45,6 +45,7 @@ class WorkerConfig:
     cpu_threads: int | None = None
     overlap_encoding: str = "auto"  # auto | on | off
     log_level: str = "INFO"
+    log_format: str = "text"  # daemon.logs: text | json
     # "module:Factory" of a stand-in backend (daemon.testing), injected by code for tests and benchmarks,
     # never by configuration. None: the real diffusers backend.
     backend: str | None = None
@@ -63,6 +64,9 @@ class JobPayload:
     params: ResolvedParams  # the record's parameters with this attempt's offload plan applied
     video_tmp: str  # where the finished MP4 goes (a temp name in the outbox's folder)
     input_image: str | None = None
+    # The plan's estimate of this attempt's peak (MiB, CUDA context included); None without a plan. The worker
+    # evicts warm pipelines until it fits beside the ones it keeps (see DeviceMemory).
+    estimate_mb: int | None = None
 
     @property
     def poster_tmp(self) -> str:
@@ -132,6 +136,34 @@ class DeviceInfo:
     cpu_threads: int | None = None
     vram_total_mb: int | None = None
     vram_free_mb: int | None = None
+    # Where a remote worker runs (a Ray actor: its node's host name and the actor's id); None for a local one.
+    host: str | None = None
+    actor: str | None = None
+
+
+@dataclass(frozen=True)
+class WarmPipeline:
+    """A pipeline the worker keeps loaded, as its cache holds it (one entry per model, mode and precision)."""
+
+    model: str  # LocatedModel.name
+    offload: str  # none | model | group | sequential (params.offload's names)
+    fp8: bool = False
+    device_mb: int = 0  # what it keeps on the device between jobs (its weights when resident; ~0 offloaded)
+
+
+@dataclass(frozen=True)
+class DeviceMemory:
+    """What the worker holds on its device while no job of it is there: the CUDA context, its warm
+    pipelines' weights and the allocator's reserve (torch keeps a job's peak reserved until emptied).
+
+    NVML counts all of it as used. It is the worker's to give back, not another process's: the daemon adds
+    ``held_mb`` back to NVML's free figure before it plans the worker's next job, and the worker evicts warm
+    pipelines (least recently used first, then empties the allocator's cache) until that job's estimate fits
+    beside the ones it keeps. Sent with every event that ends a job's device part (and with Ready);
+    None from a backend that cannot tell (a CPU)."""
+
+    held_mb: int
+    warm: tuple[WarmPipeline, ...] = ()  # least recently used first
 
 
 @dataclass(frozen=True)
@@ -140,6 +172,7 @@ class Ready:
 
     pid: int
     info: DeviceInfo
+    memory: DeviceMemory | None = None
     type: Literal["ready"] = "ready"
 
 
@@ -183,6 +216,7 @@ class DeviceFree:
     """The job's frames are off the device: the worker takes the next job while this one is encoded."""
 
     id: str
+    memory: DeviceMemory | None = None
     type: Literal["device_free"] = "device_free"
 
 
@@ -190,6 +224,7 @@ class DeviceFree:
 class Done:
     id: str
     result: JobResult
+    memory: DeviceMemory | None = None  # None when it was encoded after DeviceFree (the next job may be running)
     type: Literal["done"] = "done"
 
 
@@ -201,6 +236,7 @@ class Failed:
     error: ErrorInfo
     traceback: str = ""
     synthetic: bool = False
+    memory: DeviceMemory | None = None
     type: Literal["failed"] = "failed"
 
 
@@ -209,6 +245,7 @@ class Interrupted:
     """The job stopped at a denoising step because the daemon asked (shutdown, cancel)."""
 
     id: str
+    memory: DeviceMemory | None = None
     type: Literal["interrupted"] = "interrupted"
 
 
@@ -288,6 +325,10 @@ class Backend(Protocol[G]):
 
     def finish(self, generated: G) -> JobResult: ...
 
+    def memory(self) -> DeviceMemory | None:
+        """What the worker holds on its device now (between jobs), or None where there is nothing to tell."""
+        ...
+
 
 @dataclass
 class WorkerStatus:
@@ -299,6 +340,7 @@ class WorkerStatus:
     job_id: str | None = None  # the job on its device
     restarts: int = 0
     last_fatal: str | None = None  # why the worker could not start, if it could not
+    memory: DeviceMemory | None = None  # what it holds on its device, as of its last report
 
 
 class ExecutorProtocol(Protocol):

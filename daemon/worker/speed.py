@@ -20,11 +20,16 @@ def cache_config(cache: dict[str, Any], steps: int):
 
 
 def attention_available(name: str) -> str | None:
-    """None when diffusers can use the backend here, else why not."""
-    from diffusers.models.attention_dispatch import AttentionBackendName, _check_attention_backend_requirements
+    """None when diffusers can use the backend here, else why not.
+
+    Through diffusers' public ``attention_backend`` context manager, which checks the backend's requirements
+    (package, version) on entry; entered and left at once, it changes nothing. (None of our backends is a
+    Hub-kernel one, the only kind it would download on entry.)"""
+    from diffusers import attention_backend
 
     try:
-        _check_attention_backend_requirements(AttentionBackendName(ATTENTION_BACKENDS[name]))
+        with attention_backend(ATTENTION_BACKENDS[name]):
+            pass
     except (RuntimeError, ValueError, ImportError) as exc:
         return str(exc)
     return None

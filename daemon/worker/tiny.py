@@ -52,20 +52,7 @@ def _build_pipeline(architecture: str):
         )
     )
 
-    def transformer(in_channels: int, out_channels: int) -> WanTransformer3DModel:
-        return WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_layers=2,
-            num_attention_heads=2,
-            attention_head_dim=16,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            ffn_dim=64,
-            text_dim=32,
-            freq_dim=32,
-            rope_max_seq_len=64,
-            qk_norm="rms_norm_across_heads",
-        )
+    transformer = tiny_transformer
 
     experts: tuple[WanTransformer3DModel, WanTransformer3DModel | None]  # (high-noise, low-noise or None)
     boundary: float | None
@@ -121,6 +108,28 @@ def is_built(folder: Path) -> bool:
         return json.loads((folder / MARKER).read_text()).get("version") == BUILD_VERSION
     except (OSError, ValueError):
         return False
+
+
+def tiny_transformer(in_channels: int = 16, out_channels: int = 16, *, image_dim: int | None = None):
+    """The tiny models' Wan transformer (random weights): two blocks, hidden size 32. ``image_dim``: with the
+    image-conditioning projections (add_k_proj / add_v_proj) a Wan2.1 I2V transformer has."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        ffn_dim=64,
+        text_dim=32,
+        freq_dim=32,
+        image_dim=image_dim,
+        added_kv_proj_dim=32 if image_dim else None,
+        rope_max_seq_len=64,
+        qk_norm="rms_norm_across_heads",
+    )
 
 
 def build_tiny(name: str, models_dir: Path) -> Path:
