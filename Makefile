@@ -14,14 +14,14 @@ PYTEST_ARGS ?=
 # What `lint` and `format` look at.
 LINT_PATHS := daemon tests bench
 
-.PHONY: venv demo test test-fast lint format typecheck schema clean-demo
+.PHONY: venv demo test test-fast test-min lint format typecheck schema clean-demo
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(strip $(TORCH_SPEC)),$(BIN)/pip install -q $(TORCH_SPEC))
-	$(BIN)/pip install -q -e '.[test,dev]'
+	$(BIN)/pip install -q -e '.[test,dev,ray]'
 	touch $@
 
 # The daemon's main job on the built-in defaults: ./inbox -> ./outbox, the tiny local model when no real
@@ -39,6 +39,23 @@ test: $(STAMP)
 # The pure tier: no daemon, worker process, subprocess, tiny model, ffmpeg or fake hub (see tests/conftest.py).
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# The declared lower bounds, installed and tested: a separate venv ($(MIN_VENV)) with every dependency at the
+# minimum version pinned in .ci/constraints-min.txt (torch: TORCH_SPEC, the lowest CPU wheel here), then the pure
+# tier and a few slow tests on the tiny models, the LoRA path and the fake hub.
+MIN_VENV ?= .venv-min
+MIN_SLOW_TESTS ?= tests/test_e2e.py::test_two_jobs_with_the_same_model_load_it_once \
+	tests/test_e2e.py::test_ti2v_5b_with_an_image_runs_image_to_video_on_the_same_weights \
+	tests/test_lora_e2e.py tests/test_lora_parity.py tests/test_simulated_gpu.py \
+	tests/test_downloads.py::test_download_gives_a_folder_diffusers_loads \
+	tests/test_downloads.py::test_download_killed_midway_is_completed_by_the_next_call
+test-min:
+	test -x $(MIN_VENV)/bin/python || $(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q $(TORCH_SPEC) -c .ci/constraints-min.txt
+	$(MIN_VENV)/bin/pip install -q -e '.[test]' -c .ci/constraints-min.txt
+	$(MIN_VENV)/bin/pip list --format=freeze | grep -iE '^(torch|diffusers|transformers|accelerate|huggingface.hub|peft)=='
+	HF_HUB_OFFLINE=1 $(MIN_VENV)/bin/python -m pytest -p no:cacheprovider -m "not slow" $(PYTEST_ARGS)
+	HF_HUB_OFFLINE=1 $(MIN_VENV)/bin/python -m pytest -p no:cacheprovider $(MIN_SLOW_TESTS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINT_PATHS)

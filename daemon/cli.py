@@ -24,7 +24,13 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2, 3, 4
 
 
 def _settings(args: argparse.Namespace):
-    from daemon.config import load_settings
+    return _effective(args).settings
+
+
+def _effective(args: argparse.Namespace):
+    """The config file (--config, $WAN_DAEMON_CONFIG, /etc/wan-daemon/config.yaml, XDG config home), then
+    WAN_DAEMON_<SECTION>__<KEY> variables, then these flags (daemon.config_sources)."""
+    from daemon.config_sources import load_effective
 
     overrides: dict[str, Any] = {}
     paths: dict[str, Any] = {}
@@ -36,8 +42,13 @@ def _settings(args: argparse.Namespace):
         overrides["paths"] = paths
     if getattr(args, "log_level", None):
         overrides["logging"] = {"level": args.log_level}
-    config = args.config or os.environ.get("WAN_DAEMON_CONFIG")
-    return load_settings(Path(config) if config else None, overrides)
+    return load_effective(getattr(args, "config", None), overrides, os.environ)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from daemon.ops.commands import config_show
+
+    return config_show(args, _effective(args))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -46,7 +57,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.runtime.notify import SystemdNotifier
 
     settings = _settings(args)
-    logs.setup(settings.logging.level)
+    logs.setup(settings.logging.level, settings.logging.format)
     # systemd's notify socket is for the main process only: the worker must not inherit it.
     notifier = SystemdNotifier(os.environ.pop("NOTIFY_SOCKET", None), os.environ.get("WATCHDOG_USEC"))
     from daemon.ops.inventory import NvmlInventory
@@ -56,7 +67,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         allowed=settings.hardware.gpus,
         vram_limit_gb=settings.hardware.vram_limit_gb,
     )
-    daemon = Daemon(settings, cuda_available=bool(inventory.gpus()), notifier=notifier, inventory=inventory)
+    daemon = Daemon(
+        settings,
+        cuda_available=bool(inventory.gpus()),
+        notifier=notifier,
+        inventory=inventory,
+        reload_settings=lambda: _settings(args),  # the same sources, read again (SIGHUP)
+    )
     signals_seen = []
 
     def on_signal(signum, _frame):
@@ -69,6 +86,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP (systemctl reload): re-read the config on the loop's thread; nothing stops (daemon.runtime.reload).
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: daemon.request_reload())
     daemon.run(until_idle=args.until_idle)
     if args.until_idle:
         for r in daemon.results:
@@ -186,34 +205,33 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from daemon.runtime.health import format_status, read_health
+    from daemon.runtime.health import format_status, missing_folder, read_health
 
     settings = _settings(args)
     h = read_health(settings.health_path)
     if h is None:
-        print(f"no health file at {settings.health_path}: is the daemon running?", file=sys.stderr)
+        gone = missing_folder([settings.paths.inbox, settings.paths.state, settings.paths.outbox])
+        why = f"{gone} is missing (an unmounted share or a deleted folder?)" if gone else "is the daemon running?"
+        print(f"no health file at {settings.health_path}: {why}", file=sys.stderr)
         return EXIT_FAIL
     print(json.dumps(h, indent=2) if args.json else format_status(h))
     return EXIT_OK
 
 
 def cmd_check_health(args: argparse.Namespace) -> int:
-    from daemon.runtime.health import health_age, read_health
+    from daemon.runtime.health import read_health, verdict
 
     settings = _settings(args)
-    h = read_health(settings.health_path)
-    if h is None:
-        print(f"unhealthy: no health file at {settings.health_path}")
-        return EXIT_FAIL
-    age = health_age(h, time.time())
-    if age > args.max_age:
-        print(f"unhealthy: health file is {age:.1f}s old (max {args.max_age}s); state was {h.get('state')}")
-        return EXIT_FAIL
-    if h.get("state") == "stopped":
-        print("unhealthy: the daemon has stopped")
-        return EXIT_FAIL
-    print(f"healthy: {h.get('state')}, updated {age:.1f}s ago, {h.get('queue_depth', 0)} queued")
-    return EXIT_OK
+    paths = settings.paths
+    answer = verdict(
+        read_health(settings.health_path),
+        max_age=args.max_age,
+        now=time.time(),
+        health_path=settings.health_path,
+        folders=[paths.inbox, paths.state, paths.outbox],
+    )
+    print(answer)
+    return EXIT_OK if answer.startswith("healthy") else EXIT_FAIL
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -272,6 +290,25 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return monitor(args, _settings(args))
 
 
+def cmd_resubmit(args: argparse.Namespace) -> int:
+    """Render a published video again from its sidecar alone: a job file with every resolved parameter, submitted
+    (validated first) like ``submit``."""
+    from daemon.jobspec.params import job_from_sidecar
+
+    settings = _settings(args)
+    sidecar = json.loads(Path(args.sidecar).read_text())
+    new_id = args.id or f"{sidecar['id']}-re{int(time.time())}"[-128:].lstrip(".")
+    job = job_from_sidecar(sidecar, new_id)
+    folder = settings.paths.state / "resubmit"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{new_id}.yaml"
+    # JSON is YAML 1.2: every value is written exactly (a prompt "yes" stays a string, a seed stays a number).
+    header = f"# re-render of {sidecar['id']} from {Path(args.sidecar).name}"
+    path.write_text(header + "\n" + json.dumps(job, indent=2) + "\n")
+    args.files, args.no_validate = [str(path)], False
+    return cmd_submit(args)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from daemon.jobspec.schema import json_schema
 
@@ -290,10 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="YAML config file (default: $WAN_DAEMON_CONFIG, else built-in defaults)")
+    common.add_argument(
+        "--config",
+        help="YAML config file (default: $WAN_DAEMON_CONFIG, else /etc/wan-daemon/config.yaml, else "
+        "$XDG_CONFIG_HOME/wan-daemon/config.yaml; WAN_DAEMON_<SECTION>__<KEY> variables override it)",
+    )
     common.add_argument("--inbox", help="inbox folder (overrides the config)")
-    common.add_argument("--outbox", help="outbox folder (overrides the config)")
     common.add_argument("--state", help="state folder (default <inbox>/.wan-daemon)")
+    # tasks and analysis read their own --outbox: "from the outbox instead of the history" (ops.outbox_rows).
+    readers = argparse.ArgumentParser(add_help=False, parents=[common])
+    readers.add_argument(
+        "--outbox",
+        nargs="?",
+        const="",
+        help="list the jobs finished in the outbox (every daemon's, from sidecars and failure records) instead "
+        "of this host's history; a DIR names the outbox",
+    )
+    common.add_argument("--outbox", help="outbox folder (overrides the config)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", parents=[common], help="run the daemon")
@@ -335,13 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
             mp.add_argument("--revision")
     m.set_defaults(func=cmd_models)
 
-    tk = sub.add_parser("tasks", parents=[common], help="recent jobs from the history database")
+    tk = sub.add_parser("tasks", parents=[readers], help="recent jobs from the history database (or the outbox)")
     tk.add_argument("--last", type=int, default=20)
     tk.add_argument("--status", choices=["waiting_for_model", "queued", "running", "done", "failed"])
     tk.add_argument("--json", action="store_true")
     tk.set_defaults(func=cmd_tasks)
 
-    an = sub.add_parser("analysis", parents=[common], help="success rate, timings, failures and recommendations")
+    an = sub.add_parser("analysis", parents=[readers], help="success rate, timings, failures and recommendations")
     an.add_argument("--hours", type=float, default=24.0)
     an.add_argument("--json", action="store_true")
     an.set_defaults(func=cmd_analysis)
@@ -363,6 +413,18 @@ def build_parser() -> argparse.ArgumentParser:
     mo.add_argument("--iterations", type=int, default=None, help=argparse.SUPPRESS)
     mo.set_defaults(func=cmd_monitor)
 
+    rs = sub.add_parser("resubmit", parents=[common], help="render a published video again from its sidecar")
+    rs.add_argument("sidecar", help="outbox/<name>.json")
+    rs.add_argument("--id", help="the new job's id and output name (default: <id>-re<unix time>)")
+    rs.set_defaults(func=cmd_resubmit)
+
+    cf = sub.add_parser(
+        "config", parents=[common], help="show the effective configuration and where each value came from"
+    )
+    cf.add_argument("action", choices=["show"])
+    cf.add_argument("--json", action="store_true", help="one JSON document")
+    cf.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    cf.set_defaults(func=cmd_config)
     sc = sub.add_parser("schema", help="print the job-file JSON Schema (jobs/schema.json)")
     sc.add_argument("--output", "-o")
     sc.set_defaults(func=cmd_schema)

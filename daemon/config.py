@@ -1,7 +1,9 @@
 """One frozen settings object, made of sub-configs, loaded from YAML; the CLI applies flag overrides.
 
-With no config file at all the daemon runs on ``./inbox`` and ``./outbox``. Nothing below the CLI
-reads environment variables: components receive their sub-config.
+With no config file at all the daemon runs on ``./inbox`` and ``./outbox``. Where the file, environment
+overrides and flags come from is daemon.config_sources (the CLI's); components receive their sub-config and
+read no environment variables. One default here depends on the host: the job history lives on this host's own
+disk (``local_state``), never on a shared inbox.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from daemon.errors import WanDaemonError
+from daemon.jobspec.reader import parse_yaml
 from daemon.speed import SpeedConfig
 
 
@@ -62,7 +65,16 @@ class WatchConfig(_Frozen):
     poll_interval_seconds: float = Field(1.0, gt=0)
     rescan_interval_seconds: float = Field(10.0, gt=0, description="Full rescan: the source of truth.")
     settle_seconds: float = Field(
-        0.5, ge=0, description="A file written in place is taken once size and mtime are unchanged for this long."
+        0.5,
+        ge=0,
+        description="inotify: a file written in place is taken once its writer closed it and its size and mtime "
+        "stayed unchanged for this long.",
+    )
+    poll_settle_seconds: float = Field(
+        5.0,
+        ge=0,
+        description="polling (no close events): a file written in place is taken once its size and mtime stayed "
+        "unchanged for this long; long enough for a slow writer over NFS/SMB. Renamed-in files are taken at once.",
     )
 
 
@@ -145,6 +157,41 @@ class WorkerConfig(_Frozen):
         "shared equally among the daemon's workers (OpenMP threads of two workers on the same cores slow both "
         "down many times over).",
     )
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="local: one worker process per GPU of this host. ray: one Ray actor per GPU of a Ray cluster "
+        "(the `ray:` section; needs `pip install 'wan-daemon[ray]'`); the spool, scheduler and outbox stay here.",
+    )
+
+
+class RayConfig(_Frozen):
+    """Workers as Ray actors (worker.executor: ray). Ray reads its auth token from the environment
+    (RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH, set on every node): it never appears in this file."""
+
+    address: str | None = Field(
+        None,
+        description="The cluster to join: 'auto' (the one `ray start` runs on this host), 'HOST:6379', or "
+        "'ray://HOST:10001'. None: start a private Ray instance on this host.",
+    )
+    namespace: str = Field("wan-daemon", description="Ray namespace of the daemon's actors.")
+    object_store_memory_mb: int | None = Field(
+        None,
+        gt=0,
+        description="Object-store budget of a private instance (address: None); a cluster's own is set by "
+        "`ray start --object-store-memory`. Finished videos pass through it: leave room for the largest.",
+    )
+    start_timeout_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="An actor that is not placed and ready within this long is given up (an actor no node can "
+        "place fails to start instead of waiting forever).",
+    )
+    actors: int | None = Field(
+        None, ge=1, description="How many actors to run. Default: one per GPU of the cluster when the daemon starts."
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources each actor needs (to pin actors to labelled nodes)."
+    )
 
 
 class InstanceConfig(_Frozen):
@@ -202,7 +249,12 @@ class MetricsConfig(_Frozen):
 
 class HistoryConfig(_Frozen):
     enabled: bool = True
-    path: Path | None = Field(None, description="SQLite job history. Default: <state>/history/<instance id>.sqlite")
+    path: Path | None = Field(
+        None,
+        description="SQLite job history. Default: on this host's own disk, never on a shared inbox (SQLite's WAL "
+        "does not work over NFS/SMB): $STATE_DIRECTORY/history/<instance id>.sqlite under systemd, else "
+        "$XDG_STATE_HOME/wan-daemon/history/<instance id>.sqlite (~/.local/state/…).",
+    )
 
 
 class Schedule(_Frozen):
@@ -235,6 +287,11 @@ class Schedule(_Frozen):
 
 class LoggingConfig(_Frozen):
     level: Literal["TRACE", "DEBUG", "INFO", "SUCCESS", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = Field(
+        "text",
+        description="text: one readable line per record; json: one JSON object per line, with the event name "
+        "and its fields as keys. Under systemd each line starts with its syslog priority (journalctl -p err).",
+    )
 
 
 class SettingsFile(_Frozen):
@@ -246,6 +303,7 @@ class SettingsFile(_Frozen):
     limits: LimitsConfig = LimitsConfig()
     models: ModelsConfig = ModelsConfig()
     worker: WorkerConfig = WorkerConfig()
+    ray: RayConfig = RayConfig()
     health: HealthConfig = HealthConfig()
     logging: LoggingConfig = LoggingConfig()
     instance: InstanceConfig = InstanceConfig()
@@ -303,8 +361,9 @@ def sanitize_owner(raw: str) -> str:
     return cleaned or "daemon"
 
 
-def resolve(file: SettingsFile) -> Settings:
-    """What the file says -> what the daemon runs on."""
+def resolve(file: SettingsFile, local_state: Path | None = None) -> Settings:
+    """What the file says -> what the daemon runs on. ``local_state``: this host's own state folder
+    (daemon.config_sources.local_state_dir); the job history's default lives there."""
     paths = file.paths.resolved()
     instance_id = file.instance.id or default_owner_id()
     health_path = (
@@ -315,7 +374,7 @@ def resolve(file: SettingsFile) -> Settings:
     history_path = (
         Path(file.history.path).expanduser().resolve()
         if file.history.path
-        else paths.state / "history" / f"{instance_id}.sqlite"
+        else (local_state or paths.state).expanduser().resolve() / "history" / f"{instance_id}.sqlite"
     )
     metrics = file.metrics
     if metrics.textfile is not None:
@@ -349,21 +408,34 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
-    """Load settings from a YAML file (optional) and apply nested overrides, then resolve paths."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config {path}: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path} must be a mapping at the top level")
-        data = loaded
-    if overrides:
-        data = _deep_merge(data, overrides)
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A config file's mapping (an empty file: no settings)."""
     try:
-        return resolve(SettingsFile.model_validate(data))
+        loaded = parse_yaml(Path(path).read_text(), str(path)) or {}  # YAML 1.2, as job files
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    return loaded
+
+
+def settings_from(data: dict[str, Any], label: str | None = None, *, local_state: Path | None = None) -> Settings:
+    """Validate and resolve a merged config mapping; ``label`` names its source in errors."""
+    try:
+        return resolve(SettingsFile.model_validate(data), local_state)
     except ValidationError as exc:
         lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"invalid config{f' {path}' if path else ''}:\n" + "\n".join(lines)) from None
+        raise ConfigError(f"invalid config{f' {label}' if label else ''}:\n" + "\n".join(lines)) from None
+
+
+def load_settings(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Load settings from a YAML file (optional) and apply nested overrides, then resolve paths. The history's
+    local folder comes from the environment as for the CLI (daemon.config_sources.local_state_dir)."""
+    import os
+
+    from daemon.config_sources import local_state_dir
+
+    data = read_config_file(path) if path is not None else {}
+    if overrides:
+        data = _deep_merge(data, overrides)
+    return settings_from(data, str(path) if path else None, local_state=local_state_dir(os.environ))

@@ -3,6 +3,10 @@
 Recipe (maildir / PostgreSQL "fsyncgate"): write a temp file in the *same folder*, fsync it, rename it
 over the final name, fsync the folder. Readers see the old file or the new one, never half of one.
 Temp names start with a dot so that watchers and globs skip them.
+
+Tests inject filesystem faults behind this interface (:class:`Faults`, :func:`injected_faults`): while a
+fault is set on a folder, every write this module makes there fails with its errno, as the kernel would
+answer (EROFS for a read-only remount, EACCES for permissions lost on a share, ENOENT for a folder gone).
 """
 
 from __future__ import annotations
@@ -12,11 +16,101 @@ import errno
 import json
 import os
 import secrets
+import stat as _stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 TEMP_PREFIX = ".wan-tmp-"
+
+
+# ---- faults injected by tests ---------------------------------------------------------------------------
+
+
+class Faults:
+    """Folders whose writes fail, and with which errno. Only tests install one (:func:`injected_faults`)."""
+
+    def __init__(self) -> None:
+        self._folders: dict[Path, int] = {}
+
+    def fail(self, folder: Path, err: int) -> None:
+        """From now on every write at or under ``folder`` fails with ``err`` (an ``errno`` value)."""
+        self._folders[Path(folder).absolute()] = err
+
+    def heal(self, folder: Path | None = None) -> None:
+        """``folder`` (every folder: None) takes writes again."""
+        if folder is None:
+            self._folders.clear()
+        else:
+            self._folders.pop(Path(folder).absolute(), None)
+
+    def error_for(self, path: Path) -> OSError | None:
+        path = Path(path).absolute()
+        for folder, err in list(self._folders.items()):
+            if path == folder or folder in path.parents:
+                return OSError(err, os.strerror(err), str(path))
+        return None
+
+
+_faults: Faults | None = None
+
+
+@contextlib.contextmanager
+def injected_faults() -> Iterator[Faults]:
+    """Install a :class:`Faults` for the duration of the block (tests only; one at a time)."""
+    global _faults
+    if _faults is not None:
+        raise RuntimeError("filesystem faults are already injected")
+    _faults = Faults()
+    try:
+        yield _faults
+    finally:
+        _faults = None
+
+
+def _check(path: Path) -> None:
+    if _faults is not None and (exc := _faults.error_for(path)) is not None:
+        raise exc
+
+
+def folder_problem(folder: Path) -> OSError | None:
+    """What stops writes in ``folder``, found without writing: it is missing (ENOENT; not a folder: ENOTDIR), an
+    injected fault, or it is on a read-only mount (EROFS). None when nothing is seen (a write may still fail:
+    :func:`probe_write` tries one)."""
+    folder = Path(folder)
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        return exc
+    if not _stat.S_ISDIR(st.st_mode):
+        return OSError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(folder))
+    if _faults is not None and (injected := _faults.error_for(folder)) is not None:
+        return injected
+    try:
+        if os.statvfs(folder).f_flag & os.ST_RDONLY:
+            return OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+    except OSError as exc:
+        return exc
+    return None
+
+
+def rename(src: Path, dst: Path) -> None:
+    """``os.rename``, through this module so that an injected fault on either folder fails it too."""
+    _check(src)
+    _check(dst)
+    os.rename(src, dst)
+
+
+def remove(path: Path) -> bool:
+    """Unlink ``path``; False when it was already gone. Other errors (EROFS, EACCES) are raised."""
+    _check(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def temp_path_for(final: Path, suffix: str | None = None, owner: str | None = None) -> Path:
@@ -44,26 +138,50 @@ def fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def write_new_file(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Create ``path`` (which must not exist) with ``data`` and fsync it: for a hidden temp that is published
+    under its final name next (:func:`publish`), whose folder fsync then covers both names. Unlike
+    :func:`atomic_write_bytes` no second temp and no rename: nobody reads a temp before it is published."""
+    path = Path(path)
+    _check(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a failed clean-up never replaces the error that caused it
+            os.unlink(path)
+        raise
+
+
 def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o644, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that readers see the old or the new content, never a part.
     ``durable``: also fsync the file and its folder, so that the new content survives a power loss
     (what status snapshots rewritten many times a second do not need)."""
     path = Path(path)
+    _check(path)
     tmp = temp_path_for(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
+            _write_all(fd, data)
             if durable:
                 os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # a failed clean-up never replaces the error that caused it
             os.unlink(tmp)
         raise
     if durable:
@@ -88,6 +206,7 @@ def publish(tmp: Path, final: Path) -> bool:
     Uses ``link()``, which fails with EEXIST when ``final`` exists: publishing is idempotent and a
     second owner can never overwrite the first. Returns False when ``final`` already existed.
     """
+    _check(final)
     try:
         os.link(tmp, final)
     except FileExistsError:
@@ -114,6 +233,7 @@ def link_new(tmp: Path, final: Path) -> bool:
     file as ``final`` marks an unfinished publication (daemon.runtime.outbox repairs one after a crash). The
     caller fsyncs the folder. Without hard links (SMB, FAT) the temp is renamed instead (after an
     exclusive-existence check, as in :func:`publish`)."""
+    _check(final)
     try:
         os.link(tmp, final)
     except FileExistsError:
@@ -130,6 +250,7 @@ def link_new(tmp: Path, final: Path) -> bool:
 def atomic_copy(src: Path, dst: Path, *, max_bytes: int | None = None) -> None:
     """Copy ``src`` to ``dst`` atomically (temp + fsync + rename); refuses to replace an existing file."""
     dst = Path(dst)
+    _check(dst)
     tmp = temp_path_for(dst)
     try:
         with open(src, "rb") as fin, open(tmp, "xb") as fout:
@@ -143,8 +264,13 @@ def atomic_copy(src: Path, dst: Path, *, max_bytes: int | None = None) -> None:
             os.fsync(fout.fileno())
         if not publish(tmp, dst):
             raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+        # link() names the finished file with no close event under the new name; an inotify watcher that waits
+        # for a file's writer to close it (daemon.runtime.watch) would wait for its fallback. Opening it for
+        # writing and closing it, writing nothing, is that close (IN_CLOSE_WRITE).
+        with contextlib.suppress(OSError):
+            os.close(os.open(dst, os.O_WRONLY | os.O_APPEND))
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # never replaces the error that brought us here
             os.unlink(tmp)
 
 
@@ -159,10 +285,13 @@ def remove_stale_temps(folder: Path, owner: str | None = None, max_age_seconds: 
     mine = f"{TEMP_PREFIX}{owner}~" if owner else None
     now = time.time()
     for p in folder.glob(TEMP_PREFIX + "*"):
-        with contextlib.suppress(FileNotFoundError):
+        try:
             if (mine and p.name.startswith(mine)) or owner is None or now - p.stat().st_mtime > max_age_seconds:
-                p.unlink()
-                removed.append(p)
+                if remove(p):
+                    removed.append(p)
+        except OSError as exc:  # e.g. a read-only outbox: left for the next clean-up
+            if exc.errno != errno.ENOENT:
+                logger.warning("fsutil.temp_left path={} error={}", p, exc)
     return removed
 
 
@@ -170,6 +299,7 @@ def probe_write(folder: Path, size: int = 65536) -> OSError | None:
     """Try to write and fsync ``size`` bytes in ``folder``: the error, or None when there is room."""
     probe = Path(folder) / f"{TEMP_PREFIX}space-probe-{os.getpid()}"
     try:
+        _check(probe)
         with open(probe, "wb") as fh:
             fh.write(b"\0" * size)
             fh.flush()
@@ -177,7 +307,7 @@ def probe_write(folder: Path, size: int = 65536) -> OSError | None:
     except OSError as exc:
         return exc
     finally:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(probe)
     return None
 
@@ -193,18 +323,22 @@ def sha256_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def open_confined(path: Path, root_candidates: Sequence[Path | str], *, max_bytes: int) -> Iterator[Any]:
+def open_confined(
+    path: Path, root_candidates: Sequence[Path | str], *, max_bytes: int, roots_resolved: bool = False
+) -> Iterator[Any]:
     """Open ``path`` for reading only if it lies inside one of ``root_candidates``.
 
     Refuses absolute paths outside the roots, ``..`` escapes and symlinks anywhere on the way. The
     file is opened with O_NOFOLLOW and checked with fstat on the opened descriptor, so a symlink
     swapped in after the check is refused too. Raises ValueError with a reason a user can act on.
+    ``roots_resolved``: the caller passes roots it resolved already (a realpath walk per file is a cost that
+    shows when thousands of files are taken in).
     """
     raw = Path(path)
     if ".." in raw.parts:
         raise ValueError(f"path {str(path)!r} contains '..'")
     for root in root_candidates:
-        root = Path(root).resolve()
+        root = Path(root) if roots_resolved else Path(root).resolve()
         candidate = raw if raw.is_absolute() else root / raw
         try:
             rel = candidate.relative_to(root)
@@ -224,8 +358,6 @@ def open_confined(path: Path, root_candidates: Sequence[Path | str], *, max_byte
             if exc.errno == errno.ELOOP:
                 raise ValueError(f"path {str(path)!r} is a symlink, which is not allowed") from None
             raise ValueError(f"cannot open {str(path)!r}: {exc.strerror}") from None
-        import stat as _stat
-
         st = os.fstat(fd)
         if not _stat.S_ISREG(st.st_mode):
             os.close(fd)

@@ -4,7 +4,8 @@
   full jitter, ``sleep = uniform(0, min(cap, base * 2**(attempt-1)))``, until ``max_attempts``
   attempts, counted on disk, are spent: a job that kills its worker every time ends up failed instead
   of looping forever.
-- A full disk is retried later without counting against ``max_attempts``: the job is not at fault.
+- A full disk, or a folder the daemon writes that is read-only or gone, is retried later without counting
+  against ``max_attempts``: the job is not at fault.
 - Out of memory climbs a ladder, one rung per retry: stronger offload (CUDA only: model, then
   block-level group offload, then sequential), then VAE tiling, then, only where the job lists them in
   ``fallback``, degraded settings (lower resolution, fewer frames, a smaller model), each degradation
@@ -116,6 +117,8 @@ def decide(
     delay = draw * min(cap_seconds, base_seconds * (2 ** max(0, attempts - 1)))
     if error.category is Category.DISK_FULL:
         return Decision(True, delay, f"disk full: retrying in {delay:.1f}s once space is back (not counted)")
+    if error.category is Category.UNWRITABLE:
+        return Decision(True, delay, f"a folder is unwritable: retrying in {delay:.1f}s once writes work (not counted)")
     if attempts >= max_attempts:
         return Decision(False, reason=f"gave up after {attempts} attempts (worker.max_attempts={max_attempts})")
     return Decision(True, delay, f"attempt {attempts} of {max_attempts} failed; retrying in {delay:.1f}s")

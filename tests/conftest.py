@@ -20,6 +20,19 @@ from daemon.config import load_settings  # noqa: E402
 from daemon.runtime.daemon import Daemon  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def local_state_home(tmp_path_factory, monkeypatch) -> Path:
+    """Each test's own XDG state home: the job history's default folder (daemon.config_sources), which daemons
+    in this process and CLI subprocesses alike resolve from the environment. No stray WAN_DAEMON_* setting
+    or systemd StateDirectory of the caller's leaks into a test."""
+    folder = tmp_path_factory.mktemp("xdg-state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(folder))
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+    for name in [n for n in os.environ if n.startswith("WAN_DAEMON_")]:
+        monkeypatch.delenv(name)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
     """The three tiny models, built once per test session (the worker would build them on first use too)."""
@@ -160,6 +173,11 @@ SLOW_FILES = {
     "test_recovery.py": "kills and restarts real daemons and daemon subprocesses",
     "test_downloads.py": "a fake hub server (tests/hubserver.py) serving the tiny model, download subprocesses",
     "test_report.py": "encodes MP4s with ffmpeg for posters and runs headless chromium",
+    "test_mp4.py": "encodes and reads back MP4s with ffmpeg",
+    "test_ray.py": "a local Ray cluster with fake GPUs, daemons whose workers are Ray actors, a tiny model",
+    "test_ray_cluster.py": "a three-node ray.cluster_utils.Cluster, a node removed mid-job",
+    "test_simulated_gpu.py": "real daemons and worker processes on simulated GPU cards",
+    "test_lora_parity.py": "tiny Wan transformers loading LoRAs through diffusers",
 }
 SLOW_TESTS = {
     "test_cli.py::test_console_script_help": "runs the wan-daemon console script as a subprocess",
@@ -168,6 +186,8 @@ SLOW_TESTS = {
     "test_lora.py::test_parent_half_imports_no_torch": "a fresh interpreter as a subprocess",
     "test_notify.py::test_unit_file_has_no_syntax_errors": "runs systemd-analyze",
     "test_notify.py::test_unit_check_catches_typos": "runs systemd-analyze",
+    "test_notify.py::test_units_are_hardened_to_an_exposure_of_at_most_2": "runs systemd-analyze security",
+    "test_notify.py::test_the_exposure_check_sees_a_unit_without_its_hardening": "runs systemd-analyze security",
     "test_resilience.py::test_claim_race_2000_files_8_claimers_no_double_no_loss": "8 spawned claimer processes",
 }
 SLOW_FIXTURES = {

@@ -102,8 +102,9 @@ def test_bad_config_exits_with_the_config_code(tmp_path, capsys):
 
 def test_default_config_file_matches_the_built_in_defaults():
     from daemon.config import SettingsFile, load_settings, resolve
+    from daemon.config_sources import local_state_dir
 
-    assert load_settings(ROOT / "configs" / "default.yaml") == resolve(SettingsFile())
+    assert load_settings(ROOT / "configs" / "default.yaml") == resolve(SettingsFile(), local_state_dir(os.environ))
     load_settings(ROOT / "configs" / "production.yaml")
 
 

@@ -14,7 +14,9 @@ the constants that are read at call time:
   formatted at import from HF_ENDPOINT; patching ENDPOINT alone leaves downloads aimed at huggingface.co;
 * ``constants.HF_HUB_OFFLINE`` -- checked by the HTTP session's request hook (``HF_HUB_OFFLINE=0`` in the
   environment is not seen);
-* ``constants.HF_HUB_DISABLE_XET`` -- hf_xet is installed; the fake hub sends no Xet headers anyway;
+* Xet stays on, as users have it (``hf_xet`` is installed with huggingface_hub and ``HF_HUB_DISABLE_XET`` is
+  unset): the fake hub serves no Xet metadata, so huggingface_hub takes its plain-HTTP path for these files,
+  exactly as it does for a non-Xet file of a real repo with Xet on (``test_downloads_run_as_users_have_them``);
 * ``constants.HF_HUB_CACHE`` -- the default cache of snapshot_download / scan_cache_dir (tmp_path);
 * ``constants.HF_TOKEN_PATH`` and ``HF_TOKEN`` -- so that no real token is sent;
 * ``constants.DOWNLOAD_CHUNK_SIZE`` -- 16 KiB instead of 10 MiB: huggingface_hub writes a download to disk
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -83,20 +86,20 @@ def hub(fake_repo, monkeypatch, tmp_path):
         for key, value in {
             "HF_ENDPOINT": server.url,
             "HF_HUB_OFFLINE": "0",
-            "HF_HUB_DISABLE_XET": "1",
             "HF_HOME": str(home),
             "HF_HUB_DISABLE_TELEMETRY": "1",
         }.items():
             monkeypatch.setenv(key, value)
         monkeypatch.delenv("HF_TOKEN", raising=False)
         monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+        monkeypatch.delenv("HF_HUB_DISABLE_XET", raising=False)
         monkeypatch.delenv("HF_HUB_CACHE", raising=False)
         monkeypatch.setattr(constants, "ENDPOINT", server.url)
         monkeypatch.setattr(
             constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}"
         )
         monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
         monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
         monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", 16 * 1024)
@@ -280,11 +283,23 @@ print("child finished the download", flush=True)
 """
 
 
-def test_download_killed_midway_is_resumed_by_the_next_call(hub, tmp_path):
-    """A killed process leaves its partial file; the next download() continues it from where it stopped."""
+def test_downloads_run_as_users_have_them(hub):
+    """These tests download with hf_xet installed and Xet on (huggingface_hub's default), not a configuration
+    of their own: what they check is what users get."""
+    import importlib.util
+
+    from huggingface_hub import constants
+
+    assert importlib.util.find_spec("hf_xet") is not None and not constants.HF_HUB_DISABLE_XET
+
+
+def test_download_killed_midway_is_completed_by_the_next_call(hub, tmp_path):
+    """A killed process leaves its partial file, which huggingface_hub never continues (its name is unique to
+    that process): the next download() fetches the file again from its start, keeps what was finished, and
+    removes the orphaned partial file."""
     cache = tmp_path / "cache"
     stalled = hub.stall(REPO, TRANSFORMER, 120_000)
-    # The child reads HF_ENDPOINT, HF_HUB_OFFLINE=0, HF_HUB_DISABLE_XET=1 from the environment at import.
+    # The child reads HF_ENDPOINT and HF_HUB_OFFLINE=0 from the environment at import (Xet on, as users have it).
     child = subprocess.Popen(
         [sys.executable, "-c", _CHILD, REPO, str(cache)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
@@ -305,15 +320,15 @@ def test_download_killed_midway_is_resumed_by_the_next_call(hub, tmp_path):
         out = child.communicate()[0].decode()
     assert "child finished" not in out
     hub.release()
-    part = partial()
-    assert part is not None, "the partial file of the killed download is gone"
-    have = part.stat().st_size
-    assert 0 < have < needed(hub)[TRANSFORMER].size
+    assert partial() is not None, "the killed download left no partial file"
+    finished = {p.name for p in blobs.iterdir() if "." not in p.name}
 
-    before = len(hub.body_requests(TRANSFORMER))
+    done_before = [n for n, f in needed(hub).items() if f.etag in finished]
+    counts = {n: len(hub.body_requests(n)) for n in needed(hub)}
     path = get(cache_dir=cache)
-    resumed = hub.body_requests(TRANSFORMER)[before:]
-    assert [r.range for r in resumed] == [f"bytes={have}-"], [(r.path, r.range) for r in resumed]
+    again = hub.body_requests(TRANSFORMER)[counts[TRANSFORMER] :]
+    assert again and not [r.range for r in again if r.range], "not fetched again from its start"
+    assert all(len(hub.body_requests(n)) == counts[n] for n in done_before), "a finished file was fetched again"
     assert (path / TRANSFORMER).read_bytes() == (hub.repos[REPO].folder / TRANSFORMER).read_bytes()
     assert not list(blobs.glob("*.incomplete"))
     assert verify(REPO, cache_dir=cache).ok
@@ -449,7 +464,11 @@ def test_models_commands_download_verify_list_remove(hub, tmp_path, capsys):
     assert main(["models", "download", REPO, *args]) == 0
     assert "downloaded" in capsys.readouterr().out
     assert main(["models", "verify", REPO, *args]) == 0
-    assert "ok:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    n = len(hub.files(REPO))  # not a registry name: every file of the repo
+    assert f"ok: {REPO}: {n} files in " in out and "checked against the hub's metadata for commit" in out, out
+    hashed = re.search(r"(\d+) hashed in full \(sha256\), (\d+) by git blob id", out)
+    assert hashed and int(hashed[1]) > 0 and int(hashed[1]) + int(hashed[2]) == n, out
     assert main(["models", "list", *args]) == 0
     assert REPO in capsys.readouterr().out
     assert main(["models", "remove", REPO, *args]) == 0
@@ -490,10 +509,30 @@ def test_a_failed_download_fails_only_the_jobs_that_need_it(hub, harness_factory
 
     info = replace(models.REGISTRY["wan2.2-ti2v-5b"], name="gone-5b", repo_id="Wan-AI/Does-Not-Exist")
     monkeypatch.setitem(models.REGISTRY, "gone-5b", info)
-    h = harness_factory().start()
+    h = harness_factory(worker={"allow_cpu_for_real_models": True}).start()
     h.drop("needs.yaml", "model: gone-5b\nprompt: never\n")
     h.drop("fine.yaml", "model: tiny-ti2v-5b\nprompt: fine\nsteps: 2\n")
     record = h.failure("needs", timeout=60)
     assert record["error_category"] == "model_download" and "Does-Not-Exist" in record["message"]
     assert record["recovery_suggestions"]
     assert h.sidecar("fine")["status"] == "done"
+
+
+@pytest.mark.parametrize("gpus", [[24576], []], ids=["24-GiB-GPU", "no-GPU"])
+def test_a_job_no_worker_could_run_fails_at_once_and_nothing_is_downloaded(hub, harness_factory, monkeypatch, gpus):
+    """A registry model is fetched only for a job some configured worker could run in some offload mode."""
+    from dataclasses import replace
+
+    from daemon import models
+    from daemon.ops.inventory import GpuInfo, StaticInventory
+
+    info = replace(models.REGISTRY["wan2.2-ti2v-5b"], name="hub-5b", repo_id=REPO)
+    monkeypatch.setitem(models.REGISTRY, "hub-5b", info)
+    inventory = StaticInventory([GpuInfo(i, "Fake", t, 0, t) for i, t in enumerate(gpus)])
+    h = harness_factory(backend="daemon.testing:CueBackend", inventory=inventory).start()
+    h.drop("huge.yaml", "model: hub-5b\nprompt: too big\nsize: 2048x2048\nframes: 481\n")
+    record = h.failure("huge", timeout=30)
+    assert record["error_category"] == "insufficient_vram" and record["attempts"] == 0
+    assert "MiB" in record["message"] and "not downloaded" in record["message"]
+    assert ("24576 MiB" if gpus else "allow_cpu_for_real_models") in record["message"]
+    assert hub.body_requests() == [] and not [r for r in hub.requests if "/api/models/" in r.path]

@@ -19,10 +19,12 @@ from conftest import DaemonHarness, fast_settings, wait_for
 from loguru import logger
 
 from daemon.fsutil import sha256_file, temp_path_for
+from daemon.ops.lease_check import check_lease_grace
 from daemon.runtime.daemon import Daemon, Seams
 from daemon.runtime.heartbeat import Heartbeat
 from daemon.runtime.leases import Lease
 from daemon.runtime.outbox import Outbox
+from daemon.runtime.recovery_figures import read_figures
 
 CUE = "daemon.testing:CueBackend"
 FAST = {"heartbeat_seconds": 0.1, "lease_grace_seconds": 1.0, "takeover_check_seconds": 0.1}
@@ -361,17 +363,17 @@ def test_a_publication_that_fails_before_its_sidecar_is_undone(tmp_path, monkeyp
     from daemon.runtime import outbox as outbox_module
 
     outbox = Outbox(tmp_path / "outbox", owner="me", abandoned_after=3600)
-    real = outbox_module.atomic_write_json
+    real = outbox_module.write_new_file
 
     def failing(path, data):
         raise OSError(5, "Input/output error (fsync)")
 
-    monkeypatch.setattr(outbox_module, "atomic_write_json", failing)
+    monkeypatch.setattr(outbox_module, "write_new_file", failing)
     video_tmp, poster_tmp = _temps(outbox, "job")
     with pytest.raises(OSError):
         outbox.publish_result("job", video_tmp, SIDECAR, poster_tmp)
     assert _state(outbox) == {}
-    monkeypatch.setattr(outbox_module, "atomic_write_json", real)
+    monkeypatch.setattr(outbox_module, "write_new_file", real)
     video_tmp, poster_tmp = _temps(outbox, "job")
     assert outbox.publish_result("job", video_tmp, SIDECAR, poster_tmp) is True  # the retry publishes
 
@@ -433,3 +435,72 @@ def test_a_daemon_frozen_during_intake_writes_no_failure_record_when_it_wakes(da
     assert failures(alpha.outbox) == [], "alpha wrote failure records for jobs that were beta's"
     assert alpha.daemon.failed == 0 and not alpha.daemon.records
     assert sorted(p.name for p in alpha.outbox.glob("f*.mp4")) == [f"f{n}.mp4" for n in range(5)]
+
+
+# ---- a daemon frozen in the middle of a claim: files renamed into its spool, not yet synced or taken in ------
+
+
+def test_a_daemon_frozen_during_the_claim_loses_no_file_and_fails_nothing(daemons, lease_log, unblock):
+    """Frozen between renaming files into its spool and taking them in: its peer adopts the spool, takes the
+    claimed files in itself and runs them; the woken daemon writes no failure record for the files that moved,
+    and the files still in the inbox are claimed and run exactly once."""
+    frozen, released = threading.Event(), threading.Event()
+    unblock.append(released)
+    claimed: list[str] = []
+    write_errors: list[str] = []
+    sink = logger.add(
+        lambda m: write_errors.append(m.record["message"]),
+        format="{message}",
+        filter=lambda r: r["message"].startswith("daemon.write_failed"),
+    )
+
+    def freeze_after_second_claim(dest: Path) -> None:
+        claimed.append(dest.name)
+        if len(claimed) == 2:
+            frozen.set()
+            released.wait(120)  # two files renamed into alpha's spool, neither synced nor taken in
+
+    alpha = daemons("alpha", Seams(after_claim=freeze_after_second_claim)).start()
+    beta = daemons("beta").start()
+    wait_for(lambda: alpha.daemon.workers_ready() and beta.daemon.workers_ready(), 60, what="workers")
+    staging = alpha.root / "staging"
+    staging.mkdir()
+    for n in range(5):
+        (staging / f"c{n}.yaml").write_text(f"id: c{n}\nprompt: sleep=0.05\n")
+    beta.daemon.watcher.stop()  # alpha alone sees the files: its round begins with all five
+    for n in range(5):
+        os.rename(staging / f"c{n}.yaml", alpha.inbox / f"c{n}.yaml")
+    assert frozen.wait(30), "alpha did not begin its claims"
+    first_two = sorted(name.split(".", 2)[2] for name in claimed)
+    taken = [beta.sidecar(Path(name).stem, timeout=30) for name in first_two]  # adopted with alpha's spool
+    assert {s["instance"] for s in taken} == {"beta"}
+    assert takeovers(lease_log) == ["lease.takeover owner=beta took over alpha"]
+    released.set()
+    wait_for(lambda: any(m.startswith("lease.lost owner=alpha") for m in lease_log), 30, what="alpha to step back")
+    sides = {f"c{n}": alpha.sidecar(f"c{n}", timeout=30) for n in range(5)}  # the other three: claimed again
+    assert failures(alpha.outbox) == [], "a failure record for a file that moved to the peer"
+    assert sorted(p.name for p in alpha.outbox.glob("c*.mp4")) == [f"c{n}.mp4" for n in range(5)]
+    assert all(s["attempts"] == 1 for s in sides.values())
+    assert takeovers(lease_log) == ["lease.takeover owner=beta took over alpha"]  # and not back
+    assert alpha.daemon.failed == 0 and beta.daemon.failed == 0
+    logger.remove(sink)
+    assert write_errors == [], "a taken-over spool reported as a failing disk"
+
+
+def test_a_recovery_whose_steps_are_slow_for_the_grace_says_so(daemons, tmp_path):
+    """Each record takes 0.15 s to read: half the 1 s grace holds fewer than four such steps. The start-up
+    warns, the figures are kept in the state folder, and doctor's check says the same."""
+    warnings: list[str] = []
+    sink = logger.add(
+        lambda m: warnings.append(m.record["message"]),
+        format="{message}",
+        filter=lambda r: r["message"].startswith("config.lease_grace_short"),
+    )
+    alpha = daemons("alpha", Seams(per_recovered_record=lambda: time.sleep(0.15)))
+    fill_spool(alpha.settings, 3, "sleep=0.01")
+    alpha.start()
+    logger.remove(sink)
+    assert len(warnings) == 1 and "at least" in warnings[0]
+    worst = read_figures(alpha.settings.paths.state)["worst"]
+    assert worst.records == 3 and worst.longest_step_seconds >= 0.15
+    assert check_lease_grace(alpha.settings).status == "warn"

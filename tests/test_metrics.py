@@ -277,3 +277,73 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch):
         MetricsWriter(path).write(health(state="idle"), COUNTERS, DURATIONS)
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.prom"]
+
+
+# ---- what the metrics and the health file say over a process's life ------------------------------------------
+
+
+def test_a_priority_seen_once_stays_a_series_at_zero(tmp_path):
+    writer = MetricsWriter(tmp_path / "m.prom")
+    writer.write({"instance": "a", "state": "busy", "queue_by_priority": {"5": 2, "0": 1}}, {}, [])
+    writer.write({"instance": "a", "state": "idle", "queue_by_priority": {}}, {}, [])
+    text = (tmp_path / "m.prom").read_text()
+    assert 'wan_daemon_queue_depth{instance_id="a",priority="5"} 0' in text
+    assert 'wan_daemon_queue_depth{instance_id="a",priority="0"} 0' in text
+
+
+def test_up_is_0_in_the_file_written_as_the_daemon_stops():
+    assert 'wan_daemon_up{instance_id="a"} 1' in render({"instance": "a", "state": "idle"}, {}, [])
+    assert 'wan_daemon_up{instance_id="a"} 0' in render({"instance": "a", "state": "stopped"}, {}, [])
+
+
+def test_models_are_labelled_by_name_never_by_a_local_path():
+    text = render({"instance": "a"}, {}, [("/srv/models/my-wan-5b", 3.0), ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 9.0)])
+    assert 'model="my-wan-5b"' in text and "/srv/models" not in text
+    assert 'model="Wan-AI/Wan2.2-TI2V-5B-Diffusers"' in text
+
+
+def test_the_duration_histogram_counts_every_job_of_the_process(tmp_path):
+    """A counter never falls: the count after 12,000 jobs is 12,000, not the size of a window of recent ones."""
+    from daemon.config import load_settings
+    from daemon.ops.inventory import StaticInventory
+    from daemon.runtime.notify import SystemdNotifier
+    from daemon.runtime.status import Status
+
+    settings = load_settings(None, {"paths": {"inbox": str(tmp_path / "in"), "outbox": str(tmp_path / "out")}})
+    status = Status(settings, clock=lambda: 0.0, notifier=SystemdNotifier(None), inventory=StaticInventory([]))
+    status.metrics = MetricsWriter(tmp_path / "m.prom")
+    for n in range(12_000):
+        status.job_done(f"j{n}", "tiny-ti2v-5b", 1.0 + n % 7, {})
+    status._write_metrics({"instance": "a", "state": "idle"}, force=True)
+    text = (tmp_path / "m.prom").read_text()
+    assert 'wan_daemon_job_duration_seconds_count{instance_id="a",model="tiny-ti2v-5b"} 12000' in text
+    assert 'wan_daemon_job_duration_seconds_bucket{instance_id="a",model="tiny-ti2v-5b",le="+Inf"} 12000' in text
+
+
+def test_jobs_waiting_for_a_starting_worker_are_not_idle_and_up_ends_at_0(harness_factory, tmp_path):
+    prom = tmp_path / "metrics" / "wan-daemon.prom"
+    prom.parent.mkdir()
+    h = harness_factory(
+        backend="daemon.testing:SlowStartCueBackend", metrics={"textfile": str(prom), "interval_seconds": 0.1}
+    ).start()
+    h.drop("w.yaml", "prompt: sleep=0.01\n")
+    health = h.settings.health_path
+
+    def state():
+        import json
+
+        try:
+            return json.loads(health.read_text())["state"]
+        except (OSError, ValueError):
+            return None
+
+    from conftest import wait_for
+
+    wait_for(lambda: state() == "waiting_for_worker", 20, interval=0.02, what="waiting_for_worker")
+    h.sidecar("w")
+    h.idle()
+    wait_for(lambda: state() == "idle", 10, what="idle once done")
+    h.stop()
+    assert 'wan_daemon_up{instance_id="' in prom.read_text() and re.search(
+        r"wan_daemon_up\{[^}]*\} 0\n", prom.read_text()
+    )

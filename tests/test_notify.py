@@ -282,3 +282,54 @@ def test_units_use_notify_and_watchdog(name):
     ):
         assert expected in lines, expected
     assert "PrivateDevices=yes" not in lines  # it would hide /dev/nvidia*
+
+
+def exposure(unit: Path) -> float:
+    """The overall exposure ``systemd-analyze security --offline=yes`` gives a unit file (0 safe, 10 exposed)."""
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=unit.parent,
+        env={**os.environ, "SYSTEMD_LOG_COLOR": "0", "SYSTEMD_COLORS": "0"},
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout + result.stderr)
+    assert found, result.stdout + result.stderr
+    return float(found.group(1))
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("name", UNITS)
+def test_units_are_hardened_to_an_exposure_of_at_most_2(name, tmp_path):
+    unit = tmp_path / name
+    shutil.copyfile(UNITS_DIR / name, unit)
+    assert exposure(unit) <= 2.0
+
+
+@needs_systemd_analyze
+def test_the_exposure_check_sees_a_unit_without_its_hardening(tmp_path):
+    """Not vacuous: the same unit with its hardening lines removed scores as exposed."""
+    text = (UNITS_DIR / "wan-daemon.service").read_text()
+    start, end = text.index("NoNewPrivileges=yes"), text.index("[Install]")
+    unit = tmp_path / "wan-daemon.service"
+    unit.write_text(text[:start] + text[end:])
+    assert exposure(unit) > 5.0
+
+
+@pytest.mark.parametrize("name", UNITS)
+def test_units_let_systemd_make_their_folders_and_reload_with_sighup(name):
+    lines = {line.strip() for line in (UNITS_DIR / name).read_text().splitlines()}
+    for expected in (
+        "StateDirectory=wan-daemon",
+        "CacheDirectory=wan-daemon",
+        "LogsDirectory=wan-daemon",
+        "WorkingDirectory=%S/wan-daemon",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "DevicePolicy=closed",
+        "DeviceAllow=/dev/nvidiactl rw",
+        "DeviceAllow=char-nvidia-frontend rw",
+    ):
+        assert expected in lines, expected
+    assert not any(line.startswith("ReadWritePaths=") and "/var/lib/wan-daemon" in line for line in lines)
+    assert "MemoryDenyWriteExecute=yes" not in lines  # the CUDA driver and oneDNN JIT-compile kernels

@@ -292,16 +292,16 @@ def test_full_outbox_pauses_loses_nothing_and_finishes_once_space_returns(
 
 
 def test_an_fsync_error_never_marks_a_job_done(harness_factory, monkeypatch):
-    real = outbox_module.atomic_write_json
+    real = outbox_module.write_new_file  # how the outbox writes a sidecar before publishing it
     failures = []
 
     def failing_once(path, data):
-        if not failures and data.get("status") == "done":
+        if not failures and b'"status": "done"' in data:
             failures.append(path)
             raise OSError(errno.EIO, "Input/output error (fsync)")
         return real(path, data)
 
-    monkeypatch.setattr(outbox_module, "atomic_write_json", failing_once)
+    monkeypatch.setattr(outbox_module, "write_new_file", failing_once)
     h = harness_factory(backend=CUE).start()
     h.drop("io.yaml", "prompt: sleep=0.05\n")
     side = h.sidecar("io")

@@ -9,6 +9,7 @@ import pytest
 from conftest import wait_for
 
 from daemon.config import WatchConfig
+from daemon.fsutil import atomic_copy
 from daemon.runtime.watch import InboxWatcher, is_job_file_name
 
 
@@ -16,7 +17,13 @@ from daemon.runtime.watch import InboxWatcher, is_job_file_name
 def watcher(request, tmp_path):
     w = InboxWatcher(
         tmp_path,
-        WatchConfig(mode=request.param, settle_seconds=0.4, rescan_interval_seconds=60, poll_interval_seconds=0.1),
+        WatchConfig(
+            mode=request.param,
+            settle_seconds=0.4,
+            poll_settle_seconds=0.4,
+            rescan_interval_seconds=60,
+            poll_interval_seconds=0.1,
+        ),
         clock=time.monotonic,
     )
     w.start()
@@ -100,5 +107,44 @@ def test_a_file_dropped_right_after_a_claim_is_seen_at_once(tmp_path):
             assert ready == [inbox / f"{n}.yaml"], f"file {n} not seen within 0.3 s of its rename"
             os.rename(inbox / f"{n}.yaml", tmp_path / f"claimed-{n}.yaml")  # the claim
             w.forget(inbox / f"{n}.yaml")
+    finally:
+        w.stop()
+
+
+def test_a_file_moved_in_from_another_folder_is_ready_at_once(tmp_path):
+    # inotify reports a move from an unwatched folder as a bare IN_MOVED_TO; without full events watchdog calls it
+    # a create, which for a file written in place means "wait for its close": a close that never comes.
+    inbox, staging = tmp_path / "inbox", tmp_path / "staging"
+    inbox.mkdir()
+    staging.mkdir()
+    w = InboxWatcher(
+        inbox, WatchConfig(mode="inotify", settle_seconds=600, rescan_interval_seconds=600), clock=time.monotonic
+    )
+    w.start()
+    w.scan()
+    try:
+        (staging / "m.yaml").write_text("prompt: a\n")
+        os.rename(staging / "m.yaml", inbox / "m.yaml")
+        ready = wait_for(lambda: w.wait_for_hint(0.05) or w.ready_files(), 5, what="the moved-in file")
+        assert ready == [inbox / "m.yaml"]
+    finally:
+        w.stop()
+
+
+def test_a_submitted_file_is_ready_once_settled_not_after_the_unclosed_fallback(tmp_path):
+    """``wan-daemon submit`` places files with atomic_copy (temp, then link): a create with no close under the
+    new name, which the watcher would otherwise hold for UNCLOSED_SETTLE_SECONDS."""
+    inbox, src = tmp_path / "inbox", tmp_path / "job.yaml"
+    inbox.mkdir()
+    src.write_text("prompt: submitted\n")
+    w = InboxWatcher(
+        inbox, WatchConfig(mode="inotify", settle_seconds=0.2, rescan_interval_seconds=600), clock=time.monotonic
+    )
+    w.start()
+    w.scan()
+    try:
+        atomic_copy(src, inbox / "job.yaml")
+        ready = wait_for(lambda: w.wait_for_hint(0.05) or w.ready_files(), 10, what="the submitted file")
+        assert ready == [inbox / "job.yaml"]
     finally:
         w.stop()

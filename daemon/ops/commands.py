@@ -1,4 +1,4 @@
-"""The operator commands of ``wan-daemon``: tasks, analysis, doctor, report, monitor.
+"""The operator commands of ``wan-daemon``: tasks, analysis, doctor, report, monitor, config show.
 
 Each takes the parsed arguments and the loaded settings and returns the exit code (daemon.cli).
 """
@@ -28,11 +28,17 @@ def tasks(args: argparse.Namespace, settings) -> int:
 
     from daemon.ops.analysis import render_tasks
 
-    history = _history(settings)
-    if history is None:
-        return EXIT_FAIL
-    with history:
-        rows = history.tasks(last=args.last, status=args.status)
+    if getattr(args, "outbox", None) is not None:  # every daemon's finished jobs, from the shared outbox
+        from daemon.ops.outbox_rows import outbox_rows
+
+        rows = [r for r in outbox_rows(settings.paths.outbox) if args.status in (None, r["status"])]
+        rows = rows[: args.last] if args.last is not None else rows
+    else:
+        history = _history(settings)
+        if history is None:
+            return EXIT_FAIL
+        with history:
+            rows = history.tasks(last=args.last, status=args.status)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
@@ -43,13 +49,20 @@ def tasks(args: argparse.Namespace, settings) -> int:
 def analysis(args: argparse.Namespace, settings) -> int:
     from rich.console import Console
 
-    from daemon.ops.analysis import analyse, render_analysis
+    from daemon.ops.analysis import analyse, analyse_rows, render_analysis
 
-    history = _history(settings)
-    if history is None:
-        return EXIT_FAIL
-    with history:
-        result = analyse(history, args.hours, time.time())
+    now = time.time()
+    if getattr(args, "outbox", None) is not None:
+        from daemon.ops.outbox_rows import outbox_rows
+
+        rows = outbox_rows(settings.paths.outbox, since=now - args.hours * 3600)
+        result = analyse_rows(rows, hours=args.hours, now=now)
+    else:
+        history = _history(settings)
+        if history is None:
+            return EXIT_FAIL
+        with history:
+            result = analyse(history, args.hours, now)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -83,4 +96,24 @@ def monitor(args: argparse.Namespace, settings) -> int:
     from daemon.ops import monitor as live
 
     live.run(settings.health_path.parent, args.interval, iterations=args.iterations)
+    return EXIT_OK
+
+
+def config_show(args: argparse.Namespace, effective) -> int:
+    """Every setting's effective value and where it came from (daemon.config_sources.Effective): aligned on a
+    terminal, tab-separated when piped, one JSON document with ``--json``."""
+    rows = effective.rows()
+    if args.json:
+        doc = {
+            "file": str(effective.file) if effective.file else None,
+            "file_reason": effective.file_reason,
+            "settings": {key: {"value": value, "from": origin} for key, value, origin in rows},
+        }
+        print(json.dumps(doc, indent=2, default=str))
+        return EXIT_OK
+    print(f"# config file: {effective.file or '(none)'} ({effective.file_reason})")
+    width = max(len(key) for key, _, _ in rows)
+    for key, value, origin in rows:
+        shown = value if isinstance(value, str) else json.dumps(value, default=str)
+        print(f"{key:<{width}}  {shown}  # {origin}" if sys.stdout.isatty() else f"{key}\t{shown}\t{origin}")
     return EXIT_OK

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from daemon.fsutil import TEMP_PREFIX
+from daemon.ops.lease_check import check_lease_grace
 from daemon.ops.mounts import NETWORK_FS_TYPES, fs_type, read_mounts
 
 Status = Literal["ok", "warn", "fail"]
@@ -423,6 +424,7 @@ def run_checks(settings, *, mounts_text: str | None = None) -> list[Check]:
         checks += _guard(f"write: {label}", functools.partial(check_writable, label, folder))
     checks += _guard("models", lambda: check_models(p.models, settings.models.default))
     checks += _guard("inbox filesystem", lambda: check_inbox_filesystem(p.inbox, settings.watch.mode, mounts_text))
+    checks += _guard("lease grace", lambda: check_lease_grace(settings))
     return checks
 
 

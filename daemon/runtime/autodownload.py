@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from loguru import logger
@@ -24,9 +25,15 @@ class ModelDownloads:
         self._threads: dict[str, threading.Thread] = {}
         self._results: dict[str, Exception | None] = {}
         self._lock = threading.Lock()
+        # Whether a download of this repo is wanted: some job waiting for it could run on some configured worker
+        # (runtime.placement sets it). None: every download asked for is started.
+        self.wanted: Callable[[str], bool] | None = None
 
     def ensure(self, repo_id: str, architecture: str) -> None:
-        """Start downloading ``repo_id`` unless it is already under way."""
+        """Start downloading ``repo_id`` unless it is already under way, or no job waiting for it could run
+        here (tens of GB are not fetched for jobs that would be refused once they arrive)."""
+        if self.wanted is not None and not self.wanted(repo_id):
+            return
         with self._lock:
             if (repo_id in self._threads and self._threads[repo_id].is_alive()) or repo_id in self._results:
                 return  # under way, or finished and not yet collected by finished()

@@ -76,6 +76,9 @@ class JobBook:
         self.newly_queued: list[JobRecord] = []
         self.cancel_dir = settings.paths.state / "cancel"
         self.cancel_requested: set[str] = set()
+        # Decisions whose record could not be written (a read-only or vanished folder): reconcile makes them again
+        # with the same error, so that the cause is never replaced by the write's own error.
+        self.unrecorded: dict[str, JobError] = {}
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -144,6 +147,7 @@ class JobBook:
             self._unindex(rec)
         self.cancel_requested.clear()
         self.newly_queued.clear()
+        self.unrecorded.clear()
 
     def outputs(self, basename: str) -> dict[str, str]:
         return {"video": str(self.outbox.video_path(basename)), "sidecar": str(self.outbox.sidecar_path(basename))}
@@ -154,8 +158,12 @@ class JobBook:
         """A record already persisted (by intake, or found in the spool)."""
         self._index(rec)
 
-    def set(self, rec: JobRecord, state: JobState, note: str = "", **changes: Any) -> JobRecord:
-        updated = self.spool.transition(rec, state, note, **changes)
+    def set(
+        self, rec: JobRecord, state: JobState, note: str = "", *, durable: bool = True, **changes: Any
+    ) -> JobRecord:
+        """``durable=False`` only where a crash before the next fsync loses nothing: the record is rebuilt from
+        something else that is durable (see Spool.transition and Publisher.publish)."""
+        updated = self.spool.transition(rec, state, note, durable=durable, **changes)
         self._index(updated)
         self.record_history(updated)
         self.on_change()
@@ -181,9 +189,17 @@ class JobBook:
 
     def fail_or_retry(self, rec: JobRecord, err: JobError) -> None:
         """Ask the retry policy; queue the job again (with any changes it asks for) or write its failure
-        record and mark it FAILED."""
-        if err.category is Category.DISK_FULL:
-            self.disk.report_full(err.message)
+        record and mark it FAILED. A failure that is the folders' fault (full, unwritable, gone) pauses the
+        daemon and sends the job back with its attempt given back (daemon.runtime.disk). When the decision
+        cannot be written, reconcile makes it again with this same error."""
+        err = self.disk.screen(err)
+        try:
+            self._fail_or_retry(rec, err)
+        except OSError:
+            self.unrecorded[rec.id] = err
+            raise
+
+    def _fail_or_retry(self, rec: JobRecord, err: JobError) -> None:
         w = self.settings.worker
         decision = decide(
             err,
@@ -212,6 +228,8 @@ class JobBook:
             if decision.retry:
                 if decision.degradation:
                     changes["degradations"] = [*rec.degradations, decision.degradation]
+                if "pause" in err.details and rec.state is JobState.RUNNING:
+                    changes["attempts"] = max(0, rec.attempts - 1)  # the folders' fault, not the job's
                 self.set(
                     rec,
                     JobState.QUEUED,
@@ -276,12 +294,13 @@ class JobBook:
         back through the retry policy, so that no job is ever stuck."""
         for rec in self.in_state(JobState.RUNNING):
             if rec.id not in running:
+                err = self.unrecorded.pop(rec.id, None)
                 try:
                     if self.done_if_published(rec, "published; recorded late"):  # only DONE was not recorded
                         self.release_if_finished(rec.source)
                         continue
-                    category = Category.DISK_FULL if self.disk.reason else Category.IO_ERROR
-                    self.fail_or_retry(rec, JobError(category, "the job's result could not be recorded"))
+                    err = err or JobError(Category.IO_ERROR, "the job's result could not be recorded")
+                    self.fail_or_retry(rec, err)
                 except OSError as exc:
                     self.on_write_error(exc)
                     return
@@ -289,8 +308,7 @@ class JobBook:
     def on_write_error(self, exc: OSError) -> None:
         err = classify_exception(exc)
         logger.error("daemon.write_failed category={} error={}", err.category.value, exc)
-        if err.category is Category.DISK_FULL:
-            self.disk.report_full(str(exc))
+        self.disk.screen(err)  # full, unwritable or gone: pause
 
     # ---- cancels -------------------------------------------------------------------------------
 
@@ -314,8 +332,10 @@ class JobBook:
         return interrupt
 
     def cancel(self, rec: JobRecord, when: str) -> None:
-        self.forget_cancel(rec.id)
+        # The request is forgotten only once the cancellation is recorded: when the failure record cannot be
+        # written (a read-only outbox), the request file stays and is applied again at the next round.
         self.fail_or_retry(rec, JobError(Category.CANCELLED, f"cancelled by request {when}"))
+        self.forget_cancel(rec.id)
 
     def forget_cancel(self, job_id: str) -> None:
         self.cancel_requested.discard(job_id)

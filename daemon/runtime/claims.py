@@ -36,7 +36,9 @@ class Claims:
         history: History | None,
         clock: Callable[[], float],
         progress: Callable[[], object] = lambda: None,
+        lease_held: Callable[[], bool] = lambda: True,
         on_lease_lost: Callable[[], None] = lambda: None,
+        after_claim: Callable[[Path], None] | None = None,
         before_take_in: Callable[[Path], None] | None = None,
     ) -> None:
         self.settings = settings
@@ -48,8 +50,10 @@ class Claims:
         self.history = history
         self.clock = clock
         self.progress = progress  # the loop is alive (daemon.runtime.heartbeat): called per file taken in
+        self.lease_held = lease_held
         self.on_lease_lost = on_lease_lost
-        self.before_take_in = before_take_in  # a test seam (daemon.runtime.daemon.Seams)
+        self.after_claim = after_claim  # test seams (daemon.runtime.daemon.Seams)
+        self.before_take_in = before_take_in
         self.retry: set[Path] = set()
         self._last_retry = clock()
 
@@ -66,8 +70,19 @@ class Claims:
                 if dest is not None:
                     logger.info("job.claimed file={}", path.name)
                     claimed.append(dest)
+                    if self.after_claim is not None:
+                        self.after_claim(dest)
             if claimed:
-                self.spool.sync_claims(self.settings.paths.inbox)
+                try:
+                    self.spool.sync_claims(self.settings.paths.inbox)
+                except FileNotFoundError:
+                    if self.lease_held():
+                        raise
+                    # Frozen mid-claim and taken over meanwhile: our spool folder, with the files just renamed
+                    # into it, is the taker's now. Not a write error: step back, take nothing in.
+                    logger.error("claims.stopped: the spool was taken over during the claim; stepping back")
+                    self.on_lease_lost()
+                    return
             for dest in claimed:
                 if self.before_take_in is not None:
                     self.before_take_in(dest)

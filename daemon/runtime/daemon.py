@@ -30,7 +30,7 @@ from daemon.ops.inventory import GpuInventory, StaticInventory
 from daemon.runtime.autodownload import ModelDownloads
 from daemon.runtime.book import JobBook
 from daemon.runtime.claims import Claims
-from daemon.runtime.disk import DiskGuard
+from daemon.runtime.disk import DISK_FULL, FOLDER_MISSING, DiskGuard
 from daemon.runtime.heartbeat import Heartbeat, stuck_after_for
 from daemon.runtime.intake import Intake
 from daemon.runtime.leases import Lease
@@ -39,6 +39,7 @@ from daemon.runtime.outbox import Outbox
 from daemon.runtime.placement import Placement, RunningJob, make_workers
 from daemon.runtime.publishing import Publisher
 from daemon.runtime.recovery import Recovery
+from daemon.runtime.reload import ReloadPlan, reload_daemon
 from daemon.runtime.schedules import CronSubmitter
 from daemon.runtime.spool import Spool
 from daemon.runtime.status import Status
@@ -51,11 +52,14 @@ class Seams:
     ``before_tick`` at the top of every tick (a hung loop: it reports no progress meanwhile);
     ``per_recovered_record`` for every record a recovery reads (a slow spool: progress is reported);
     ``before_publish(record, video_tmp)`` between the lease check and the outbox's first link (a freeze);
+    ``after_claim(claimed)`` right after a file's rename into the spool, before the folders are synced and
+    anything is taken in (a freeze during the claim);
     ``before_take_in(claimed)`` before each claimed file of a round is taken in (a freeze during intake)."""
 
     before_tick: Callable[[], None] | None = None
     per_recovered_record: Callable[[], None] | None = None
     before_publish: Callable[[JobRecord, Path], None] | None = None
+    after_claim: Callable[[Path], None] | None = None
     before_take_in: Callable[[Path], None] | None = None
 
 
@@ -71,10 +75,14 @@ class Daemon:
         notifier: SystemdNotifier | None = None,
         inventory: GpuInventory | None = None,
         seams: Seams | None = None,
+        reload_settings: Callable[[], Settings] | None = None,
     ) -> None:
         """``backend``: "module:Factory" of a stand-in generation backend (daemon.testing), for tests and
-        benchmarks only; None is the real diffusers backend. Users cannot configure it. ``seams``: see Seams."""
+        benchmarks only; None is the real diffusers backend. Users cannot configure it. ``seams``: see Seams.
+        ``reload_settings``: reads the configuration again (the CLI's sources) when a reload is requested."""
         self.settings = settings
+        self.reload_settings = reload_settings
+        self._reload = threading.Event()
         self.clock = clock
         self._cuda_available = cuda_available
         self._default_model: str | None = None
@@ -91,7 +99,12 @@ class Daemon:
         self.seams = seams or Seams()
         self.heartbeat = Heartbeat(self.lease, interval=inst.heartbeat_seconds, stuck_after=stuck_after_for(inst))
         self.spool = Spool(self.lease.mine, settings.owner, clock=clock)
-        self.disk = DiskGuard([paths.outbox, paths.state], min_free_mb=settings.limits.min_free_mb, clock=clock)
+        self.disk = DiskGuard(
+            [paths.outbox, paths.state],
+            min_free_mb=settings.limits.min_free_mb,
+            clock=clock,
+            present=[paths.inbox],
+        )
         self.downloads = ModelDownloads(min_free_mb=settings.limits.min_free_mb)
         self.cron = CronSubmitter(list(settings.schedules), state_dir=paths.state, inbox=paths.inbox, clock=clock)
         self._last_cron_tick = float("-inf")
@@ -161,7 +174,9 @@ class Daemon:
             history=self.history,
             clock=clock,
             progress=lambda: self.heartbeat.progress(),
+            lease_held=lambda: self.lease.held(),
             on_lease_lost=lambda: self.recovery.lease_lost(),
+            after_claim=self.seams.after_claim,
             before_take_in=self.seams.before_take_in,
         )
         self.recovery = Recovery(
@@ -276,20 +291,33 @@ class Daemon:
         if self.seams.before_tick is not None:
             self.seams.before_tick()
         self._keep_lease()
-        self.recovery.take_over_the_dead()
-        self._fire_schedules()
+        if self._reload.is_set():
+            self._reload.clear()
+            self.reload()
+        # Paused (daemon.runtime.disk: a folder full, unwritable or gone): nothing new is claimed, adopted or
+        # started; what runs finishes; records that could not be written are tried again once per check.
+        was_paused = self.disk.pause is not None
         paused = self.disk.paused()
-        if paused and not self.placement.running:
+        if was_paused and not paused:
+            self.watcher.scan()  # an inbox that was gone is watched afresh, and its files are seen now
+            if not self.placement.running:
+                self.outbox.clean_temps()  # what a read-only outbox refused to let us remove
+        if not paused:
+            self.recovery.take_over_the_dead()
+        if self.disk.kind != FOLDER_MISSING:
+            self._fire_schedules()
+        if paused and self.disk.kind == DISK_FULL and self.disk.rechecked and not self.placement.running:
             self.outbox.clean_temps()
         if not paused:
             self.claims.claim_ready(self.watcher)
-        self.claims.retry_due()
+            self.claims.retry_due()
         for job_id in self.book.take_cancels():
             self.placement.interrupt(job_id)
         self.book.models_arrived()
         self.placement.poll()
-        self.book.reconcile(set(self.placement.running))
-        if not paused:
+        if not paused or self.disk.rechecked:
+            self.book.reconcile(set(self.placement.running))
+        if self.disk.pause is None:  # a job's failure in this round may have found a folder at fault
             self.placement.dispatch()
         self.placement.wait_for_something(self.watcher)
         self.status.write()
@@ -338,6 +366,14 @@ class Daemon:
 
     def request_stop(self) -> None:
         self._stop.set()
+
+    def request_reload(self) -> None:
+        """From a signal handler (SIGHUP): the next round of the loop reloads the configuration."""
+        self._reload.set()
+
+    def reload(self) -> ReloadPlan | None:
+        """Read the configuration again and apply it (daemon.runtime.reload); a bad one is refused."""
+        return reload_daemon(self)
 
     def kill_workers(self) -> None:
         """The second signal: leave now. The spool still holds every job."""

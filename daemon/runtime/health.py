@@ -50,6 +50,7 @@ class HealthWriter:
                 "updated_at_iso": iso(now),
             },
             durable=False,
+            compact=True,  # one line, by json's C encoder: written up to every round of a busy loop
         )
         return True
 
@@ -80,6 +81,9 @@ def format_status(h: dict[str, Any], now: float | None = None) -> str:
         f"  queue: {h.get('queue_depth', 0)} queued, {h.get('inbox_pending', 0)} settling in inbox; "
         f"done {h.get('done', 0)}, failed {h.get('failed', 0)}",
     ]
+    if h.get("paused"):
+        kind = (h.get("pause") or {}).get("kind")
+        lines.append(f"  PAUSED{f' ({kind})' if kind else ''}: {h.get('paused')}")
     recovering = h.get("recovering")
     if recovering:
         lines.append(f"  recovering {recovering.get('done')}/{recovering.get('total')} records from the spool")
@@ -97,3 +101,28 @@ def format_status(h: dict[str, Any], now: float | None = None) -> str:
             f"attempt {run.get('attempt')}"
         )
     return "\n".join(lines)
+
+
+def missing_folder(folders: list[Path]) -> Path | None:
+    """The first of ``folders`` that is gone (an unmounted share, a deleted folder), for messages about a health
+    file that cannot be found."""
+    return next((Path(f) for f in folders if not Path(f).is_dir()), None)
+
+
+def verdict(h: dict[str, Any] | None, *, max_age: float, now: float, health_path: Path, folders: list[Path]) -> str:
+    """``check-health``'s answer: "healthy: ..." or "unhealthy: ..." (a stale, missing or stopped daemon, or one
+    that is paused: it takes and starts nothing until a person frees space or brings a folder back)."""
+    if h is None:
+        gone = missing_folder(folders)
+        why = f"; {gone} is missing (an unmounted share or a deleted folder?)" if gone is not None else ""
+        return f"unhealthy: no health file at {health_path}{why}"
+    age = health_age(h, now)
+    if age > max_age:
+        gone = missing_folder(folders)
+        why = f"; {gone} is missing (an unmounted share or a deleted folder?)" if gone is not None else ""
+        return f"unhealthy: health file is {age:.1f}s old (max {max_age}s); state was {h.get('state')}{why}"
+    if h.get("state") == "stopped":
+        return "unhealthy: the daemon has stopped"
+    if h.get("paused"):
+        return f"unhealthy: paused: {h.get('paused')}"
+    return f"healthy: {h.get('state')}, updated {age:.1f}s ago, {h.get('queue_depth', 0)} queued"

@@ -6,6 +6,7 @@ records that are missing and rewrites the same failure records.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Callable
@@ -23,6 +24,10 @@ from daemon.jobspec.spec import SpecEntry, parse_job_file, safe_stem
 from daemon.runtime.outbox import Outbox
 from daemon.runtime.spool import Spool
 from daemon.runtime.spool import original_name as spool_original_name
+
+# Our own writes refused (a read-only or vanished spool): never the job's fault. (Reading the job's inputs is
+# checked in daemon.jobspec.resolve, which turns such errors into invalid_input.)
+UNWRITABLE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.ESTALE)
 
 
 def _epoch(when) -> float:
@@ -57,6 +62,7 @@ class Intake:
         lease_held: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
+        self._spool_folder: tuple[Path, Path] | None = None  # the spool's files folder and its resolved path
         self.spool = spool
         self.outbox = outbox
         self.default_model = default_model
@@ -98,8 +104,8 @@ class Intake:
                 self._reject_entry(entry, original_name, err, source, result)
                 continue
             except OSError as exc:
-                if exc.errno in DISK_ERRNOS:
-                    raise  # the disk, not the job: the daemon pauses and retries the whole file
+                if exc.errno in DISK_ERRNOS or exc.errno in UNWRITABLE_ERRNOS:
+                    raise  # the disk or the spool folder, not the job: the daemon pauses and retries the whole file
                 # e.g. ENAMETOOLONG from a hostile path: the entry is at fault
                 self._reject_entry(entry, original_name, unusable_path(exc), source, result)
                 continue
@@ -112,11 +118,17 @@ class Intake:
 
     def _read(self, claimed: Path) -> bytes:
         limit = self.settings.limits.max_job_file_bytes
+        if self._spool_folder is None or self._spool_folder[0] != claimed.parent:
+            self._spool_folder = (claimed.parent, claimed.parent.resolve())  # resolved once, not per file
         try:
-            with open_confined(Path(claimed.name), [claimed.parent], max_bytes=limit) as fh:
-                return fh.read(limit + 1)
+            with open_confined(Path(claimed.name), [self._spool_folder[1]], max_bytes=limit, roots_resolved=True) as fh:
+                st = os.fstat(fh.fileno())
+                data = fh.read(limit + 1)
         except ValueError as exc:
             raise JobError(Category.INVALID_SPEC, f"job file refused: {exc}") from None
+        # Remembered so that a change behind our back (a writer still holding the file) stops its jobs' start.
+        self.spool.note_read(claimed.name, st.st_size, st.st_mtime_ns, data)
+        return data
 
     def _accept(
         self, entry: SpecEntry, source: str, original_name: str, *, existing_elsewhere: bool, file_jobs: int

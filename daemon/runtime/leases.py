@@ -117,7 +117,9 @@ class Lease:
         try:
             return json.loads(self.lease_file.read_text()).get("instance") == self.instance
         except FileNotFoundError:
-            return False  # our folder was renamed away: taken over
+            # Our folder renamed away: taken over. Unless the whole state folder is gone (an unmounted share, a
+            # deleted folder): nobody took anything then, and the daemon pauses until it is back.
+            return not self.owners.is_dir()
         except (OSError, ValueError) as exc:
             # A transient read error (EIO, ESTALE, a half-visible file on NFS) is not a takeover: the lease
             # is only lost when the file is gone or names another instance. Check again at the next beat.
@@ -137,8 +139,8 @@ class Lease:
                 os.utime(self.lease_file)
                 if progressed:
                     _touch(self.progress_file)
-            except FileNotFoundError:  # our folder was renamed away between the check and the touch
-                return False
+            except FileNotFoundError:  # our folder was renamed away between the check and the touch, or all is gone
+                return self._held()
             self._last_beat = now
             return True
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon.fsutil import atomic_write_bytes, fsync_dir, temp_path_for
+from daemon.runtime.disk import PAUSE_KINDS  # one 0/1 series per kind of pause
 
 # Every value Daemon.state takes (service.py); one 0/1 series each, so a missing series never means "not busy".
-KNOWN_STATES: tuple[str, ...] = ("starting", "idle", "busy", "draining", "stopped")
+KNOWN_STATES: tuple[str, ...] = ("starting", "idle", "waiting", "waiting_for_worker", "busy", "draining", "stopped")
 
 # Upper bounds (seconds) of the job duration histogram: tiny CPU jobs take seconds, real A14B jobs up to an hour.
 DURATION_BUCKETS: tuple[float, ...] = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -76,31 +77,71 @@ class _Builder:
         return "\n".join(self.lines) + "\n"
 
 
+def model_label(name: str) -> str:
+    """A model as a metric label: its name; a local folder by its folder name, never its whole path (a path
+    leaks the host's layout and makes a new series per mount point). Hub repo ids stay as they are."""
+    if os.path.isabs(name) or name.startswith(("./", "../", "~")):
+        return Path(name).name or name
+    return name
+
+
+class DurationHistograms:
+    """Job durations by model as cumulative histograms: counts only grow for the life of the process, as a
+    Prometheus counter must (a window of recent jobs behind a ``_count`` would make it fall)."""
+
+    def __init__(self) -> None:
+        self._by_model: dict[str, tuple[list[int], list[float]]] = {}  # model -> (bucket counts, [sum, count])
+
+    def observe(self, model: str, seconds: float) -> None:
+        buckets, totals = self._by_model.setdefault(model_label(model), ([0] * (len(DURATION_BUCKETS) + 1), [0.0, 0]))
+        for i, le in enumerate((*DURATION_BUCKETS, math.inf)):
+            if seconds <= le:
+                buckets[i] += 1
+        totals[0] += seconds
+        totals[1] += 1
+
+    def items(self) -> list[tuple[str, list[int], float, int]]:
+        return [(m, list(b), float(t[0]), int(t[1])) for m, (b, t) in sorted(self._by_model.items())]
+
+
 def render(
     health: Mapping[str, Any],
     counters: Mapping[str, Any],
-    durations: Iterable[tuple[str, float]],
+    durations: DurationHistograms | Iterable[tuple[str, float]],
     gpus: Sequence[Mapping[str, Any]] | None = None,
+    known_priorities: Iterable[str] = (),
 ) -> str:
-    """The metrics page, as text. Arguments as for :meth:`MetricsWriter.write`."""
+    """The metrics page, as text. Arguments as for :meth:`MetricsWriter.write`; ``durations`` may also be
+    (model, seconds) pairs. ``known_priorities``: priorities seen before, shown at 0 rather than dropped."""
     b = _Builder(str(health.get("instance") or "unknown"))
+    if not isinstance(durations, DurationHistograms):
+        pairs, durations = durations, DurationHistograms()
+        for model, seconds in pairs:
+            durations.observe(str(model), float(seconds))
 
-    b.family("wan_daemon_up", "gauge", "1 while the daemon writes this file.")
-    b.sample("wan_daemon_up", 1)
+    b.family("wan_daemon_up", "gauge", "1 while the daemon runs; 0 written as it stops.")
+    b.sample("wan_daemon_up", int(health.get("state") != "stopped"))
 
     state = health.get("state")
     b.family("wan_daemon_state", "gauge", "Daemon state: 1 for the current state, 0 for the others.")
     for known in KNOWN_STATES + ((state,) if state and state not in KNOWN_STATES else ()):
         b.sample("wan_daemon_state", int(known == state), {"state": known})
 
-    b.family("wan_daemon_paused", "gauge", "1 while intake and new jobs are paused (disk full).")
+    b.family(
+        "wan_daemon_paused", "gauge", "1 while intake and new jobs are paused (a folder full, unwritable or missing)."
+    )
     b.sample("wan_daemon_paused", int(bool(health.get("paused"))))
+    kind = (health.get("pause") or {}).get("kind")
+    b.family("wan_daemon_pause_kind", "gauge", "Why intake and new jobs are paused: 1 for the current kind, else 0.")
+    for known in PAUSE_KINDS + ((kind,) if kind and kind not in PAUSE_KINDS else ()):
+        b.sample("wan_daemon_pause_kind", int(known == kind), {"kind": known})
 
     by_priority = health.get("queue_by_priority") or {}
     b.family("wan_daemon_queued_jobs", "gauge", "Jobs waiting in the queue, all priorities together.")
     b.sample("wan_daemon_queued_jobs", int(health.get("queue_depth", sum(int(n) for n in by_priority.values()))))
     b.family("wan_daemon_queue_depth", "gauge", "Jobs waiting in the queue, by priority.")
-    for prio, n in sorted(by_priority.items(), key=lambda kv: _prio_key(kv[0])):
+    depths = {**{str(p): 0 for p in known_priorities}, **{str(p): n for p, n in by_priority.items()}}
+    for prio, n in sorted(depths.items(), key=lambda kv: _prio_key(kv[0])):
         b.sample("wan_daemon_queue_depth", int(n), {"priority": prio})
 
     b.family("wan_daemon_running_jobs", "gauge", "Jobs running now (one at most per worker).")
@@ -130,22 +171,14 @@ def render(
                 {"gpu": gpu["index"], "name": gpu.get("name", "")},
             )
 
-    per_model: dict[str, list[float]] = {}
-    for model, seconds in durations:
-        per_model.setdefault(str(model), []).append(float(seconds))
     b.family(
         "wan_daemon_job_duration_seconds", "histogram", "Time from start to publication of finished jobs, by model."
     )
-    for model in sorted(per_model):
-        values = per_model[model]
-        for le in (*DURATION_BUCKETS, math.inf):
-            b.sample(
-                "wan_daemon_job_duration_seconds_bucket",
-                sum(1 for v in values if v <= le),
-                {"model": model, "le": _bound(le)},
-            )
-        b.sample("wan_daemon_job_duration_seconds_sum", float(sum(values)), {"model": model})
-        b.sample("wan_daemon_job_duration_seconds_count", len(values), {"model": model})
+    for model, buckets, total, count in durations.items():
+        for le, n in zip((*DURATION_BUCKETS, math.inf), buckets, strict=True):
+            b.sample("wan_daemon_job_duration_seconds_bucket", n, {"model": model, "le": _bound(le)})
+        b.sample("wan_daemon_job_duration_seconds_sum", total, {"model": model})
+        b.sample("wan_daemon_job_duration_seconds_count", count, {"model": model})
     return b.text()
 
 
@@ -171,15 +204,18 @@ class MetricsWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._priorities: set[str] = set()
 
     def write(
         self,
         health: dict[str, Any],
         counters: dict[str, Any],
-        durations: list[tuple[str, float]],
+        durations: DurationHistograms | list[tuple[str, float]],
         gpus: list[dict[str, Any]] | None = None,
     ) -> None:
-        data = render(health, counters, durations, gpus).encode("utf-8")
+        # A priority once seen stays a series (at 0 when none of its jobs wait): a graph drops to 0, it does not end.
+        self._priorities.update(str(p) for p in (health.get("queue_by_priority") or {}))
+        data = render(health, counters, durations, gpus, self._priorities).encode("utf-8")
         # atomic_write_bytes keeps the final suffix on its temp file; ".prom" temps would be scraped. Write a
         # ".tmp" name atomically first, then rename it over the real name (both in the same folder).
         staged = temp_path_for(self.path, ".tmp")
@@ -187,10 +223,19 @@ class MetricsWriter:
             atomic_write_bytes(staged, data)
             os.replace(staged, self.path)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # never raised over the error being handled
                 os.unlink(staged)
             raise
         fsync_dir(self.path.parent)
 
 
-__all__ = ["DURATION_BUCKETS", "KNOWN_STATES", "MetricsWriter", "escape_label_value", "read_gpus", "render"]
+__all__ = [
+    "DURATION_BUCKETS",
+    "KNOWN_STATES",
+    "DurationHistograms",
+    "MetricsWriter",
+    "escape_label_value",
+    "model_label",
+    "read_gpus",
+    "render",
+]

@@ -22,6 +22,7 @@ ctime a ``link()`` sets, against our own fresh temp's).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import time
@@ -40,8 +41,10 @@ from daemon.fsutil import (
     link_new,
     publish,
     read_json,
+    remove,
     remove_stale_temps,
     temp_path_for,
+    write_new_file,
 )
 
 
@@ -128,12 +131,14 @@ class Outbox:
                     # attempt that never finished. It is not replaced, and the sidecar does not claim it.
                     logger.warning("outbox.poster_exists poster={}: left as it is; the sidecar names no poster", poster)
                     sidecar = {**sidecar, "poster": None}
-            fsync_dir(self.root)
+            fsync_dir(self.root)  # the video's name is durable before a sidecar can describe it
             tmp = temp_path_for(self.sidecar_path(basename), owner=self.owner)
-            atomic_write_json(tmp, sidecar)
-            published = publish(tmp, self.sidecar_path(basename))
+            write_new_file(tmp, (json.dumps(sidecar, indent=2, ensure_ascii=False, default=str) + "\n").encode())
+            published = publish(tmp, self.sidecar_path(basename))  # link, then one folder fsync for the name
         except BaseException:
-            _unlink_ours(linked)  # no sidecar describes them: the name is free again for the retry
+            # No sidecar describes them: the name is free again for the retry. Undoing may fail too (a read-only
+            # outbox refuses the unlinks as it refused the link): logged, never raised over the first error.
+            _unlink_ours(linked)
             _discard(temps)
             raise
         _discard(temps)
@@ -191,6 +196,7 @@ class Outbox:
         extra: dict[str, Any] | None = None,
     ) -> Path:
         path = self.failure_path(name)
+        self.failed.mkdir(exist_ok=True)  # an outbox emptied by hand (failed/ included) takes failure records again
         record = {
             "id": job_id,
             "status": "failed",
@@ -208,15 +214,18 @@ class Outbox:
 
 
 def _unlink_ours(linked: list[tuple[Path, Path]]) -> list[Path]:
-    """Remove each final name that is still the same file as our temp (so ours, not someone else's)."""
+    """Remove each final name that is still the same file as our temp (so ours, not someone else's). One that
+    cannot be removed is logged (it is undone at the next start, by :meth:`Outbox.clean_temps`)."""
     removed = []
     for final, tmp in linked:
         try:
             if os.path.samefile(final, tmp):
-                os.unlink(final)
+                remove(final)
                 removed.append(final)
         except FileNotFoundError:
             continue
+        except OSError as exc:
+            logger.error("outbox.undo_failed path={} error={}", final, exc)
     if removed:
         with contextlib.suppress(OSError):
             fsync_dir(removed[0].parent)
@@ -224,10 +233,13 @@ def _unlink_ours(linked: list[tuple[Path, Path]]) -> list[Path]:
 
 
 def _discard(temps: tuple[Path | None, ...]) -> None:
+    """Remove our temps; one that cannot be removed (a read-only outbox) is left to clean_temps, and logged."""
     for tmp in temps:
         if tmp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+            try:
+                remove(tmp)
+            except OSError as exc:
+                logger.warning("outbox.temp_left path={} error={}", tmp, exc)
 
 
 __all__ = ["Outbox", "TEMP_PREFIX"]

@@ -19,15 +19,16 @@ from loguru import logger
 from daemon.config import Settings
 from daemon.errors import Category, JobError
 from daemon.jobs import JobRecord, JobState
-from daemon.memory import JobDemand, PeakBook, Plan, optimizations, plan_for, strongest_estimate_mb
+from daemon.memory import JobDemand, PeakBook, Plan, WarmMode, optimizations
 from daemon.ops.inventory import GpuInfo, GpuInventory
 from daemon.policy import OFFLOAD_LADDER
+from daemon.runtime.admission import Admission
 from daemon.runtime.book import JobBook
 from daemon.runtime.outbox import Outbox
 from daemon.runtime.publishing import Publisher
 from daemon.runtime.status import Status
 from daemon.runtime.watch import InboxWatcher
-from daemon.scheduler import Assignment, Slot, assign_from, fits_nowhere, insufficient_vram_message
+from daemon.scheduler import Assignment, Slot, assign_from
 from daemon.worker.process import LocalProcessExecutor
 from daemon.worker.protocol import (
     DeviceFree,
@@ -88,8 +89,13 @@ def make_workers(
     settings: Settings, gpus: list[GpuInfo], *, clock: Callable[[], float], backend: str | None
 ) -> dict[str, ExecutorProtocol]:
     """One long-lived worker per GPU (a CPU-only host, or worker.device: cpu, gets one CPU worker). A worker
-    that ends up computing on the CPU gets an equal share of the cores."""
+    that ends up computing on the CPU gets an equal share of the cores. With worker.executor: ray, one Ray
+    actor per GPU of the cluster instead (daemon.worker.ray_cluster; ray is imported only then)."""
     w = settings.worker
+    if w.executor == "ray":
+        from daemon.worker.ray_cluster import ray_workers
+
+        return ray_workers(settings, clock=clock, backend=backend)
     share = max(1, (os.cpu_count() or 1) // max(1, len(gpus)))
 
     def one(name: str, gpu: GpuInfo | None) -> ExecutorProtocol:
@@ -106,6 +112,7 @@ def make_workers(
             cpu_threads=w.cpu_threads or share,
             overlap_encoding=w.overlap_encoding,
             log_level=settings.logging.level,
+            log_format=settings.logging.format,
             backend=backend,
             visible_device=visible,
         )
@@ -149,6 +156,15 @@ class Placement:
         # Job id -> where it runs. A worker holds at most one job on its device and may still be encoding the
         # one before.
         self.running: dict[str, RunningJob] = {}
+        self.admission = Admission(settings, book, gpus=gpus, inventory=inventory, peaks=peaks)
+        if settings.worker.executor == "ray":  # the GPUs are the actors' (on other hosts), known once Ready
+            self.admission.worker_gpus = self._worker_gpus
+
+    def _worker_gpus(self) -> list[GpuInfo] | None:
+        """The GPUs the workers reported (None until one has): what admission judges against under Ray."""
+        if not any(w.status.info is not None for w in self.workers.values()):
+            return None
+        return [w.gpu for w in self.workers.values() if w.gpu is not None]
 
     # ---- reading -------------------------------------------------------------------------------
 
@@ -168,45 +184,14 @@ class Placement:
     # ---- deciding ------------------------------------------------------------------------------
 
     def demand(self, rec: JobRecord) -> JobDemand:
-        return JobDemand.from_record(rec)
+        return self.admission.demand(rec)
 
-    def plan(self, demand: JobDemand, free_mb: int) -> Plan | None:
-        m = self.settings.models
-        return plan_for(demand, free_mb, override=m.offload, allow_lossy=m.allow_lossy, book=self.peaks)
+    def plan(self, demand: JobDemand, free_mb: int, *, warm: WarmMode | None = None) -> Plan | None:
+        return self.admission.plan(demand, free_mb, warm=warm)
 
     def slots(self) -> list[Slot]:
-        free = {g.index: g.free_mb for g in self.inventory.gpus()} if self.gpus else {}
-        busy = {job.worker for job in self.running.values() if job.on_device}
-        slots = []
-        for name, worker in self.workers.items():
-            if name in busy or not worker.ready:
-                continue
-            gpu = worker.gpu
-            slots.append(
-                Slot(
-                    name,
-                    gpu.index if gpu else None,
-                    free.get(gpu.index, gpu.free_mb) if gpu else None,
-                    frozenset(worker.warm),
-                    gpu.total_mb if gpu else None,
-                )
-            )
-        return slots
-
-    def _fail_what_fits_nowhere(self) -> None:
-        """A job that no GPU here could hold, even empty and with the strongest offload, fails as soon as it is
-        queued. Each job is checked once per time it enters the queue, not at every decision."""
-        fresh, self.book.newly_queued = self.book.newly_queued, []
-        if not self.gpus:
-            return
-        totals = [g.total_mb for g in self.gpus]
-        for rec in fresh:
-            if self.book.records.get(rec.id) is not rec:
-                continue  # moved on since (started, cancelled, dropped)
-            demand = self.demand(rec)
-            if fits_nowhere(demand, totals, self.plan):
-                msg = insufficient_vram_message(demand, totals, strongest_estimate_mb(demand))
-                self.book.fail_or_retry(rec, JobError(Category.INSUFFICIENT_VRAM, msg))
+        """The ready workers without a job on their device (daemon.runtime.admission.Admission.slots)."""
+        return self.admission.slots(self.workers, {job.worker for job in self.running.values() if job.on_device})
 
     def decide(self, slots: list[Slot], now: float) -> list[Assignment]:
         """What the scheduler would start now on these slots (nothing is started)."""
@@ -220,19 +205,24 @@ class Placement:
         )
 
     def dispatch(self) -> None:
-        self._fail_what_fits_nowhere()
+        self.admission.fail_what_no_worker_could_run()
         slots = self.slots()
-        if not slots:
-            return
-        if not self.book.count(JobState.QUEUED):
-            if not self.running:
-                self.status.state = "idle"
+        queued = self.book.count(JobState.QUEUED)
+        if not self.running:
+            # Never "idle" while jobs wait: for a worker that is starting (or restarting), or for their turn
+            # (a retry's delay, memory); start_job says "busy" when one starts.
+            self.status.state = "idle" if not queued else "waiting_for_worker" if not slots else "waiting"
+        if not slots or not queued:
             return
         now = self.clock()
         for assignment in self.decide(slots, now):
             self.start_job(assignment.record, assignment.slot.worker, assignment.plan, now)
 
     def start_job(self, rec: JobRecord, worker_name: str, plan: Plan | None, now: float) -> None:
+        changed = self.book.spool.changed_since_read(rec.source)
+        if changed is not None:  # its file was still being written when it was claimed: never run a stale copy
+            self.book.fail_or_retry(rec, JobError(Category.INVALID_SPEC, changed))
+            return
         worker = self.workers[worker_name]
         params = rec.params
         if plan is not None:
@@ -248,7 +238,9 @@ class Placement:
                 update={"offload": offload, "vae_tiling": params.vae_tiling or plan.vae_tiling, "fp8": plan.fp8}
             )
         try:
-            rec = self.book.set(rec, JobState.RUNNING, attempts=rec.attempts + 1, started_at=now, worker=worker_name)
+            rec = self.book.set(  # counted before the hand-over; not fsynced (see Spool.transition)
+                rec, JobState.RUNNING, durable=False, attempts=rec.attempts + 1, started_at=now, worker=worker_name
+            )
         except OSError as exc:
             self.book.on_write_error(exc)
             return
@@ -262,6 +254,7 @@ class Placement:
             # The copy in the job's spool folder, wherever that folder is now: a job adopted from a dead daemon's
             # spool still names the folder it was taken in to.
             input_image=str(self.book.spool.job_dir(rec.id) / Path(rec.input_image).name) if rec.input_image else None,
+            estimate_mb=plan.estimate_mb if plan else None,
         )
         self.running[rec.id] = RunningJob(
             id=rec.id,

@@ -5,11 +5,10 @@ never lets it replace what that peer published, and it records nothing of the jo
 
 from __future__ import annotations
 
-import contextlib
-import os
 import socket
 from collections.abc import Callable
 from dataclasses import asdict
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +17,10 @@ from loguru import logger
 from daemon import __version__
 from daemon.config import Settings
 from daemon.errors import Category, JobError, classify_exception
+from daemon.fsutil import remove
 from daemon.jobs import JobRecord, JobState
 from daemon.memory import PeakBook, book_key
 from daemon.runtime.book import JobBook
-from daemon.runtime.health import iso
 from daemon.runtime.leases import Lease
 from daemon.runtime.outbox import Outbox
 from daemon.runtime.status import Status
@@ -31,6 +30,26 @@ if TYPE_CHECKING:
     from daemon.runtime.placement import RunningJob
 
 TINY_NOTE = "tiny random-weight test model: this video is noise, made only to exercise the real pipeline"
+
+
+def rfc3339(ts: float | None) -> str | None:
+    """A sidecar timestamp: RFC 3339 in UTC with microseconds, e.g. 2026-05-01T18:30:00.123456+00:00."""
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="microseconds")
+
+
+def earlier_attempts(rec: JobRecord) -> list[dict[str, Any]]:
+    """Why each earlier attempt of the job ended (JobRecord.errors): attempt, category, message, when."""
+    return [
+        {
+            "attempt": e.get("attempt"),
+            "category": e.get("error_category"),
+            "message": e.get("message"),
+            "at": rfc3339(e.get("at")),
+        }
+        for e in rec.errors
+    ]
 
 
 class Publisher:
@@ -70,12 +89,16 @@ class Publisher:
             self.on_lease_lost()
             return
         if result.peak_vram_usage_mb and job.estimate_mb and job.plan_matches_run:
-            # Estimates improve with use: the measured peak corrects this kind of job's next estimate.
-            self.peaks.record(
-                book_key(rec.model.architecture, job.run_offload, vae_tiling=job.run_tiling, tiny=rec.model.tiny),
-                job.estimate_mb,
-                result.peak_vram_usage_mb,
-            )
+            # Estimates improve with use: the measured peak corrects this kind of job's next estimate. A state
+            # folder that refuses the write costs the lesson, never the job.
+            try:
+                self.peaks.record(
+                    book_key(rec.model.architecture, job.run_offload, vae_tiling=job.run_tiling, tiny=rec.model.tiny),
+                    job.estimate_mb,
+                    result.peak_vram_usage_mb,
+                )
+            except OSError as exc:
+                logger.warning("memory.peak_not_recorded id={} error={}", rec.id, exc)
         sidecar = self.sidecar(rec, result, device, worker_pid, now)
         video_tmp = Path(result.video_tmp or job.video_tmp)
         hook = self.before_publish
@@ -89,7 +112,7 @@ class Publisher:
             if not self.lease.held():  # not ours to retry or fail any more
                 self.on_lease_lost()
                 return
-            self.book.fail_or_retry(rec, classify_exception(exc))  # a full disk pauses there
+            self.book.fail_or_retry(rec, classify_exception(exc))  # a full, read-only or gone outbox pauses there
             return
         if not self.lease.held():
             # Frozen past our lease while publishing: the job is the taker's now. If ours won the race it is
@@ -116,7 +139,11 @@ class Publisher:
                 return
         self.outbox.remove_stale_failure(rec.id)
         outputs = self.book.outputs(basename)
-        done = self.book.set(rec, JobState.DONE, note=f"published {basename}.mp4", finished_at=now, outputs=outputs)
+        # Not fsynced: the sidecar with this job's token is durable in the outbox now, and a restart that finds
+        # the record still RUNNING records it DONE from that sidecar (JobBook.done_if_published).
+        done = self.book.set(
+            rec, JobState.DONE, note=f"published {basename}.mp4", durable=False, finished_at=now, outputs=outputs
+        )
         self.book.record_history(done, sidecar)
         seconds = now - (rec.started_at or now)
         self.status.job_done(rec.id, rec.model.name, seconds, outputs)
@@ -136,6 +163,8 @@ class Publisher:
         }
         basename = rec.params.basename
         video = asdict(result.video) if result.video is not None else {}
+        resources = dict(result.resources)
+        pipeline = resources.pop("pipeline", None)  # what ran (daemon.worker.media.pipeline_provenance)
         sidecar: dict[str, Any] = {
             "id": rec.id,
             "job_token": rec.token,
@@ -150,15 +179,22 @@ class Publisher:
                 "evicted": result.models_evicted,
                 "load_seconds": result.timings.get("model_load"),
             },
-            "device": {"type": result.device, "name": device.device_name if device else None},
+            "device": {
+                "type": result.device,
+                "name": device.device_name if device else None,
+                "cpu_threads": device.cpu_threads if device else None,
+                **({"host": device.host, "actor": device.actor} if device and device.host else {}),  # Ray
+            },
             "timings": timings,
             "generation_time_seconds": round(now - started, 4),
             "peak_vram_usage_mb": result.peak_vram_usage_mb,
             "peak_rss_mb": result.peak_rss_mb,
-            "resources": result.resources,
+            "pipeline": pipeline,
+            "resources": resources,
             "optimizations_applied": result.optimizations_applied,
             "degradations": rec.degradations,
             "attempts": rec.attempts,
+            "earlier_attempts": earlier_attempts(rec),
             "video": {"file": f"{basename}.mp4", **video},
             "poster": f"{basename}.jpg" if result.poster_tmp else None,
             "versions": {"wan_daemon": __version__, **(device.versions if device else {})},
@@ -167,10 +203,10 @@ class Publisher:
             "worker_pid": worker_pid,
             "worker": rec.worker,
             "timestamps": {
-                "received_at": iso(rec.received_at),
-                "queued_at": iso(rec.queued_at),
-                "started_at": iso(started),
-                "finished_at": iso(now),
+                "received_at": rfc3339(rec.received_at),
+                "queued_at": rfc3339(rec.queued_at),
+                "started_at": rfc3339(started),
+                "finished_at": rfc3339(now),
             },
         }
         if rec.model.tiny:
@@ -179,8 +215,12 @@ class Publisher:
 
     @staticmethod
     def discard_temp(job: RunningJob | None) -> None:
+        """Remove a job's temps. Called while handling an error: one that cannot be removed (a read-only outbox)
+        is logged and left for Outbox.clean_temps, never raised over the error being handled."""
         if job is not None and job.video_tmp:
             video_tmp = Path(job.video_tmp)
             for tmp in (video_tmp, video_tmp.with_name(video_tmp.stem + ".poster.jpg")):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+                try:
+                    remove(tmp)
+                except OSError as exc:
+                    logger.warning("outbox.temp_left path={} error={}", tmp, exc)

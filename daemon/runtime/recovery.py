@@ -23,6 +23,7 @@ from daemon.runtime.book import JobBook
 from daemon.runtime.leases import Lease
 from daemon.runtime.outbox import Outbox
 from daemon.runtime.placement import Placement
+from daemon.runtime.recovery_figures import StepTimer, grace_advice, record_figures
 from daemon.runtime.spool import Spool
 from daemon.runtime.status import Status
 
@@ -90,6 +91,12 @@ class Recovery:
         ``starting``: before READY=1 (systemd's start timeout is extended while it runs)."""
         book = self.book
         began = time.monotonic()
+        timer = StepTimer()
+
+        def step() -> None:
+            self.progress()
+            timer.step()
+
         total = self._count_records()
         running: list[JobRecord] = []
         read = 0
@@ -98,7 +105,7 @@ class Recovery:
             # file's jobs are finished, which can only be judged with all of them in the book.
             for rec in self.spool.iter_records():
                 read += 1
-                self.progress()
+                step()
                 if self.per_record is not None:
                     self.per_record()
                 self._report(read, max(total, read), starting)
@@ -108,20 +115,21 @@ class Recovery:
                 if rec.state is JobState.RUNNING:
                     running.append(rec)
             for rec in running:
-                self.progress()
+                step()
                 if not book.done_if_published(rec, "found published after a restart"):
                     book.fail_or_retry(rec, JobError(Category.WORKER_CRASHED, crash_reason))
             book.ensure_downloads()
             for claimed in self.spool.claimed_files():
-                self.progress()
+                step()
                 if not book.fully_taken_in(claimed.name):
                     self.take_in(claimed)
             for source in {r.source for r in book.records.values()}:
-                self.progress()
+                step()
                 book.release_if_finished(source)
         finally:
             self.status.recovery = None
         seconds = time.monotonic() - began
+        self._record_figures(timer, read)
         logger.info(
             "daemon.recovered queued={} records={} read={} seconds={:.2f} jobs_per_second={:.1f}",
             book.count(JobState.QUEUED),
@@ -130,6 +138,17 @@ class Recovery:
             seconds,
             read / seconds if seconds > 0 else 0.0,
         )
+
+    def _record_figures(self, timer: StepTimer, read: int) -> None:
+        """Keep what this recovery measured; warn when the grace is short for the worst one measured."""
+        try:
+            worst = record_figures(self.settings.paths.state, timer.figures(read))
+        except OSError as exc:
+            logger.warning("recovery.figures_unsaved error={}", exc)
+            return
+        advice = grace_advice(self.settings.instance.lease_grace_seconds, worst)
+        if advice is not None:
+            logger.warning("config.lease_grace_short: {}", advice)
 
     def _count_records(self) -> int:
         """How many job folders the spool holds (a listing, no record read): the N of "recovering n/N"."""

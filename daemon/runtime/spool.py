@@ -15,22 +15,27 @@ Invariants (each survives ``kill -9`` at any instant):
 - a claimed file is removed only once every job it holds is terminal, i.e. its video or failure
   record is durable in the outbox; job folders are removed only after their file (the daemon
   decides when: ``Daemon._release_if_finished``);
-- intake of a claimed file is idempotent, so a crash mid-intake is repaired by doing it again.
+- intake of a claimed file is idempotent, so a crash mid-intake is repaired by doing it again;
+- a job never runs on a stale copy of its file: what intake read is remembered (size, mtime, SHA-256) and
+  compared before each of its jobs starts (:meth:`Spool.changed_since_read`): a writer that still had the
+  file open when it was claimed writes on into the spool's copy (the claim is a rename of the same file).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
-from daemon.fsutil import atomic_write_json, fsync_dir, read_json
+from daemon.fsutil import atomic_write_json, fsync_dir, read_json, rename
 from daemon.jobs import JobRecord, JobState, check_transition
 
 
@@ -38,6 +43,15 @@ def original_name(claimed_name: str) -> str:
     """The name a claimed file had in the inbox (``<seq>.<owner>.<name>`` -> ``<name>``)."""
     parts = claimed_name.split(".", 2)
     return parts[2] if len(parts) == 3 and parts[0].isdigit() else claimed_name
+
+
+@dataclass
+class ReadAs:
+    """A claimed file as intake read it."""
+
+    size: int
+    mtime_ns: int
+    sha256: str
 
 
 class Spool:
@@ -49,6 +63,8 @@ class Spool:
         self.clock = clock
         self.ensure()
         self._seq = self._max_seq()
+        # Claimed file name -> what intake read (this process's claims: a restart or an adopted spool has none).
+        self._read_as: dict[str, ReadAs] = {}
 
     def ensure(self) -> None:
         for d in (self.files, self.jobs):
@@ -80,7 +96,7 @@ class Spool:
         in the inbox, where it is claimed again; nothing is taken in before the sync."""
         dest = self.files / f"{self.next_seq():012d}.{self.owner}.{path.name}"
         try:
-            os.rename(path, dest)
+            rename(path, dest)
         except FileNotFoundError:
             # On NFS a retransmitted rename can report ENOENT although it succeeded: look before concluding.
             if dest.exists():
@@ -101,6 +117,36 @@ class Spool:
     def claimed_files(self) -> list[Path]:
         return sorted(p for p in self.files.iterdir() if not p.name.startswith("."))
 
+    def note_read(self, source: str, size: int, mtime_ns: int, data: bytes) -> None:
+        """Intake read ``data`` from the claimed file ``source``, whose fstat said ``size`` and ``mtime_ns``."""
+        self._read_as[source] = ReadAs(size, mtime_ns, hashlib.sha256(data).hexdigest())
+
+    def changed_since_read(self, source: str) -> str | None:
+        """Why the claimed file ``source`` no longer holds what intake read (its jobs must not start on that
+        copy), or None: unchanged, or not read by this process. A changed size or mtime is confirmed by the
+        content's hash (a touch changes nothing)."""
+        read = self._read_as.get(source)
+        if read is None:
+            return None
+        path = self.files / source
+        try:
+            st = path.stat()
+            if (st.st_size, st.st_mtime_ns) == (read.size, read.mtime_ns):
+                return None
+            with open(path, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()
+        except FileNotFoundError:
+            return None  # released, or taken over: not ours to judge
+        if digest == read.sha256:
+            read.size, read.mtime_ns = st.st_size, st.st_mtime_ns
+            return None
+        return (
+            f"the job file {original_name(source)} changed after it was claimed ({read.size} bytes read, "
+            f"{st.st_size} now): it was still being written, so the job read an incomplete copy and is not run. "
+            "Write job files under a dotfile or *.tmp name and rename them into the inbox, or use "
+            "`wan-daemon submit`; then drop the file again"
+        )
+
     # ---- job records ---------------------------------------------------------------------------
 
     def job_dir(self, job_id: str) -> Path:
@@ -113,11 +159,15 @@ class Spool:
             return None
 
     def iter_records(self) -> Iterator[JobRecord]:
-        for d in sorted(self.jobs.iterdir()):
-            if d.name.startswith("."):
-                continue
+        # One listing (no Path per entry until needed) and pydantic parsing the JSON bytes itself: a restart
+        # with ten thousand records reads them at disk speed.
+        with os.scandir(self.jobs) as entries:
+            names = sorted(e.name for e in entries if not e.name.startswith("."))
+        for name in names:
+            d = self.jobs / name
             try:
-                rec = JobRecord.model_validate(read_json(d / "job.json"))
+                with open(d / "job.json", "rb") as fh:
+                    rec = JobRecord.model_validate_json(fh.read())
                 self._seq = max(self._seq, rec.seq)
                 yield rec
             except FileNotFoundError:
@@ -131,9 +181,16 @@ class Spool:
     ) -> JobRecord:
         """The one way a job changes state: check the table, persist atomically, then log.
 
-        ``durable=False`` (intake's first write only) skips the fsyncs: the claimed file stays in the spool until
-        every job it holds has ended, so a record lost to a power cut is simply taken in again from it. Every
-        later transition (the attempt counted before a hand-over above all) is fsynced."""
+        The record is always replaced atomically, so the next process sees it whatever kills this one (kill -9
+        included: the page cache outlives the process). ``durable=False`` skips the fsyncs, which only matter
+        for a power cut or a kernel crash; callers pass it where such a loss costs nothing:
+        - intake's first write: the claimed file stays in the spool until every job it holds has ended, so a
+          record lost to a power cut is simply taken in again from it;
+        - RUNNING (daemon.runtime.placement): a power cut that loses it also stops the worker; the job comes
+          back QUEUED with that attempt not counted (the job was not at fault), and if its result had been
+          published, the sidecar with its token says it is done (JobBook.done_if_published);
+        - DONE (daemon.runtime.publishing): the sidecar in the outbox, fsynced, is the durable fact.
+        Retries and FAILED (whose failure record is in the outbox) are fsynced."""
         check_transition(record.state, new)
         now = self.clock()
         updated = record.model_copy(update=changes)
@@ -172,6 +229,7 @@ class Spool:
         shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
 
     def remove_source(self, source: str) -> None:
+        self._read_as.pop(source, None)
         with contextlib.suppress(FileNotFoundError):
             (self.files / source).unlink()
             fsync_dir(self.files)

@@ -17,7 +17,7 @@ from daemon.config import Settings
 from daemon.jobs import JobState
 from daemon.ops.inventory import GpuInventory
 from daemon.runtime.health import HealthWriter, iso
-from daemon.runtime.metrics import MetricsWriter, read_gpus
+from daemon.runtime.metrics import DurationHistograms, MetricsWriter, read_gpus
 from daemon.runtime.notify import SystemdNotifier
 
 if TYPE_CHECKING:
@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 # Bounded: a daemon runs for months. The CLI's --until-idle summary reads the last ones.
 RECENT_RESULTS = 10_000
-DURATIONS_KEPT = 10_000
 
 
 class Status:
@@ -47,10 +46,11 @@ class Status:
         self.done = 0
         self.failed = 0
         self.failed_by_category: dict[str, int] = {}
-        self.durations: deque[tuple[str, float]] = deque(maxlen=DURATIONS_KEPT)  # (model, seconds)
+        self.histograms = DurationHistograms()  # every job of this process's life, for the metrics
         self.results: deque[dict[str, Any]] = deque(maxlen=RECENT_RESULTS)  # for the CLI's summary
         self._last_metrics = float("-inf")
         self._notified_status = ""
+        self._write_errors: dict[str, str] = {}  # file -> the error last logged for it (logged once, not per round)
         self._changed = False  # a job changed state since the health file was last written
         # While the spool is being recovered: (records read, records in all), for health, status and systemd.
         self.recovery: tuple[int, int] | None = None
@@ -65,7 +65,7 @@ class Status:
 
     def job_done(self, job_id: str, model: str, seconds: float, outputs: dict[str, str]) -> None:
         self.done += 1
-        self.durations.append((model, seconds))
+        self.histograms.observe(model, seconds)
         self.results.append({"id": job_id, "status": "done", **outputs})
 
     def job_failed(self, job_id: str, category: str, failure: str | None = None) -> None:
@@ -88,6 +88,7 @@ class Status:
             "recovering": {"done": self.recovery[0], "total": self.recovery[1]} if self.recovery else None,
             "instance": self.settings.owner,
             "paused": self.disk.reason,
+            "pause": self.disk.pause.to_dict() if self.disk.pause else None,
             "started_at": self.started_at,
             "started_at_iso": iso(self.started_at),
             "inbox": str(self.settings.paths.inbox),
@@ -117,6 +118,8 @@ class Status:
                     "restarts": w.status.restarts,
                     "gpu": w.gpu.index if w.gpu else None,
                     "device": w.status.info.device if w.status.info else None,
+                    "host": w.status.info.host if w.status.info else None,  # a Ray actor's node, else null
+                    "actor": w.status.info.actor if w.status.info else None,
                     "warm_models": list(w.warm),
                     "last_fatal": w.status.last_fatal,
                 }
@@ -149,9 +152,11 @@ class Status:
         payload = self.payload()
         try:
             written = self.health.maybe_write(payload, force=force)
-        except OSError as exc:  # a full disk must not stop the daemon; the next write tries again
-            logger.warning("health.write_failed error={}", exc)
+        except OSError as exc:  # a full, read-only or vanished folder must not stop the daemon; the next write tries
+            self._write_failed("health", exc)
             written = False
+        else:
+            self._write_succeeded("health", written)
         self._write_metrics(payload, force)
         # The watchdog ping comes from the main loop on purpose: a hung loop stops pinging and systemd acts.
         self.notifier.maybe_watchdog(self.clock())
@@ -172,8 +177,20 @@ class Status:
             self.metrics.write(
                 payload,
                 {"done_total": self.done, "failed_total_by_category": self.failed_by_category},
-                list(self.durations),
+                self.histograms,
                 read_gpus(self.inventory),
             )
         except OSError as exc:
-            logger.warning("metrics.write_failed error={}", exc)
+            self._write_failed("metrics", exc)
+        else:
+            self._write_succeeded("metrics", True)
+
+    def _write_failed(self, what: str, exc: OSError) -> None:
+        """Logged when it starts failing or fails differently, not at every round of the loop while it lasts."""
+        if self._write_errors.get(what) != str(exc):
+            self._write_errors[what] = str(exc)
+            logger.warning("{}.write_failed error={}", what, exc)
+
+    def _write_succeeded(self, what: str, written: bool) -> None:
+        if written and self._write_errors.pop(what, None) is not None:
+            logger.info("{}.write_resumed", what)

@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -29,6 +29,7 @@ from daemon.errors import JobInterrupted, classify_exception
 from daemon.worker.protocol import (
     Backend,
     DeviceFree,
+    DeviceMemory,
     Done,
     ErrorInfo,
     Failed,
@@ -70,12 +71,23 @@ class _Events:
         self.queue.put(to_wire(event))
 
 
-def _failed(job_id: str, exc: BaseException, *, while_: str = "") -> Failed:
+def _failed(job_id: str, exc: BaseException, *, while_: str = "", memory: DeviceMemory | None = None) -> Failed:
     from loguru import logger
 
     err = classify_exception(exc)
     logger.error("worker.job_failed id={} category={} error={}{}", job_id, err.category.value, err.message, while_)
-    return Failed(job_id, ErrorInfo.of(err), traceback.format_exc())
+    return Failed(job_id, ErrorInfo.of(err), traceback.format_exc(), memory=memory)
+
+
+def _memory(backend: Backend[Any]) -> DeviceMemory | None:
+    """What the backend holds on its device now; None when it cannot tell (or a stand-in has no such method)."""
+    report = getattr(backend, "memory", None)
+    if report is None:
+        return None
+    try:
+        return report()
+    except Exception:  # a report that fails must not fail the job whose end it describes
+        return None
 
 
 class _Finisher:
@@ -114,6 +126,7 @@ class _BackendKwargs(TypedDict):
     models_dir: Path
     cache_budget_mb: float | None
     cpu_threads: int | None
+    visible_device: str | None
 
 
 def _make_backend(config: WorkerConfig) -> Backend[Any]:
@@ -124,6 +137,7 @@ def _make_backend(config: WorkerConfig) -> Backend[Any]:
         models_dir=Path(config.models_dir),
         cache_budget_mb=config.cache_budget_mb,
         cpu_threads=config.cpu_threads,
+        visible_device=config.visible_device,
     )
     if config.backend:
         # Injected by code, never by configuration: the scheduler and chaos tests' stand-in for a GPU.
@@ -160,10 +174,8 @@ def _prepare_real_backend() -> None:
     # now, rather than in the first job, where they cost a third of a second. An ffmpeg without H.264
     # fails that job with the reason instead.
     with contextlib.suppress(Exception):
-        from imageio_ffmpeg._io import get_first_available_h264_encoder
-
         imageio.plugins.ffmpeg.get_exe()
-        get_first_available_h264_encoder()
+        h264_encoder_probe()()
 
     # Progress bars are for terminals; the worker reports progress as events and log lines instead.
     diffusers.utils.logging.set_verbosity_error()
@@ -171,6 +183,15 @@ def _prepare_real_backend() -> None:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     huggingface_hub.utils.disable_progress_bars()
+
+
+def h264_encoder_probe() -> Callable[[], str]:
+    """imageio-ffmpeg's cached probe for the first H.264 encoder its ffmpeg has (what ``write_frames`` picks when
+    no codec is named). It has no public name: this is the one place that reaches into ``imageio_ffmpeg._io``,
+    and tests/test_private_apis.py fails loudly when imageio-ffmpeg moves it."""
+    from imageio_ffmpeg._io import get_first_available_h264_encoder
+
+    return get_first_available_h264_encoder
 
 
 def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
@@ -188,19 +209,25 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = cfg.visible_device
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     _exit_with_parent()
+    from daemon import logs
+
+    # The daemon's stderr (journald's stream under systemd): the same one-line records, tagged with our pid.
+    logs.setup(cfg.log_level, cfg.log_format, tag=f"worker[{os.getpid()}]")
+    serve(cfg, jobs, events_queue, interrupt)
+
+
+def serve(cfg: WorkerConfig, jobs, events_queue, interrupt) -> None:
+    """The worker's life once its process is set up (signals, environment, logging): start the backend, say
+    Ready (or Fatal), run jobs from ``jobs`` until it yields None. A Ray actor runs it on a thread of its own
+    with in-process queues (daemon.worker.ray_actor); ``interrupt`` needs only ``is_set()``."""
     from loguru import logger
 
-    logger.remove()
-    logger.add(
-        sys.stderr,
-        level=cfg.log_level,
-        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | worker[{process}] | {message}",
-    )
+    events = _Events(events_queue)
     if cfg.backend is None:
         _prepare_real_backend()
     try:
         backend = _make_backend(cfg)
-        events.put(Ready(pid=os.getpid(), info=backend.describe()))
+        events.put(Ready(pid=os.getpid(), info=backend.describe(), memory=_memory(backend)))
     except BaseException as exc:  # a worker that cannot start says why before it goes
         events.put(Fatal(ErrorInfo.of(classify_exception(exc)), traceback.format_exc()))
         return
@@ -220,20 +247,20 @@ def worker_main(config: dict[str, Any], jobs, events_queue, interrupt) -> None:
             payload = payload_from_wire(job)
             generated = backend.generate(payload, _reporter(events, job_id), interrupt.is_set)
             if finisher is not None:
-                events.put(DeviceFree(job_id))
+                events.put(DeviceFree(job_id, memory=_memory(backend)))
                 finisher.submit(job_id, generated)
                 continue
             result = backend.finish(generated)
         except JobInterrupted:
             logger.info("worker.job_interrupted id={}", job_id)
-            events.put(Interrupted(job_id))
+            events.put(Interrupted(job_id, memory=_memory(backend)))
             continue
         except BaseException as exc:
-            events.put(_failed(job_id, exc))
+            events.put(_failed(job_id, exc, memory=_memory(backend)))
             if isinstance(exc, (KeyboardInterrupt, SystemExit)):
                 raise
             continue
-        events.put(Done(job_id, result))
+        events.put(Done(job_id, result, memory=_memory(backend)))
     if finisher is not None:
         finisher.wait()  # the last job's video is written before the worker goes
     logger.info("worker.exit pid={}", os.getpid())
