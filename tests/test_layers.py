@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "daemon"
 MAX_LINES = 450
 HEAVY = ("torch", "diffusers")
+# Ray is an optional extra (worker.executor: ray): only these modules import it, and only inside functions, so
+# that the daemon side imports without it and a daemon with local workers never loads it.
+RAY_MODULES = {"daemon.worker.ray_cluster", "daemon.worker.ray_executor", "daemon.worker.ray_actor"}
 
 # The only modules that may import torch / diffusers: they run inside the worker process.
 WORKER_PROCESS_ONLY = {
@@ -158,7 +161,7 @@ def test_the_daemon_side_imports_neither_torch_nor_diffusers():
     } <= set(names)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     res = subprocess.run(
-        [sys.executable, "-c", IMPORT_PROBE.format(heavy=HEAVY, names=names)],
+        [sys.executable, "-c", IMPORT_PROBE.format(heavy=(*HEAVY, "ray"), names=names)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -171,6 +174,64 @@ def test_the_daemon_side_imports_neither_torch_nor_diffusers():
     assert out["first"] == {}, "the daemon side must not import " + ", ".join(
         f"{lib} (first pulled in by importing {mod})" for lib, mod in out["first"].items()
     )
+
+
+LOCAL_WORKERS_PROBE = """
+import sys, time
+from daemon.config import load_settings
+from daemon.runtime.placement import make_workers
+workers = make_workers(load_settings(None, {}), [], clock=time.monotonic, backend=None)
+print(type(next(iter(workers.values()))).__name__, "ray" in sys.modules)
+"""
+
+
+def test_a_daemon_with_local_workers_never_imports_ray():
+    res = subprocess.run(
+        [sys.executable, "-c", LOCAL_WORKERS_PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["LocalProcessExecutor", "False"]
+
+
+def ray_imports(source: str) -> list[tuple[int, bool]]:
+    """(line, at module level) of each ``import ray`` / ``from ray... import`` outside ``if TYPE_CHECKING:``."""
+    found: list[tuple[int, bool]] = []
+
+    def visit(nodes: list[ast.stmt], module_level: bool) -> None:
+        for node in nodes:
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if any(n == "ray" or n.startswith("ray.") for n in names):
+                found.append((node.lineno, module_level))
+            if isinstance(node, ast.If) and _is_type_checking(node.test):
+                visit(node.orelse, module_level)
+                continue
+            inner = module_level and not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+                for child in getattr(node, field, None) or []:
+                    visit(child.body if isinstance(child, (ast.ExceptHandler, ast.match_case)) else [child], inner)
+
+    visit(ast.parse(source).body, True)
+    return found
+
+
+def test_the_ray_import_walker_on_a_planted_module():
+    planted = "import ray\nif TYPE_CHECKING:\n    import ray.actor\ndef f():\n    from ray.util import state\n"
+    assert ray_imports(planted) == [(1, True), (5, False)]
+
+
+def test_only_the_ray_modules_import_ray_and_only_inside_functions():
+    found = [
+        f"{m}:{line}{'' if m in RAY_MODULES else ' (only ' + ', '.join(sorted(RAY_MODULES)) + ' may)'}"
+        for m, path in modules().items()
+        for line, module_level in ray_imports(path.read_text())
+        if module_level or m not in RAY_MODULES
+    ]
+    assert RAY_MODULES <= set(modules())
+    assert not found, "ray imported at module level or outside the Ray modules: " + ", ".join(found)
 
 
 # ---- (b) no import cycle at module level ------------------------------------------------------------------
