@@ -107,11 +107,12 @@ def _nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys: ``{"worker": {"max_attempts": 3}}`` -> ``{"worker.max_attempts": 3}``."""
     if isinstance(data, dict) and data:
         out: dict[str, Any] = {}
         for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         return out
     return {prefix[:-1]: data}
 
@@ -135,7 +136,7 @@ class Effective:
 
     def rows(self) -> list[tuple[str, Any, str]]:
         """(key, value, origin) for every setting, in the config's order."""
-        values = _flatten(self.settings.model_dump(mode="json"))
+        values = flatten(self.settings.model_dump(mode="json"))
         rows = []
         for key, value in values.items():
             origin = next(
@@ -162,13 +163,13 @@ def load_effective(
 ) -> Effective:
     path, reason = find_config(explicit, env, system_config=system_config)
     data: dict[str, Any] = read_config_file(path) if path is not None else {}
-    origins = [(key, str(path)) for key in _flatten(data) if key] if path is not None else []
+    origins = [(key, str(path)) for key in flatten(data) if key] if path is not None else []
     from_env = env_overrides(env)
     data = _merge(data, _nest({k: v for k, (_, v) in from_env.items()}))
     origins += [(k, f"env {name}") for k, (name, _) in from_env.items()]
     if flags:
         data = _merge(data, flags)
-        origins += [(k, "command line") for k in _flatten(dict(flags)) if k]
+        origins += [(k, "command line") for k in flatten(dict(flags)) if k]
     label = str(path) if path is not None else ("the environment" if from_env else None)
     settings = settings_from(data, label, local_state=local_state_dir(env))
     return Effective(settings, path, reason, origins)

@@ -79,11 +79,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: floa
 class DaemonHarness:
     """A real Daemon (real watcher, real spawned worker) running on a thread, plus helpers to drive it."""
 
-    def __init__(self, root: Path, settings, backend: str | None = None, inventory=None) -> None:
+    def __init__(self, root: Path, settings, backend: str | None = None, inventory=None, seams=None) -> None:
         self.root = root
         self.settings = settings
         self.backend = backend
         self.inventory = inventory
+        self.seams = seams  # daemon.runtime.daemon.Seams: stalls injected at chosen points (freeze tests)
         self.inbox = settings.paths.inbox
         self.outbox = settings.paths.outbox
         self.daemon: Daemon | None = None
@@ -91,7 +92,7 @@ class DaemonHarness:
         self.error: BaseException | None = None
 
     def start(self) -> DaemonHarness:
-        self.daemon = Daemon(self.settings, backend=self.backend, inventory=self.inventory)
+        self.daemon = Daemon(self.settings, backend=self.backend, inventory=self.inventory, seams=self.seams)
         self.daemon.start()
 
         def loop() -> None:

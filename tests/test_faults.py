@@ -10,7 +10,6 @@ import json
 import os
 import random
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from daemon.ops.inventory import StaticInventory
 from daemon.policy import decide
 from daemon.runtime.autodownload import ModelDownloads
 from daemon.runtime.book import JobBook
-from daemon.runtime.daemon import Daemon, Seams
+from daemon.runtime.daemon import Seams
 from daemon.runtime.disk import DiskGuard
 from daemon.runtime.health import format_status, verdict
 from daemon.runtime.notify import SystemdNotifier
@@ -167,32 +166,12 @@ def test_a_job_sent_back_by_a_pause_gets_its_attempt_back(tmp_path):
 # ---- the daemon, with the stand-in backend --------------------------------------------------------------
 
 
-class SeamHarness(DaemonHarness):
-    def __init__(self, root: Path, settings, seams: Seams, backend: str | None = CUE) -> None:
-        super().__init__(root, settings, backend)
-        self.seams = seams
-
-    def start(self) -> SeamHarness:
-        self.daemon = Daemon(self.settings, backend=self.backend, seams=self.seams)
-        self.daemon.start()
-
-        def loop() -> None:
-            try:
-                self.daemon.run()
-            except BaseException as exc:  # surfaced by stop()
-                self.error = exc
-
-        self.thread = threading.Thread(target=loop, name="daemon-under-test", daemon=True)
-        self.thread.start()
-        return self
-
-
 @pytest.fixture
 def seam_harness(tmp_path, models_dir):
-    made: list[SeamHarness] = []
+    made: list[DaemonHarness] = []
 
-    def make(seams: Seams, **overrides) -> SeamHarness:
-        h = SeamHarness(tmp_path, fast_settings(tmp_path, models_dir, **overrides), seams)
+    def make(seams: Seams, **overrides) -> DaemonHarness:
+        h = DaemonHarness(tmp_path, fast_settings(tmp_path, models_dir, **overrides), CUE, seams=seams)
         made.append(h)
         return h
 

@@ -97,6 +97,13 @@ MIGRATIONS: tuple[Migration, ...] = (_v1_generation_tasks,)
 # ---- mapping a JobRecord (and its sidecar) to a row ---------------------------------------------
 
 
+def resolution_of(params: dict[str, Any]) -> str | None:
+    """``"1280x704"`` from a job's parameters; None when either side is unknown."""
+    if params.get("width") is None or params.get("height") is None:
+        return None
+    return f"{params['width']}x{params['height']}"
+
+
 def row_from_record(record: dict[str, Any], sidecar: dict[str, Any] | None = None) -> dict[str, Any]:
     """A row for :meth:`History.record` from ``JobRecord.model_dump(mode="json")`` and, once the job is
     published, its sidecar (``Daemon._sidecar``). Only known facts are included (no ``None`` values), so
@@ -126,8 +133,7 @@ def row_from_record(record: dict[str, Any], sidecar: dict[str, Any] | None = Non
         "output_sidecar": outputs.get("sidecar"),
         "failure_record": outputs.get("failure"),
     }
-    if params.get("width") is not None and params.get("height") is not None:
-        row["resolution"] = f"{params['width']}x{params['height']}"
+    row["resolution"] = resolution_of(params)
     if "degradations" in record:
         row["degradations"] = record["degradations"] or []
     started, queued, finished = record.get("started_at"), record.get("queued_at"), record.get("finished_at")

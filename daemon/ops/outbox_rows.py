@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.fsutil import TEMP_PREFIX
+from daemon.ops.history import resolution_of
 
 # A sidecar or failure record larger than this is not one of ours: skipped, not parsed.
 MAX_RECORD_BYTES = 4 << 20
@@ -76,8 +77,7 @@ def row_from_sidecar(sidecar: dict[str, Any], path: Path) -> dict[str, Any]:
         "instance": sidecar.get("instance"),
         "device": device.get("type") if isinstance(device, dict) else device,
     }
-    if params.get("width") is not None and params.get("height") is not None:
-        row["resolution"] = f"{params['width']}x{params['height']}"
+    row["resolution"] = resolution_of(params)
     return {k: v for k, v in row.items() if v is not None}
 
 
@@ -100,8 +100,7 @@ def row_from_failure(record: dict[str, Any], path: Path) -> dict[str, Any]:
         "failure_record": str(path),
         "instance": record.get("instance") or record.get("host"),
     }
-    if params.get("width") is not None and params.get("height") is not None:
-        row["resolution"] = f"{params['width']}x{params['height']}"
+    row["resolution"] = resolution_of(params)
     return {k: v for k, v in row.items() if v is not None}
 
 

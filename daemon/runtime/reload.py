@@ -24,6 +24,7 @@ from loguru import logger
 
 from daemon import logs
 from daemon.config import Settings
+from daemon.config_sources import flatten
 from daemon.errors import WanDaemonError
 from daemon.runtime.metrics import MetricsWriter
 from daemon.runtime.schedules import CronSubmitter
@@ -73,15 +74,6 @@ def kind_of(key: str) -> Kind:
     return "live"
 
 
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict) and data:
-        out: dict[str, Any] = {}
-        for key, value in data.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: data}
-
-
 @dataclass(frozen=True)
 class Change:
     key: str
@@ -101,7 +93,7 @@ class ReloadPlan:
 
 def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
     """What changed between the running settings and the file's, by kind, and the settings to run on now."""
-    before, after = _flatten(old.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    before, after = flatten(old.model_dump(mode="json")), flatten(new.model_dump(mode="json"))
     changes = tuple(
         Change(key, before.get(key), after.get(key), kind_of(key))
         for key in sorted(set(before) | set(after))

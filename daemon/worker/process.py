@@ -16,13 +16,9 @@ from daemon.errors import Category, JobError
 from daemon.ops.inventory import GpuInfo
 from daemon.worker.main import worker_main
 from daemon.worker.protocol import (
-    DeviceFree,
-    DeviceMemory,
-    Done,
     ErrorInfo,
     Failed,
     Fatal,
-    Interrupted,
     JobPayload,
     Ready,
     WorkerConfig,
@@ -31,6 +27,7 @@ from daemon.worker.protocol import (
     event_from_wire,
     to_wire,
 )
+from daemon.worker.tracking import EventTracking
 
 if TYPE_CHECKING:
     from multiprocessing.context import SpawnProcess
@@ -38,7 +35,7 @@ if TYPE_CHECKING:
     from multiprocessing.synchronize import Event
 
 
-class LocalProcessExecutor:
+class LocalProcessExecutor(EventTracking):
     """One worker as a local ``spawn`` process, fed through multiprocessing queues."""
 
     def __init__(
@@ -184,31 +181,12 @@ class LocalProcessExecutor:
         return out
 
     def _on_event(self, ev: WorkerEvent) -> None:
+        self._track(ev)
         if isinstance(ev, Ready):
-            self.status.state, self.status.info, self.status.pid = "ready", ev.info, ev.pid
             self._failures_in_a_row = 0
-            self._note_memory(ev.memory)
-        elif isinstance(ev, DeviceFree):
-            if ev.id == self.status.job_id:
-                self.status.state, self.status.job_id = "ready", None
-                self._note_memory(ev.memory)
-            self.finishing[ev.id] = self.clock()
-        elif isinstance(ev, (Done, Failed, Interrupted)):
-            if ev.id == self.status.job_id:
-                self.status.state, self.status.job_id = "ready", None
-                self._note_memory(ev.memory)
-            self.finishing.pop(ev.id, None)
         elif isinstance(ev, Fatal):
             self.status.last_fatal = ev.error.message
             logger.error("worker.fatal error={}", ev.error.message)
-
-    def _note_memory(self, memory: DeviceMemory | None) -> None:
-        """The worker's own account of its device, as the job on it ended: what it holds, and which models it
-        keeps warm (its truth replaces what note_warm assumed: a pipeline evicted to make room is gone)."""
-        if memory is None:
-            return
-        self.status.memory = memory
-        self.warm = list(reversed(dict.fromkeys(w.model for w in reversed(memory.warm))))
 
     def _check_liveness(self) -> list[WorkerEvent]:
         assert self._proc is not None  # poll() checks a worker only while it has a process

@@ -36,8 +36,6 @@ from daemon.errors import Category, JobError, classify_exception
 from daemon.fsutil import fsync_file
 from daemon.ops.inventory import GpuInfo
 from daemon.worker.protocol import (
-    DeviceFree,
-    DeviceMemory,
     Done,
     ErrorInfo,
     Failed,
@@ -51,6 +49,7 @@ from daemon.worker.protocol import (
     event_from_wire,
     to_wire,
 )
+from daemon.worker.tracking import EventTracking
 
 #: GpuInfo.index of the n-th Ray worker: out of the range of this host's own CUDA indices, which the
 #: placement's inventory reads by index.
@@ -64,7 +63,7 @@ def _ray() -> Any:
     return ray
 
 
-class RayExecutor:
+class RayExecutor(EventTracking):
     """One worker as a Ray actor."""
 
     def __init__(
@@ -369,25 +368,14 @@ class RayExecutor:
             )
 
     def _on_event(self, ev: WorkerEvent) -> None:
+        self._track(ev)
         if isinstance(ev, Ready):
-            self.status.state, self.status.info, self.status.pid = "ready", ev.info, ev.pid
             self._failures_in_a_row, self._unplaced = 0, False
-            self._note_memory(ev.memory)
             logger.info(
                 "worker.actor_ready name={} host={} actor={} pid={}", self.name, ev.info.host, ev.info.actor, ev.pid
             )
-        elif isinstance(ev, DeviceFree):
-            if ev.id == self.status.job_id:
-                self.status.state, self.status.job_id = "ready", None
-                self._note_memory(ev.memory)
-            self.finishing[ev.id] = self.clock()
-        elif isinstance(ev, (Done, Failed, Interrupted)):
-            if ev.id == self.status.job_id:
-                self.status.state, self.status.job_id = "ready", None
-                self._note_memory(ev.memory)
-            self.finishing.pop(ev.id, None)
-            if isinstance(ev, Done):
-                ev.result.resources["ray"] = self.where()
+        elif isinstance(ev, Done):
+            ev.result.resources["ray"] = self.where()
         elif isinstance(ev, Fatal):
             self.status.last_fatal = ev.error.message
             logger.error("worker.fatal name={} error={}", self.name, ev.error.message)
@@ -396,12 +384,6 @@ class RayExecutor:
         """Where this worker runs, for the sidecar (``resources.ray``) and the log."""
         fields = ("host", "node_id", "actor_id")
         return {**{f: getattr(self.placed, f, None) for f in fields}, "restarts": self.status.restarts}
-
-    def _note_memory(self, memory: DeviceMemory | None) -> None:
-        if memory is None:
-            return
-        self.status.memory = memory
-        self.warm = list(reversed(dict.fromkeys(w.model for w in reversed(memory.warm))))
 
     def _check_liveness(self, now: float) -> JobError | None:
         ray = _ray()
