@@ -142,11 +142,6 @@ class LocalProcessExecutor(EventTracking):
 
     # ---- work ----------------------------------------------------------------------------------
 
-    def note_warm(self, model: str) -> None:
-        if model in self.warm:
-            self.warm.remove(model)
-        self.warm = [*self.warm, model][-self.config.max_cached_pipelines :]
-
     def submit(self, payload: JobPayload, silence_limit: float | None = None) -> None:
         """Hand a job over. ``silence_limit``: the job's own timeout for going without progress."""
         assert self.ready, "submit only to a ready worker"

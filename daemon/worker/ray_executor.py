@@ -197,11 +197,6 @@ class RayExecutor(EventTracking):
 
     # ---- work ----------------------------------------------------------------------------------
 
-    def note_warm(self, model: str) -> None:
-        if model in self.warm:
-            self.warm.remove(model)
-        self.warm = [*self.warm, model][-self.config.max_cached_pipelines :]
-
     def submit(self, payload: JobPayload, silence_limit: float | None = None) -> None:
         """Hand a job over: its own streaming call, read by a thread of its own."""
         assert self.ready, "submit only to a ready worker"

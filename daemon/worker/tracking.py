@@ -6,16 +6,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from daemon.worker.protocol import DeviceFree, DeviceMemory, Done, Failed, Interrupted, Ready, WorkerEvent, WorkerStatus
+from daemon.worker.protocol import (
+    DeviceFree,
+    DeviceMemory,
+    Done,
+    Failed,
+    Interrupted,
+    Ready,
+    WorkerConfig,
+    WorkerEvent,
+    WorkerStatus,
+)
 
 
 class EventTracking:
-    """Mixed into an executor, which sets ``status``, ``warm``, ``finishing`` and ``clock``."""
+    """Mixed into an executor, which sets ``config``, ``status``, ``warm``, ``finishing`` and ``clock``."""
 
+    config: WorkerConfig
     status: WorkerStatus
     warm: list[str]
     finishing: dict[str, float]  # job id -> when its device part ended (it is being encoded)
     clock: Callable[[], float]
+
+    def note_warm(self, model: str) -> None:
+        """A job of ``model`` was handed over: it is the most recently used pipeline (until the worker says)."""
+        if model in self.warm:
+            self.warm.remove(model)
+        self.warm = [*self.warm, model][-self.config.max_cached_pipelines :]
 
     def _track(self, ev: WorkerEvent) -> None:
         if isinstance(ev, Ready):
