@@ -78,6 +78,7 @@ def test_a_reload_applies_to_a_running_daemon_without_touching_its_job(harness_f
         models,
         worker={"max_attempts": 9, "max_cached_pipelines": 1},
         limits={"max_frames": 41},
+        watch={"settle_seconds": 0.7, "mode": "polling"},
         paths={"outbox": str(tmp_path / "other-outbox")},
         logging={"level": "INFO"},
     )
@@ -87,6 +88,7 @@ def test_a_reload_applies_to_a_running_daemon_without_touching_its_job(harness_f
     assert d.settings.worker.max_attempts == 9 and d.book.settings is d.settings
     assert d.intake.settings.limits.max_frames == 41 and d.placement.settings is d.settings
     assert d.settings.paths.outbox == h.outbox  # a restart-only change: kept as it runs
+    assert d.watcher.config.settle_seconds == 0.7 and d.watcher.config.mode == "inotify"  # mode: restart-only
     assert any("key=paths.outbox" in m and "after a restart" in m for m in log_lines)
     assert worker.config.max_cached_pipelines == 1  # for its next start
     side = h.sidecar("long")

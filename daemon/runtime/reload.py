@@ -42,6 +42,7 @@ KINDS: dict[str, Kind] = {
     "history": "restart",
     "health.path": "restart",
     "watch.mode": "restart",
+    "watch.poll_interval_seconds": "restart",  # the polling observer's, set when it starts
     "worker.device": "restart",
     "worker.executor": "restart",
     "ray": "restart",
@@ -171,6 +172,7 @@ def _apply(daemon: Daemon, plan: ReloadPlan) -> None:
     daemon.disk.min_free = new.limits.min_free_mb * (1 << 20)
     daemon.downloads.min_free_mb = new.limits.min_free_mb
     daemon.status.health.interval = new.health.interval_seconds
+    daemon.watcher.config = new.watch  # settle and rescan timings (its mode is kept: a restart-only setting)
     if new.metrics != old.metrics:
         daemon.status.metrics = MetricsWriter(new.metrics.textfile) if new.metrics.textfile else None
     if new.schedules != old.schedules:
