@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.fsutil import TEMP_PREFIX
-from daemon.ops.history import resolution_of
+from daemon.ops.history import row_from_record
 
 # A sidecar or failure record larger than this is not one of ours: skipped, not parsed.
 MAX_RECORD_BYTES = 4 << 20
@@ -47,61 +47,42 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def row_from_sidecar(sidecar: dict[str, Any], path: Path) -> dict[str, Any]:
-    params = sidecar.get("parameters") or {}
-    used = sidecar.get("model_used") or {}
+    """The history's row for a published job: its sidecar read as the job record it was published from, through
+    the history's own mapping (the sidecar's measurements included)."""
     times = sidecar.get("timestamps") or {}
-    timings = sidecar.get("timings") or {}
-    device = sidecar.get("device")
     video = sidecar.get("video") or {}
-    row: dict[str, Any] = {
+    record = {
         "id": sidecar.get("id"),
         "token": sidecar.get("job_token"),
-        "file": sidecar.get("file"),
-        "model_used": used.get("name") if isinstance(used, dict) else used,
-        "task": params.get("task"),
-        "frames": params.get("frames"),
-        "steps": params.get("steps"),
-        "status": "done",
+        "source_name": sidecar.get("file"),
+        "params": sidecar.get("parameters") or {},
+        "model": sidecar.get("model_used") or {},
+        "state": "done",
         "attempts": sidecar.get("attempts"),
         "queued_at": _epoch(times.get("queued_at")),
         "started_at": _epoch(times.get("started_at")),
         "finished_at": _epoch(times.get("finished_at")),
-        "generation_time_seconds": sidecar.get("generation_time_seconds"),
-        "queue_wait_seconds": timings.get("queue_wait"),
-        "peak_vram_usage_mb": sidecar.get("peak_vram_usage_mb"),
-        "peak_rss_mb": sidecar.get("peak_rss_mb"),
-        "optimizations_applied": sidecar.get("optimizations_applied"),
-        "degradations": sidecar.get("degradations"),
-        "output_video": str(path.with_name(video.get("file") or f"{path.stem}.mp4")),
-        "output_sidecar": str(path),
-        "instance": sidecar.get("instance"),
-        "device": device.get("type") if isinstance(device, dict) else device,
+        "outputs": {"video": str(path.with_name(video.get("file") or f"{path.stem}.mp4")), "sidecar": str(path)},
     }
-    row["resolution"] = resolution_of(params)
-    return {k: v for k, v in row.items() if v is not None}
+    return row_from_record(record, sidecar)
 
 
-def row_from_failure(record: dict[str, Any], path: Path) -> dict[str, Any]:
-    params = record.get("parameters") or {}
-    model = record.get("model") or {}
-    row: dict[str, Any] = {
-        "id": record.get("id") or path.stem,
-        "file": record.get("file"),
-        "model_used": model.get("name") if isinstance(model, dict) else None,
-        "task": params.get("task"),
-        "frames": params.get("frames"),
-        "steps": params.get("steps"),
-        "status": "failed",
-        "attempts": record.get("attempts"),
-        "finished_at": _epoch(record.get("failed_at")),
-        "error_category": record.get("error_category"),
-        "error_message": record.get("message"),
-        "recovery_suggestions": record.get("recovery_suggestions"),
-        "failure_record": str(path),
-        "instance": record.get("instance") or record.get("host"),
+def row_from_failure(failure: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The history's row for a failed job, from its failure record (daemon.runtime.outbox.Outbox.write_failure)."""
+    record = {
+        "id": failure.get("id") or path.stem,
+        "source_name": failure.get("file"),
+        "params": failure.get("parameters") or {},
+        "model": failure.get("model") or {},
+        "state": "failed",
+        "attempts": failure.get("attempts"),
+        "finished_at": _epoch(failure.get("failed_at")),
+        "last_error": failure,  # error_category, message, recovery_suggestions at its top level
+        "outputs": {"failure": str(path)},
     }
-    row["resolution"] = resolution_of(params)
-    return {k: v for k, v in row.items() if v is not None}
+    row = row_from_record(record)
+    instance = failure.get("instance") or failure.get("host")
+    return {**row, "instance": instance} if instance else row
 
 
 def _records(folder: Path) -> list[Path]:
