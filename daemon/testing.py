@@ -63,6 +63,22 @@ class CueGenerated:
     seconds: float  # how long its generation took (the sleep cue)
 
 
+def write_stand_in_video(out: Path, text: str, params: ResolvedParams) -> VideoFacts:
+    """A stand-in backend's output: ``text`` written and fsynced where the video goes, described as the video
+    the job asked for (stand-ins never make a video; the outbox publishes whatever file it is handed)."""
+    out.write_bytes(text.encode())
+    with open(out, "rb") as fh:
+        os.fsync(fh.fileno())
+    return VideoFacts(
+        bytes=out.stat().st_size,
+        sha256=sha256_file(out),
+        frames=params.frames,
+        fps=float(params.fps),
+        width=params.width,
+        height=params.height,
+    )
+
+
 class CueBackend:
     def __init__(self, *, device: str = "cpu", models_dir: Path, **_: Any) -> None:
         self.device = "cpu"
@@ -119,9 +135,7 @@ class CueBackend:
                 os._exit(3)
         time.sleep(float(cues.get("encode_sleep", 0)))
         out = Path(payload.video_tmp)
-        out.write_bytes(f"cue-backend output for {payload.id} token {payload.token}\n".encode())
-        with open(out, "rb") as fh:
-            os.fsync(fh.fileno())
+        video = write_stand_in_video(out, f"cue-backend output for {payload.id} token {payload.token}\n", params)
         return JobResult(
             device="cpu",
             model_path=None,
@@ -132,14 +146,7 @@ class CueBackend:
             peak_rss_mb=0.0,
             frames_generated=params.frames,
             video_tmp=str(out),
-            video=VideoFacts(
-                bytes=out.stat().st_size,
-                sha256=sha256_file(out),
-                frames=params.frames,
-                fps=float(params.fps),
-                width=params.width,
-                height=params.height,
-            ),
+            video=video,
         )
 
 
@@ -354,17 +361,7 @@ class SimulatedGpuBackend:
     def finish(self, generated: SimulatedGenerated) -> JobResult:
         payload, params = generated.payload, generated.payload.params
         out = Path(payload.video_tmp)
-        out.write_bytes(f"simulated-gpu output for {payload.id} token {payload.token}\n".encode())
-        with open(out, "rb") as fh:
-            os.fsync(fh.fileno())
-        video = VideoFacts(
-            bytes=out.stat().st_size,
-            sha256=sha256_file(out),
-            frames=params.frames,
-            fps=float(params.fps),
-            width=params.width,
-            height=params.height,
-        )
+        video = write_stand_in_video(out, f"simulated-gpu output for {payload.id} token {payload.token}\n", params)
         return replace(generated.result, video_tmp=str(out), video=video)
 
 
