@@ -7,6 +7,7 @@ measures that); here they must simply never disagree with the records.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
@@ -79,7 +80,7 @@ def test_indexes_agree_with_the_records_after_every_change(tmp_path, seed):
     book = make_book(tmp_path, seed)
     n = 0
     for _ in range(250):
-        op = rnd.choice(["intake", "intake", "start", "finish", "fail", "retry", "release", "reload"])
+        op = rnd.choice(["intake", "intake", "start", "finish", "fail", "retry", "release", "reload", "amend"])
         active = [r for r in book.records.values() if r.state is not None and r.state.active]
         if op == "intake" or not book.records:
             n += 1
@@ -112,6 +113,11 @@ def test_indexes_agree_with_the_records_after_every_change(tmp_path, seed):
         elif op == "release":
             for source in {r.source for r in book.records.values()}:
                 book.release_if_finished(source)
+        elif op == "amend" and active:
+            # an operator's new priority (daemon.runtime.control): persisted, state unchanged, re-ranked
+            rec = rnd.choice(active)
+            updated = book.amend(rec, "priority", priority=rnd.choice([-5, 0, 3, 9]))
+            assert updated.state is rec.state and book.spool.load(rec.id) == updated
         elif op == "reload" and active:
             # a record found in the spool again (recovery, adoption) replaces the one in the book
             rec = rnd.choice(active)
@@ -142,3 +148,56 @@ def test_status_says_recovering_n_of_n_while_the_spool_is_read(tmp_path):
     assert status.status_line().startswith("recovering 1200/10000;")
     text = format_status({"state": "starting", "recovering": {"done": 1200, "total": 10000}, "started_at": 0})
     assert "recovering 1200/10000 records" in text
+
+
+def test_amend_persists_a_new_priority_without_a_change_of_state_and_ranks_the_job_at_once(tmp_path):
+    from daemon.ops.history import History
+
+    book = make_book(tmp_path, 0)
+    book.history = History(tmp_path / "history.sqlite3")
+    recs = [book.set(make_record(n, seq=i + 1, token=n, state=None), JobState.QUEUED) for i, n in enumerate("abc")]
+    assert [r.id for r in book.queue.ranked(10.0, None)] == ["a", "b", "c"]
+    updated = book.amend(recs[2], "priority 0 -> 5 by bob@host", priority=5)
+    assert [r.id for r in book.queue.ranked(10.0, None)] == ["c", "a", "b"]
+    on_disk = book.spool.load("c")
+    assert on_disk == updated and on_disk.state is JobState.QUEUED and on_disk.priority == 5
+    assert on_disk.events[-1]["note"] == "priority 0 -> 5 by bob@host" and on_disk.events[-1]["state"] == "queued"
+    assert book.queued_by_priority() == {0: 2, 5: 1}
+    running = book.set(book.records["a"], JobState.RUNNING, attempts=1)
+    book.amend(running, "priority 0 -> -3 by bob@host", priority=-3)  # kept for a requeue
+    assert book.spool.load("a").priority == -3 and "a" not in book.queue
+    assert book.set(book.records["a"], JobState.QUEUED).priority == -3
+    assert [r.id for r in book.queue.ranked(10.0, None)] == ["c", "b", "a"]
+    check_indexes(book)
+    assert [r["status"] for r in book.history.rows_for_id("c")] == ["queued"]
+    book.history.close()
+
+
+def test_a_cancel_names_who_asked_and_an_old_empty_request_still_cancels(tmp_path):
+    from daemon.control import cancel_dir, write_cancel
+    from daemon.ops.history import History
+
+    book = make_book(tmp_path, 0)
+    book.history = History(tmp_path / "history.sqlite3")
+    for i, name in enumerate(("a", "b", "c")):
+        book.set(make_record(name, seq=i + 1, state=None), JobState.QUEUED)
+    state = book.settings.paths.state
+    write_cancel(state, "a", by="carol@host")
+    (cancel_dir(state) / "b").write_text("")  # an older CLI's request
+    book.set(book.records["c"], JobState.RUNNING, attempts=1)
+    write_cancel(state, "c", by="dave@host")
+    assert book.take_cancels() == ["c"]  # running: interrupted first, cancelled as it stops
+    failed = book.outbox.failed
+    assert json.loads((failed / "a.json").read_text())["message"] == (
+        "cancelled by request of carol@host before it started"
+    )
+    assert json.loads((failed / "b.json").read_text())["message"] == "cancelled by request before it started"
+    assert not (cancel_dir(state) / "a").exists() and not (cancel_dir(state) / "b").exists()
+    assert book.take_cancels() == []  # asked once
+    book.cancel(book.records["c"], "while it was running")
+    assert json.loads((failed / "c.json").read_text())["message"] == (
+        "cancelled by request of dave@host while it was running"
+    )
+    ops = {(o["job_id"], o["by"]) for o in book.history.operations() if o["op"] == "cancel"}
+    assert ops == {("a", "carol@host"), ("b", "?"), ("c", "dave@host")}
+    book.history.close()

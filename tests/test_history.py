@@ -173,7 +173,7 @@ def text_of(*renderables) -> str:
 def test_creates_folders_and_the_current_schema_from_nothing(tmp_path):
     path = tmp_path / "a" / "b" / "history.sqlite3"
     with History(path) as h:
-        assert h.schema_version == h.latest_version == len(MIGRATIONS) == 1
+        assert h.schema_version == h.latest_version == len(MIGRATIONS) == 2
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert [r[1] for r in conn.execute("PRAGMA table_info(generation_tasks)")] == list(COLUMNS)
@@ -185,7 +185,15 @@ def test_creates_folders_and_the_current_schema_from_nothing(tmp_path):
             "AND tbl_name = 'generation_tasks' AND name LIKE 'idx_%'"
         )
     }
-    assert indexed == {"status", "finished_at", "model_used"}
+    assert indexed == {"status", "finished_at", "model_used", "id"}
+    assert [r[1] for r in conn.execute("PRAGMA table_info(operations)")] == [
+        "at",
+        "op",
+        "job_id",
+        "by",
+        "instance",
+        "detail",
+    ]
     conn.close()
 
 
@@ -195,11 +203,11 @@ def test_reopening_is_idempotent_and_keeps_the_rows(tmp_path):
         assert h.record(make_record("fox").summary())
     for _ in range(3):
         with History(path) as h:
-            assert h.schema_version == 1
+            assert h.schema_version == len(MIGRATIONS)
             assert [r["id"] for r in h.tasks()] == ["fox"]
 
 
-class _HistoryV2(History):
+class _HistoryNext(History):
     migrations = (*MIGRATIONS, lambda conn: conn.execute("ALTER TABLE generation_tasks ADD COLUMN note TEXT"))
 
 
@@ -207,12 +215,12 @@ def test_upgrades_an_older_database_in_order_and_keeps_its_rows(tmp_path):
     path = tmp_path / "history.sqlite3"
     with History(path) as h:
         assert h.record(make_record("fox").summary())
-    with _HistoryV2(path) as h:
-        assert h.schema_version == 2
+    with _HistoryNext(path) as h:
+        assert h.schema_version == len(MIGRATIONS) + 1
         assert h.tasks()[0]["id"] == "fox" and h.tasks()[0]["note"] is None
-    with _HistoryV2(path) as h:  # and again: nothing left to do
-        assert h.schema_version == 2
-    with pytest.raises(SchemaTooNew):  # the v1 code now refuses it
+    with _HistoryNext(path) as h:  # and again: nothing left to do
+        assert h.schema_version == len(MIGRATIONS) + 1
+    with pytest.raises(SchemaTooNew):  # the older code now refuses it
         History(path)
 
 
@@ -227,10 +235,10 @@ def test_a_failing_migration_leaves_the_database_at_its_old_version(tmp_path):
     class Broken(History):
         migrations = (*MIGRATIONS, broken)
 
-    with pytest.raises(HistoryError, match="version 2"):
+    with pytest.raises(HistoryError, match=f"version {len(MIGRATIONS) + 1}"):
         Broken(path)
     with History(path) as h:
-        assert h.schema_version == 1
+        assert h.schema_version == len(MIGRATIONS)
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'half_done'").fetchone()[0] == 0
     conn.close()
@@ -242,7 +250,7 @@ def test_a_database_from_a_newer_version_is_refused_clearly(tmp_path):
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 7")
     conn.close()
-    with pytest.raises(SchemaTooNew, match=r"schema version 7, newer than this wan-daemon supports \(1\)") as exc:
+    with pytest.raises(SchemaTooNew, match=r"schema version 7, newer than this wan-daemon supports \(2\)") as exc:
         History(path)
     assert str(path) in str(exc.value)
 
@@ -264,7 +272,7 @@ def test_several_processes_opening_a_fresh_file_at_once_all_succeed(tmp_path):
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
     with History(path) as h:
-        assert h.schema_version == 1
+        assert h.schema_version == len(MIGRATIONS)
         assert sorted(r["id"] for r in h.tasks()) == ["p0", "p1", "p2", "p3"]
 
 
@@ -389,6 +397,80 @@ def test_record_never_raises(tmp_path, errors_logged):
     assert h.record(make_record("cat").summary()) is False  # closed
     assert len(errors_logged) == 3 and all("history.write_failed" in m for m in errors_logged)
     assert "locked" in errors_logged[1]
+
+
+def test_a_v1_database_is_migrated_to_v2_with_its_rows_and_reopening_is_a_no_op(tmp_path):
+    path = tmp_path / "history.sqlite3"
+
+    class HistoryV1(History):
+        migrations = MIGRATIONS[:1]
+
+    with HistoryV1(path) as h:
+        assert h.record(make_record("fox").summary()) and h.schema_version == 1
+        assert h.record_operation("pause", by="alice@host") is False  # no operations table in v1
+    with History(path) as h:
+        assert h.schema_version == 2
+        assert [r["id"] for r in h.tasks()] == ["fox"]
+        assert h.record_operation("pause", by="alice@host", at=NOW, detail={"mode": "now"})
+    with History(path) as h:  # again: nothing to migrate, nothing lost
+        assert h.schema_version == 2
+        assert [(o["op"], o["by"], o["detail"]) for o in h.operations()] == [("pause", "alice@host", {"mode": "now"})]
+
+
+def test_record_many_upserts_every_job_in_one_transaction_all_or_none(history, tmp_path):
+    recs = [move(make_record(f"j{n}", queued_at=NOW + n), JobState.QUEUED) for n in range(50)]
+    statements: list[str] = []
+    history._conn.set_trace_callback(statements.append)
+    assert history.record_many(r.summary() for r in recs)
+    history._conn.set_trace_callback(None)
+    assert statements.count("COMMIT") == 1 and statements.count("BEGIN IMMEDIATE") == 1
+    rows = history.tasks(last=None)
+    assert sorted(r["id"] for r in rows) == sorted(f"j{n}" for n in range(50))
+    assert {r["status"] for r in rows} == {"queued"}
+    # Upserts: later facts added, earlier ones kept; a JobRecord itself is taken too.
+    running = move(recs[0], JobState.RUNNING, attempts=1, started_at=NOW + 10)
+    assert history.record_many([running, {"token": "tok-j1", "instance": "b"}])
+    by_id = {r["id"]: r for r in history.tasks(last=None)}
+    assert by_id["j0"]["status"] == "running" and by_id["j0"]["queued_at"] == NOW
+    assert by_id["j1"]["instance"] == "b" and by_id["j1"]["status"] == "queued"
+    # One bad job (no token): nothing of the call is written, and it says so without raising.
+    late = move(make_record("late"), JobState.QUEUED)
+    assert history.record_many([late.summary(), {"id": "no-token"}]) is False
+    assert "late" not in {r["id"] for r in history.tasks(last=None)}
+    assert history.record_many([]) is True
+
+
+def test_operations_are_kept_newest_first_per_job_and_never_raise(history, tmp_path):
+    assert history.record_operation("pause", by="alice@host", at=NOW, instance="a", detail={"mode": "drain"})
+    assert history.record_operation("priority", by="bob@host", at=NOW + 1, job_id="fox", detail={"priority": 5})
+    assert history.record_operation("cancel", by="carol@host", at=NOW + 2, job_id="fox")
+    assert history.record_operation("resume", by="alice@host", at=NOW + 3)
+    assert [o["op"] for o in history.operations()] == ["resume", "cancel", "priority", "pause"]
+    assert [o["op"] for o in history.operations(last=2)] == ["resume", "cancel"]
+    fox = history.operations("fox")
+    assert [(o["op"], o["by"], o["detail"]) for o in fox] == [
+        ("cancel", "carol@host", {}),
+        ("priority", "bob@host", {"priority": 5}),
+    ]
+    assert history.operations()[-1] == {
+        "at": NOW,
+        "op": "pause",
+        "job_id": None,
+        "by": "alice@host",
+        "instance": "a",
+        "detail": {"mode": "drain"},
+    }
+    history.close()
+    assert history.record_operation("pause", by="x") is False  # closed: logged, not raised
+
+
+def test_rows_for_id_are_every_intake_of_a_job_oldest_first(history):
+    first = move(make_record("fox", queued_at=NOW - 100), JobState.FAILED, finished_at=NOW - 90)
+    again = move(make_record("fox", queued_at=NOW), JobState.QUEUED).model_copy(update={"token": "tok-fox-2"})
+    history.record_many([again.summary(), first.summary(), move(make_record("cat"), JobState.QUEUED).summary()])
+    rows = history.rows_for_id("fox")
+    assert [(r["token"], r["status"]) for r in rows] == [("tok-fox", "failed"), ("tok-fox-2", "queued")]
+    assert history.rows_for_id("nobody") == []
 
 
 # ---- concurrency -----------------------------------------------------------------------------------

@@ -322,6 +322,7 @@ PURE_TOP_LEVEL = (
     "daemon.policy",
     "daemon.speed",
     "daemon.jobs",
+    "daemon.control",
 )
 
 

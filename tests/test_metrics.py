@@ -171,6 +171,33 @@ def test_idle_cpu_host_without_gpus_or_jobs():
     assert fams["wan_daemon_job_duration_seconds"]["samples"] == []
 
 
+def test_an_operator_pause_is_a_pause_of_kind_operator_and_its_own_series():
+    operator = {"mode": "drain", "free_vram": True, "by": "alice@host", "at": 1.0, "reason": "", "since": 1.0}
+    pause = {"kind": "operator", "folder": None, "reason": "paused by alice@host", "since": 1.0}
+    fams = parse(
+        render(
+            health(state="paused", running=None, paused="paused by alice@host", pause=pause, operator_pause=operator),
+            COUNTERS,
+            [],
+        )
+    )
+    assert value(fams, "wan_daemon_paused") == 1 and value(fams, "wan_daemon_operator_paused") == 1
+    assert {lbl["kind"]: v for lbl, v in samples(fams, "wan_daemon_pause_kind")} == {
+        "disk_full": 0,
+        "unwritable": 0,
+        "folder_missing": 0,
+        "operator": 1,
+    }
+    assert value(fams, "wan_daemon_state", state="paused") == 1
+    # Under a disk pause as well: the disk's kind is the pause, the operator's still shows.
+    disk = {"kind": "disk_full", "folder": "/out", "reason": "disk full", "since": 2.0}
+    fams = parse(render(health(paused="disk full", pause=disk, operator_pause=operator), COUNTERS, []))
+    assert value(fams, "wan_daemon_pause_kind", kind="disk_full") == 1
+    assert value(fams, "wan_daemon_pause_kind", kind="operator") == 0
+    assert value(fams, "wan_daemon_operator_paused") == 1
+    assert value(parse(render(health(), COUNTERS, [])), "wan_daemon_operator_paused") == 0
+
+
 def test_histogram_is_cumulative_per_model():
     fams = parse(render(health(), COUNTERS, DURATIONS, GPUS))
     for model, values in (("wan2.2-ti2v-5b", [0.5, 45.0, 4000.0]), ("tiny-ti2v-5b", [1.0, 2.5])):

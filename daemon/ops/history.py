@@ -7,6 +7,8 @@
   is a report, never a reason for the daemon to stop.
 - Other processes read it while the daemon writes: the database runs in WAL mode, where readers never
   block the writer nor the writer the readers, with a busy timeout for the rare writer/writer overlap.
+- :meth:`History.record_many`: a round of intake in one transaction (a job has its row from intake on).
+  :meth:`History.record_operation`: what operators asked (pause, cancel, priority...), table ``operations``.
 - The schema is versioned with ``PRAGMA user_version``: :data:`MIGRATIONS` are applied in order, each in
   its own transaction, and re-opening is a no-op. A database written by a newer wan-daemon is refused
   with :class:`SchemaTooNew` rather than misread.
@@ -16,6 +18,8 @@ Pure bookkeeping: stdlib ``sqlite3`` only, no torch.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import sqlite3
 import threading
@@ -90,8 +94,18 @@ def _v1_generation_tasks(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX idx_generation_tasks_model_used ON generation_tasks (model_used)")
 
 
+def _v2_operations(conn: sqlite3.Connection) -> None:
+    """What operators asked for (daemon.control): one row per request applied (``detail``: a JSON object)."""
+    conn.execute(
+        "CREATE TABLE operations (at REAL NOT NULL, op TEXT NOT NULL, job_id TEXT, by TEXT, instance TEXT, detail TEXT)"
+    )
+    conn.execute("CREATE INDEX idx_operations_job_id ON operations (job_id)")
+    conn.execute("CREATE INDEX idx_operations_at ON operations (at)")
+    conn.execute("CREATE INDEX idx_generation_tasks_id ON generation_tasks (id)")  # a job's story: rows_for_id
+
+
 # Migration i (0-based) takes the schema from version i to i + 1. Append only: never edit a released one.
-MIGRATIONS: tuple[Migration, ...] = (_v1_generation_tasks,)
+MIGRATIONS: tuple[Migration, ...] = (_v1_generation_tasks, _v2_operations)
 
 
 # ---- mapping a JobRecord (and its sidecar) to a row ---------------------------------------------
@@ -170,6 +184,24 @@ def _encode(column: str, value: Any) -> Any:
     if column in JSON_COLUMNS and not isinstance(value, str):
         return json.dumps(list(value) if isinstance(value, (tuple, set)) else value, ensure_ascii=False)
     return value
+
+
+def _row_of(job: Any, sidecar: dict[str, Any] | None) -> dict[str, Any]:
+    """The row :meth:`History.record` writes for ``job`` (a row, a record dump or a JobRecord)."""
+    if hasattr(job, "model_dump"):  # a JobRecord itself
+        job = job.model_dump(mode="json")
+    extra = row_from_record({}, sidecar) if sidecar and "params" not in job else {}
+    row = row_from_record(job, sidecar) if "params" in job else {**job, **extra}
+    if not row.get("token"):
+        raise ValueError("the job has no token")
+    return row
+
+
+@functools.lru_cache(maxsize=64)
+def _upsert_sql(cols: tuple[str, ...]) -> str:
+    updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "token")
+    into = f"INSERT INTO generation_tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+    return f"{into} ON CONFLICT (token) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:
@@ -290,48 +322,66 @@ class History:
 
         ``job`` is a row (keys from :data:`COLUMNS`; JSON-list columns may be lists), or a
         ``JobRecord.model_dump(mode="json")`` dict (recognised by its ``params`` key; a JobRecord itself is
-        dumped first), mapped with :func:`row_from_record` together with ``sidecar``; with a row, the
-        sidecar's facts are added to it. ``updated_at`` defaults to now; unknown
-        keys are ignored. Returns whether the row was written; never raises.
-        """
+        dumped first), mapped with :func:`row_from_record` together with ``sidecar``; with a row, the sidecar's
+        facts are added to it. ``updated_at`` defaults to now; unknown keys are ignored. Returns whether the row
+        was written; never raises."""
+        return self._write([(job, sidecar)])
+
+    def record_many(self, jobs: Iterable[Any]) -> bool:
+        """Upsert many jobs (as :meth:`record` takes ``job``) in one transaction, all or none; never raises."""
+        return self._write([(job, None) for job in jobs])
+
+    def _write(self, items: Sequence[tuple[Any, dict[str, Any] | None]]) -> bool:
+        job: Any = None
+        statements, now = [], time.time()
         try:
-            if hasattr(job, "model_dump"):  # a JobRecord itself
-                job = job.model_dump(mode="json")
-            if "params" in job:
-                row = row_from_record(job, sidecar)
-            else:
-                row = {**job, **(row_from_record({}, sidecar) if sidecar else {})}
-            token = row.get("token")
-            if not token:
-                raise ValueError("the job has no token")
-            row.setdefault("updated_at", time.time())
-            unknown = sorted(set(row) - COLUMNS.keys())
-            if unknown:
-                logger.debug("history.ignored_fields token={} fields={}", token, ",".join(unknown))
-            cols = [c for c in COLUMNS if c in row]
-            values = [_encode(c, row[c]) for c in cols]
-            updates = ", ".join(f"{c} = excluded.{c}" for c in cols if c != "token")
-            sql = (
-                f"INSERT INTO generation_tasks ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))}) "
-                f"ON CONFLICT (token) DO " + (f"UPDATE SET {updates}" if updates else "NOTHING")
-            )
-            with self._lock:
-                self._conn.execute("BEGIN IMMEDIATE")
-                try:
-                    self._conn.execute(sql, values)
-                    self._conn.execute("COMMIT")
-                except BaseException:
-                    if self._conn.in_transaction:
-                        self._conn.execute("ROLLBACK")
-                    raise
+            for job, sidecar in items:
+                row = _row_of(job, sidecar)
+                row.setdefault("updated_at", now)
+                if unknown := sorted(set(row) - COLUMNS.keys()):
+                    logger.debug("history.ignored_fields token={} fields={}", row["token"], ",".join(unknown))
+                cols = [c for c in COLUMNS if c in row]
+                statements.append((_upsert_sql(tuple(cols)), [_encode(c, row[c]) for c in cols]))
+            if statements:
+                self._transaction(statements)
             return True
         except (sqlite3.Error, ValueError, TypeError, AttributeError) as exc:
-            logger.error(
-                "history.write_failed path={} id={} error={}",
-                self.path,
-                job.get("id") if isinstance(job, dict) else None,
-                exc,
-            )
+            job_id = job.get("id") if isinstance(job, dict) else getattr(job, "id", None)
+            logger.error("history.write_failed path={} id={} error={}", self.path, job_id, exc)
+            return False
+
+    def _transaction(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, values in statements:
+                    self._conn.execute(sql, values)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    def record_operation(
+        self,
+        op: str,
+        *,
+        by: str,
+        at: float | None = None,
+        job_id: str | None = None,
+        instance: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> bool:
+        """One operator request (``op``: pause, resume, cancel, priority, submit, retry...), who asked (``by``:
+        user@host), when (default now), on which job and by which daemon, with ``detail`` (a JSON object).
+        Returns whether it was written; never raises."""
+        try:
+            text = json.dumps(detail or {}, ensure_ascii=False, default=str)
+            values = [time.time() if at is None else float(at), str(op), job_id, str(by), instance, text]
+            self._transaction([("INSERT INTO operations VALUES (?, ?, ?, ?, ?, ?)", values)])
+            return True
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            logger.error("history.write_failed path={} op={} id={} error={}", self.path, op, job_id, exc)
             return False
 
     # ---- reading -----------------------------------------------------------------------------
@@ -368,6 +418,26 @@ class History:
             where.append(f"{ACTIVITY} <= ?")
             args.append(until)
         return self._select(where, args, None)
+
+    def rows_for_id(self, job_id: str) -> list[dict[str, Any]]:
+        """Every row of this job id, whatever its intake token (a retried or resubmitted job has several),
+        oldest first."""
+        sql = "SELECT * FROM generation_tasks WHERE id = ? ORDER BY coalesce(queued_at, updated_at), rowid"
+        with self._lock:
+            return [_decode(r) for r in self._conn.execute(sql, [job_id]).fetchall()]
+
+    def operations(self, job_id: str | None = None, last: int | None = 100) -> list[dict[str, Any]]:
+        """The ``last`` operator requests recorded (all when None), of one job or of all, newest first;
+        ``detail`` comes back as a dict."""
+        sql = "SELECT at, op, job_id, by, instance, detail FROM operations"
+        sql += " WHERE job_id = ?" if job_id is not None else ""
+        sql += " ORDER BY at DESC, rowid DESC" + (f" LIMIT {int(last)}" if last is not None else "")
+        with self._lock:
+            rows = [dict(r) for r in self._conn.execute(sql, [job_id] if job_id is not None else []).fetchall()]
+        for row in rows:
+            with contextlib.suppress(ValueError):  # written by hand: shown as it is
+                row["detail"] = json.loads(row["detail"]) if row["detail"] else {}
+        return rows
 
     def close(self) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from typing import Any
 from loguru import logger
 
 from daemon.config import Settings
+from daemon.control import cancel_dir, read_request
 from daemon.errors import Category, JobError, classify_exception
 from daemon.jobs import JobRecord, JobState
 from daemon.jobspec.resolve import resolve_retry
@@ -74,8 +75,10 @@ class JobBook:
         self.queue = ReadyQueue()  # the queued records, ranked for the scheduler (daemon.scheduler)
         # Records that entered the queue since placement last looked (it checks each once for fitting nowhere).
         self.newly_queued: list[JobRecord] = []
-        self.cancel_dir = settings.paths.state / "cancel"
-        self.cancel_requested: set[str] = set()
+        self.cancel_dir = cancel_dir(settings.paths.state)
+        self.cancel_requested: dict[str, str] = {}  # running job id -> who asked (it is cancelled as it stops)
+        # Running job id -> why it is being interrupted, for the note of its requeue (default: a shutdown).
+        self.interrupt_notes: dict[str, str] = {}
         # Decisions whose record could not be written (a read-only or vanished folder): reconcile makes them again
         # with the same error, so that the cause is never replaced by the write's own error.
         self.unrecorded: dict[str, JobError] = {}
@@ -146,6 +149,7 @@ class JobBook:
         for rec in list(self.records.values()):
             self._unindex(rec)
         self.cancel_requested.clear()
+        self.interrupt_notes.clear()
         self.newly_queued.clear()
         self.unrecorded.clear()
 
@@ -169,9 +173,23 @@ class JobBook:
         self.on_change()
         return updated
 
+    def amend(self, rec: JobRecord, note: str, **changes: Any) -> JobRecord:
+        """Persist changed fields of a record without a change of state (daemon.runtime.spool.Spool.amend), and
+        re-index it: a queued job's new priority ranks it at once."""
+        updated = self.spool.amend(rec, note, **changes)
+        self._index(updated)
+        self.record_history(updated)
+        self.on_change()
+        return updated
+
     def record_history(self, rec: JobRecord, sidecar: dict[str, Any] | None = None) -> None:
         if self.history is not None:
             self.history.record(rec.summary(), sidecar)
+
+    def record_operation(self, op: str, by: str, job_id: str | None = None, **detail: Any) -> None:
+        """An operator's request this daemon applied, in its history (daemon.ops.history ``operations``)."""
+        if self.history is not None:
+            self.history.record_operation(op, by=by, job_id=job_id, instance=self.settings.owner, detail=detail)
 
     # ---- ends and repeats ----------------------------------------------------------------------
 
@@ -184,8 +202,9 @@ class JobBook:
         return True
 
     def requeue_interrupted(self, rec: JobRecord) -> None:
-        # Interrupted by us, not by the job: the attempt is given back.
-        self.set(rec, JobState.QUEUED, note="interrupted by shutdown", attempts=max(0, rec.attempts - 1))
+        # Interrupted by us (a shutdown, an operator's pause), not by the job: the attempt is given back.
+        note = self.interrupt_notes.pop(rec.id, "interrupted by shutdown")
+        self.set(rec, JobState.QUEUED, note=note, attempts=max(0, rec.attempts - 1))
 
     def fail_or_retry(self, rec: JobRecord, err: JobError) -> None:
         """Ask the retry policy; queue the job again (with any changes it asks for) or write its failure
@@ -314,7 +333,8 @@ class JobBook:
 
     def take_cancels(self) -> list[str]:
         """Apply ``wan-daemon cancel ID`` requests (files in the state folder; whichever daemon holds the
-        job acts). Queued jobs are cancelled now; returns the running ones, to be interrupted."""
+        job acts). Queued and waiting jobs are cancelled now; returns the running ones, to be interrupted. The
+        request names who asked (``by``; an empty file of an older CLI still cancels)."""
         try:
             names = os.listdir(self.cancel_dir)
         except FileNotFoundError:
@@ -324,21 +344,26 @@ class JobBook:
             rec = self.records.get(job_id)
             if rec is None or (job_id in self.cancel_requested and rec.state is JobState.RUNNING):
                 continue
-            if rec.state is JobState.QUEUED:
-                self.cancel(rec, "before it started")
-            elif rec.state is JobState.RUNNING:
-                self.cancel_requested.add(job_id)
-                interrupt.append(job_id)
+            if rec.state in (JobState.QUEUED, JobState.WAITING_FOR_MODEL, JobState.RUNNING):
+                by, state = str(read_request(self.cancel_dir / job_id).get("by") or ""), rec.state.value
+                if rec.state is JobState.RUNNING:
+                    self.cancel_requested[job_id] = by
+                    interrupt.append(job_id)
+                else:
+                    self.cancel(rec, "before it started", by=by)
+                self.record_operation("cancel", by or "?", job_id, state=state)
         return interrupt
 
-    def cancel(self, rec: JobRecord, when: str) -> None:
+    def cancel(self, rec: JobRecord, when: str, *, by: str | None = None) -> None:
         # The request is forgotten only once the cancellation is recorded: when the failure record cannot be
         # written (a read-only outbox), the request file stays and is applied again at the next round.
-        self.fail_or_retry(rec, JobError(Category.CANCELLED, f"cancelled by request {when}"))
+        by = by if by is not None else self.cancel_requested.get(rec.id, "")
+        asked = f"by request of {by}" if by else "by request"
+        self.fail_or_retry(rec, JobError(Category.CANCELLED, f"cancelled {asked} {when}"))
         self.forget_cancel(rec.id)
 
     def forget_cancel(self, job_id: str) -> None:
-        self.cancel_requested.discard(job_id)
+        self.cancel_requested.pop(job_id, None)
         with contextlib.suppress(FileNotFoundError):
             (self.cancel_dir / job_id).unlink()
 

@@ -1,6 +1,7 @@
 """Claims: job files the watcher reports are renamed into the spool, then taken in (daemon.runtime.intake) as
 queued records in the book or as failure records. A file whose intake failed on the disk stays claimed and is
-taken in again at the next rescan."""
+taken in again at the next rescan. Every job taken in has its history row from then on, written a round of claims
+at a time (History.record_many: one transaction per HISTORY_BATCH jobs, not one per job)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 from loguru import logger
 
 from daemon.config import Settings
+from daemon.jobs import JobRecord
+from daemon.jobspec.spec import safe_stem
 from daemon.ops.history import History
 from daemon.runtime.book import JobBook
 from daemon.runtime.intake import Intake, LeaseLost
@@ -21,6 +24,7 @@ from daemon.runtime.status import Status
 from daemon.runtime.watch import InboxWatcher
 
 CLAIM_GROUP = 8  # files claimed per folder sync
+HISTORY_BATCH = 512  # jobs taken in per history transaction (at least one per round of claims)
 
 
 class Claims:
@@ -62,6 +66,7 @@ class Claims:
         in before the next: one folder sync serves a group, and daemons sharing the inbox still share its files
         (a daemon that renamed every ready file before taking any in would leave its peers idle)."""
         ready = watcher.ready_files()
+        taken: list[JobRecord] = []
         for start in range(0, len(ready), CLAIM_GROUP):
             claimed = []
             for path in ready[start : start + CLAIM_GROUP]:
@@ -86,8 +91,12 @@ class Claims:
             for dest in claimed:
                 if self.before_take_in is not None:
                     self.before_take_in(dest)
-                self.take_in(dest)
+                taken += self._take_in(dest)
                 self.progress()
+            if len(taken) >= HISTORY_BATCH:
+                self._record(taken)
+                taken = []
+        self._record(taken)
 
     def retry_due(self) -> None:
         if self.retry and self.clock() - self._last_retry >= self.settings.watch.rescan_interval_seconds:
@@ -96,22 +105,35 @@ class Claims:
                 self.take_in(claimed)
 
     def take_in(self, claimed: Path) -> None:
+        """Take one claimed file in (a retry, a recovery), its jobs recorded in the history."""
+        self._record(self._take_in(claimed))
+
+    def _record(self, taken: list[JobRecord]) -> None:
+        if self.history is not None and taken:
+            self.history.record_many([rec.summary() for rec in taken])
+
+    def _take_in(self, claimed: Path) -> list[JobRecord]:
+        """The file's jobs into the book; returns them (for the history)."""
         try:
             result = self.intake.process(claimed)
         except LeaseLost as exc:
             logger.error("intake.stopped file={}: {}", claimed.name, exc)
             self.on_lease_lost()  # steps back now: drops every record, writes nothing
-            return
+            return []
         except Exception as exc:  # e.g. a full disk while writing a record: the file stays spooled
             logger.exception("intake.error file={} error={}; retried at the next rescan", claimed.name, exc)
             self.retry.add(claimed)
-            return
+            return []
         self.retry.discard(claimed)
         for rec in result.queued:
             self.book.add(rec)
         for job_id, category in zip(result.rejected, result.rejected_categories, strict=True):
-            failure = self.outbox.failure_path(job_id)
-            self.status.job_failed(job_id, category)
+            # Intake names a duplicate's record after the file that brought it (daemon.runtime.intake), so that it
+            # never replaces the record of the job that holds the id.
+            failure = self.outbox.failure_path(f"{job_id}.duplicate-{safe_stem(claimed.name)}")
+            if not failure.exists():
+                failure = self.outbox.failure_path(job_id)
+            self.status.job_failed(job_id, category, str(failure))
             if self.history is not None:
                 record = {}
                 with contextlib.suppress(OSError, ValueError):
@@ -135,3 +157,4 @@ class Claims:
         self.book.release_if_finished(claimed.name)
         if result.queued or result.rejected:
             self.status.changed()  # new jobs show in this round's health file, like every other change
+        return result.queued

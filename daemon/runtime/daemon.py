@@ -2,7 +2,8 @@
 recovery, leases and status around them, and runs the loop.
 
 One thread makes every decision. ``tick()`` does one round (progress for the heartbeat, a lost lease,
-takeovers, schedules, claim ready files, cancels, downloads, worker events, reconcile, dispatch, health);
+takeovers, schedules, claim ready files, cancels, downloads, worker events, reconcile, an operator's pause and
+priorities (daemon.runtime.control), dispatch unless paused, health);
 ``run()`` repeats it until ``request_stop()`` or, with ``until_idle``, until nothing is left to do;
 ``shutdown()`` drains. A second thread only beats the lease (daemon.runtime.heartbeat), while the loop
 reports progress.
@@ -22,7 +23,7 @@ from loguru import logger
 
 from daemon import __version__
 from daemon.config import Settings
-from daemon.jobs import JobRecord
+from daemon.jobs import JobRecord, JobState
 from daemon.memory import PeakBook
 from daemon.models import default_model
 from daemon.ops.history import History, HistoryError
@@ -30,6 +31,7 @@ from daemon.ops.inventory import GpuInventory, StaticInventory
 from daemon.runtime.autodownload import ModelDownloads
 from daemon.runtime.book import JobBook
 from daemon.runtime.claims import Claims
+from daemon.runtime.control import OperatorControl
 from daemon.runtime.disk import DISK_FULL, FOLDER_MISSING, DiskGuard
 from daemon.runtime.heartbeat import Heartbeat, stuck_after_for
 from daemon.runtime.intake import Intake
@@ -193,7 +195,9 @@ class Daemon:
             progress=self.heartbeat.progress,
             per_record=self.seams.per_recovered_record,
         )
+        self.control = OperatorControl(settings, self.book, self.placement, status=self.status, clock=clock)
         self.status.book, self.status.placement, self.status.disk = self.book, self.placement, self.disk
+        self.status.control = self.control
         self.status.watcher, self.status.downloads = self.watcher, self.downloads
         self._stop = threading.Event()
         self._started = False
@@ -240,6 +244,12 @@ class Daemon:
             and not self.book.has_waiting_work()
         )
 
+    def _idle_while_paused(self) -> bool:
+        """Paused by an operator with nothing running and the inbox taken in: all there is to do until a resume."""
+        return (
+            self.control.paused and not self.placement.running and self.watcher.pending == 0 and not self.claims.retry
+        )
+
     def default_model(self) -> str:
         if self._default_model is None:
             self._default_model = default_model(self.settings.models.default, cuda_available=self._cuda_available)
@@ -283,6 +293,7 @@ class Daemon:
                 worker.stop()
             raise
         self.status.state = "idle"
+        self.control.tick()  # a pause already there holds from the start
         self._started = True
         self.status.write(force=True)
         self.notifier.ready(self.status.status_line())
@@ -317,7 +328,8 @@ class Daemon:
         self.placement.poll()
         if not paused or self.disk.rechecked:
             self.book.reconcile(set(self.placement.running))
-        if self.disk.pause is None:  # a job's failure in this round may have found a folder at fault
+        self.control.tick()  # an operator's pause (nothing new starts), priorities (daemon.runtime.control)
+        if self.disk.pause is None and not self.control.paused:  # a failure this round may have paused the disk
             self.placement.dispatch()
         self.placement.wait_for_something(self.watcher)
         self.status.write()
@@ -354,6 +366,13 @@ class Daemon:
                     self._stop.wait(0.5)
                 if until_idle and self.is_idle():
                     logger.info("daemon.idle: nothing left to do (--until-idle)")
+                    break
+                if until_idle and self._idle_while_paused():
+                    logger.info(
+                        "daemon.idle: {} (--until-idle); {} queued jobs stay in the spool",
+                        self.control.reason,
+                        self.book.count(JobState.QUEUED) + self.book.count(JobState.WAITING_FOR_MODEL),
+                    )
                     break
                 if until_idle and self.placement.all_failing_to_start():
                     self.worker_unavailable = self.placement.last_fatal() or "the worker keeps dying at start-up"

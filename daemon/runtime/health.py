@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from daemon.control import OPERATOR_PAUSE, PauseRequest
 from daemon.fsutil import atomic_write_json
 
 
@@ -84,6 +85,12 @@ def format_status(h: dict[str, Any], now: float | None = None) -> str:
     if h.get("paused"):
         kind = (h.get("pause") or {}).get("kind")
         lines.append(f"  PAUSED{f' ({kind})' if kind else ''}: {h.get('paused')}")
+    operator = h.get("operator_pause")
+    if operator and (h.get("pause") or {}).get("kind") != OPERATOR_PAUSE:  # under a disk pause: both are shown
+        lines.append(f"  PAUSED ({OPERATOR_PAUSE}): {PauseRequest.from_dict(operator).describe()}")
+    parked = sorted(name for name, w in (h.get("workers") or {}).items() if w.get("state") == "parked")
+    if parked:
+        lines.append(f"  parked (stopped until resume, GPU memory freed): {', '.join(parked)}")
     recovering = h.get("recovering")
     if recovering:
         lines.append(f"  recovering {recovering.get('done')}/{recovering.get('total')} records from the spool")
@@ -111,7 +118,8 @@ def missing_folder(folders: list[Path]) -> Path | None:
 
 def verdict(h: dict[str, Any] | None, *, max_age: float, now: float, health_path: Path, folders: list[Path]) -> str:
     """``check-health``'s answer: "healthy: ..." or "unhealthy: ..." (a stale, missing or stopped daemon, or one
-    that is paused: it takes and starts nothing until a person frees space or brings a folder back)."""
+    that is paused: it takes and starts nothing until a person frees space or brings a folder back). An
+    operator's pause (``wan-daemon pause``) is healthy, and says so: someone asked for it."""
     if h is None:
         gone = missing_folder(folders)
         why = f"; {gone} is missing (an unmounted share or a deleted folder?)" if gone is not None else ""
@@ -123,6 +131,8 @@ def verdict(h: dict[str, Any] | None, *, max_age: float, now: float, health_path
         return f"unhealthy: health file is {age:.1f}s old (max {max_age}s); state was {h.get('state')}{why}"
     if h.get("state") == "stopped":
         return "unhealthy: the daemon has stopped"
+    if h.get("paused") and (h.get("pause") or {}).get("kind") == OPERATOR_PAUSE:
+        return f"healthy: {h.get('paused')}; {h.get('state')}, updated {age:.1f}s ago, {h.get('queue_depth', 0)} queued"
     if h.get("paused"):
         return f"unhealthy: paused: {h.get('paused')}"
     return f"healthy: {h.get('state')}, updated {age:.1f}s ago, {h.get('queue_depth', 0)} queued"

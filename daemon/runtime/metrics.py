@@ -18,11 +18,25 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from daemon.control import OPERATOR_PAUSE
 from daemon.fsutil import atomic_write_bytes, fsync_dir, temp_path_for
-from daemon.runtime.disk import PAUSE_KINDS  # one 0/1 series per kind of pause
+from daemon.runtime.disk import PAUSE_KINDS as DISK_PAUSE_KINDS
+
+# One 0/1 series per kind of pause: the disk guard's (daemon.runtime.disk) and an operator's (daemon.control).
+PAUSE_KINDS: tuple[str, ...] = (*DISK_PAUSE_KINDS, OPERATOR_PAUSE)
 
 # Every value Daemon.state takes (service.py); one 0/1 series each, so a missing series never means "not busy".
-KNOWN_STATES: tuple[str, ...] = ("starting", "idle", "waiting", "waiting_for_worker", "busy", "draining", "stopped")
+KNOWN_STATES: tuple[str, ...] = (
+    "starting",
+    "idle",
+    "waiting",
+    "waiting_for_worker",
+    "busy",
+    "pausing",
+    "paused",
+    "draining",
+    "stopped",
+)
 
 # Upper bounds (seconds) of the job duration histogram: tiny CPU jobs take seconds, real A14B jobs up to an hour.
 DURATION_BUCKETS: tuple[float, ...] = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -128,9 +142,15 @@ def render(
         b.sample("wan_daemon_state", int(known == state), {"state": known})
 
     b.family(
-        "wan_daemon_paused", "gauge", "1 while intake and new jobs are paused (a folder full, unwritable or missing)."
+        "wan_daemon_paused",
+        "gauge",
+        "1 while new jobs are paused: a folder full, unwritable or missing (intake too), or an operator's pause.",
     )
     b.sample("wan_daemon_paused", int(bool(health.get("paused"))))
+    b.family(
+        "wan_daemon_operator_paused", "gauge", "1 while an operator's pause (wan-daemon pause) holds new jobs back."
+    )
+    b.sample("wan_daemon_operator_paused", int(bool(health.get("operator_pause"))))
     kind = (health.get("pause") or {}).get("kind")
     b.family("wan_daemon_pause_kind", "gauge", "Why intake and new jobs are paused: 1 for the current kind, else 0.")
     for known in PAUSE_KINDS + ((kind,) if kind and kind not in PAUSE_KINDS else ()):

@@ -301,12 +301,22 @@ class Placement:
             for event in worker.poll():
                 self.on_event(name, event)
 
-    def interrupt(self, job_id: str) -> None:
-        """Stop a job at its next denoising step; one already being encoded is finished (too late)."""
+    def interrupt(self, job_id: str, note: str | None = None) -> bool:
+        """Stop a job at its next denoising step; one already being encoded is finished (too late): False.
+        ``note``: why, for the record's event when the job goes back to the queue (default: a shutdown)."""
         job = self.running.get(job_id)
-        if job is not None and job.on_device:
-            logger.info("job.interrupting id={} worker={}", job_id, job.worker)
-            self.workers[job.worker].interrupt()
+        if job is None or not job.on_device:
+            return False
+        logger.info("job.interrupting id={} worker={}{}", job_id, job.worker, f" note={note}" if note else "")
+        if note is not None:
+            self.book.interrupt_notes[job_id] = note
+        self.workers[job.worker].interrupt()
+        return True
+
+    def idle_workers(self) -> list[str]:
+        """Workers with no job: none on their device and none being encoded."""
+        busy = {job.worker for job in self.running.values()}
+        return [name for name, w in self.workers.items() if name not in busy and not w.finishing]
 
     def on_event(self, worker_name: str, ev: WorkerEvent) -> None:
         if isinstance(ev, (Ready, Fatal)):
@@ -348,6 +358,7 @@ class Placement:
             self.book.on_write_error(exc)
         finally:
             self.running.pop(ev.id, None)
+            self.book.interrupt_notes.pop(ev.id, None)
 
     # ---- stopping ------------------------------------------------------------------------------
 

@@ -204,6 +204,18 @@ class Spool:
         )
         return updated
 
+    def amend(self, record: JobRecord, note: str, **changes: Any) -> JobRecord:
+        """Change a persisted record's fields without a change of state (an operator's new priority): written
+        atomically and fsynced like a transition, with ``note`` added to its events; the state is kept."""
+        if record.state is None:
+            raise ValueError(f"job {record.id} is not persisted yet")
+        updated = record.model_copy(update=changes)
+        updated.events = [*record.events, {"state": record.state.value, "at": self.clock(), "note": note}]
+        folder = self.job_dir(updated.id)
+        atomic_write_json(folder / "job.json", updated.model_dump(mode="json"), compact=True)
+        logger.bind(job=updated.id).info("job.amended id={} state={} note={}", updated.id, record.state.value, note)
+        return updated
+
     # ---- clean-up ------------------------------------------------------------------------------
 
     def adopt(self, folder: Path) -> list[str]:

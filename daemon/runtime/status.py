@@ -14,6 +14,7 @@ from loguru import logger
 
 from daemon import __version__
 from daemon.config import Settings
+from daemon.control import OPERATOR_PAUSE
 from daemon.jobs import JobState
 from daemon.ops.inventory import GpuInventory
 from daemon.runtime.health import HealthWriter, iso
@@ -23,6 +24,7 @@ from daemon.runtime.notify import SystemdNotifier
 if TYPE_CHECKING:
     from daemon.runtime.autodownload import ModelDownloads
     from daemon.runtime.book import JobBook
+    from daemon.runtime.control import OperatorControl
     from daemon.runtime.disk import DiskGuard
     from daemon.runtime.placement import Placement
     from daemon.runtime.watch import InboxWatcher
@@ -60,6 +62,7 @@ class Status:
         self.disk: DiskGuard | None = None
         self.watcher: InboxWatcher | None = None
         self.downloads: ModelDownloads | None = None
+        self.control: OperatorControl | None = None
 
     # ---- counters ------------------------------------------------------------------------------
 
@@ -82,13 +85,14 @@ class Status:
         first = next(iter(workers.values()))
         st = first.status
         jobs = [job.view() for job in self.placement.running.values()]
+        operator = self.control.view() if self.control is not None else None
         return {
             "version": __version__,
             "state": self.state,
             "recovering": {"done": self.recovery[0], "total": self.recovery[1]} if self.recovery else None,
             "instance": self.settings.owner,
-            "paused": self.disk.reason,
-            "pause": self.disk.pause.to_dict() if self.disk.pause else None,
+            **self._pause(operator),
+            "operator_pause": operator,
             "started_at": self.started_at,
             "started_at_iso": iso(self.started_at),
             "inbox": str(self.settings.paths.inbox),
@@ -127,6 +131,19 @@ class Status:
             },
         }
 
+    def _pause(self, operator: dict[str, Any] | None) -> dict[str, Any]:
+        """``pause`` (its kind, folder, reason, since) and ``paused`` (the reason): the disk guard's pause
+        (daemon.runtime.disk), else an operator's (daemon.runtime.control), else None."""
+        assert self.disk is not None
+        if self.disk.pause is not None:
+            return {"paused": self.disk.reason, "pause": self.disk.pause.to_dict()}
+        if operator is None or self.control is None:
+            return {"paused": None, "pause": None}
+        reason = self.control.reason
+        pause = {"kind": OPERATOR_PAUSE, "folder": None, "reason": reason, "since": operator["since"]}
+        pause.update({k: operator[k] for k in ("by", "mode", "free_vram")})
+        return {"paused": reason, "pause": pause}
+
     def status_line(self) -> str:
         assert self.book is not None and self.placement is not None and self.disk is not None
         queued = self.book.count(JobState.QUEUED)
@@ -134,7 +151,8 @@ class Status:
             ", ".join(f"running {j.id} {j.phase} {j.step}/{j.total}" for j in self.placement.running.values())
             or self.state
         )
-        paused = f"; PAUSED: {self.disk.reason}" if self.disk.reason else ""
+        reason = self.disk.reason or (self.control.reason if self.control is not None else None)
+        paused = f"; PAUSED: {reason}" if reason else ""
         if self.recovery:
             doing = f"recovering {self.recovery[0]}/{self.recovery[1]}"
         return f"{doing}; {queued} queued; {self.done} done, {self.failed} failed{paused}"

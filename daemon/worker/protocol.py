@@ -334,7 +334,7 @@ class Backend(Protocol[G]):
 class WorkerStatus:
     """An executor's view of its worker, for placement, health and metrics."""
 
-    state: str = "stopped"  # stopped | starting | ready | busy | backoff
+    state: str = "stopped"  # stopped | starting | ready | busy | backoff | parked (stopped until unparked)
     pid: int | None = None
     info: DeviceInfo | None = None  # from Ready
     job_id: str | None = None  # the job on its device
@@ -351,6 +351,7 @@ class ExecutorProtocol(Protocol):
     gpu: GpuInfo | None  # None: a CPU worker
     status: WorkerStatus
     warm: list[str]  # models the worker holds, least recently used first
+    finishing: dict[str, float]  # jobs off its device still being encoded -> since when
 
     def note_warm(self, model: str) -> None:
         """A job for ``model`` was handed over: the worker holds it now (most recently used)."""
@@ -372,6 +373,15 @@ class ExecutorProtocol(Protocol):
         ...
 
     def kill(self) -> None: ...
+
+    def park(self) -> None:
+        """Stop the worker (its warm pipelines and device context freed) and keep it stopped, state ``parked``:
+        never respawned until :meth:`unpark`. Only for a worker with no job (the daemon checks)."""
+        ...
+
+    def unpark(self) -> None:
+        """Start a parked worker again (cold: its next job loads its model); a no-op for any other."""
+        ...
 
     @property
     def ready(self) -> bool: ...

@@ -157,6 +157,22 @@ class RayExecutor(EventTracking):
         self.finishing = {}
         self.status.state = "stopped"
 
+    def park(self, timeout: float = 5.0) -> None:
+        """Stop the actor (its GPU and warm pipelines freed) and keep it stopped (``parked``) until :meth:`unpark`:
+        poll() respawns only a ``stopped`` or ``backoff`` worker."""
+        self.stop(timeout)
+        self.warm, self.placed = [], None
+        self.status = WorkerStatus(
+            state="parked", info=self.status.info, restarts=self.status.restarts, last_fatal=self.status.last_fatal
+        )
+        logger.info("worker.parked name={}", self.name)
+
+    def unpark(self) -> None:
+        if self.status.state == "parked":
+            logger.info("worker.unparked name={}", self.name)
+            self._failures_in_a_row = 0
+            self.start()
+
     def interrupt(self) -> None:
         """Ask the actor to stop the job on its device at the next denoising step (the actor stays warm)."""
         if self._actor is not None and self.status.job_id is not None:
@@ -184,7 +200,7 @@ class RayExecutor(EventTracking):
     def failing_to_start(self) -> bool:
         """Died before becoming ready several times in a row, or no node could place the actor at all."""
         failing = self._failures_in_a_row >= 3 or self._unplaced
-        return failing and self.status.job_id is None and self.status.state != "ready"
+        return failing and self.status.job_id is None and self.status.state not in ("ready", "parked")
 
     @property
     def ready(self) -> bool:
