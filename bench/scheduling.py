@@ -1,7 +1,8 @@
 """Scheduling figures: pickup latency (inotify and polling), model loads for a mixed queue with and without
-model affinity, and the scheduler's decision time with 1,000 to 100,000 queued jobs.
+model affinity, the scheduler's decision time with 1,000 to 100,000 queued jobs, and how long ``wan-daemon
+queue`` takes to list 10,000 queued jobs.
 
-    .venv/bin/python bench/scheduling.py [--drops 10] [--decisions-only]
+    .venv/bin/python bench/scheduling.py [--drops 10] [--decisions-only] [--queue-only]
 
 Pickup latency is measured through the real daemon (watcher, claim, intake, dispatch) with the stand-in
 backend (daemon.testing.CueBackend), from the rename into the inbox to the job's hand-over to a worker.
@@ -9,13 +10,20 @@ Model loads are counted by replaying the daemon's dispatch decisions (daemon.sch
 a warm model) against plain FIFO order (pick_next), with one worker that keeps one model warm.
 Decision time: assign() on the list of queued records (ranks all of them: the baseline) against
 assign_from() on a ReadyQueue (reads a bounded window), p50 and p95, in the same run.
+Queue listing: 10,000 queued records written by the daemon's own Spool.transition, two workers in a health
+file and per-model timings in a history (so every estimate is computed); queue_rows() in-process and
+``wan-daemon queue --json`` as a subprocess, against a bare scan (list and json-parse every record) in the
+same run, and against the interpreter's start with the CLI imported (``wan-daemon queue --help``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -166,14 +174,122 @@ def decision_table(sizes: tuple[int, ...] = (1_000, 10_000, 100_000)) -> None:
         )
 
 
+def queue_state(root: Path, n: int) -> Path:
+    """A state folder holding ``n`` queued jobs (11 priorities, 3 models, waits up to an hour) as the daemon writes
+    them, a health file with two ready workers, and a history with timings of each model; returns a config file."""
+    from daemon.jobs import JobState
+    from daemon.ops.history import History
+    from daemon.runtime.spool import Spool
+
+    now = time.time()
+    state = root / "inbox" / ".wan-daemon"
+    spool = Spool(state / "owners" / "bench", "bench", clock=lambda: now)
+    models = ("tiny-ti2v-5b", "tiny-t2v-a14b", "tiny-i2v-a14b")
+    for i in range(n):
+        rec = record(i, models[i % 3], priority=i % 11 - 5, queued_at=now - i % 3600)
+        spool.transition(rec.model_copy(update={"state": None}), JobState.QUEUED, durable=False)
+    (state / "health").mkdir(parents=True)
+    workers = {f"gpu{i}": {"state": "ready", "gpu": i, "warm_models": []} for i in range(2)}
+    health = {"instance": "bench", "state": "running", "updated_at": now, "workers": workers}
+    (state / "health" / "bench.json").write_text(json.dumps(health))  # queue_listing keeps it fresh
+    with History(root / "history.sqlite") as history:
+        for k in range(30):
+            row = {"id": f"h{k}", "token": f"h{k}", "status": "done", "model_used": models[k % 3]}
+            history.record({**row, "generation_time_seconds": 60.0 + k, "finished_at": now - 100 + k})
+    config = root / "config.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "paths": {"inbox": str(root / "inbox"), "outbox": str(root / "outbox"), "state": str(state)},
+                "instance": {"id": "bench"},
+                "history": {"path": str(root / "history.sqlite")},
+            }
+        )
+    )
+    return config
+
+
+def bare_scan(state: Path) -> int:
+    """The baseline: list every spool and json-parse every record, nothing else."""
+    n = 0
+    for owner in os.listdir(state / "owners"):
+        jobs = state / "owners" / owner / "jobs"
+        for name in os.listdir(jobs):
+            with open(jobs / name / "job.json", "rb") as fh:
+                json.loads(fh.read())
+            n += 1
+    return n
+
+
+def queue_listing(n: int = 10_000, runs: int = 5) -> None:
+    from daemon import logs
+    from daemon.ops.queue_view import queue_rows
+
+    logs.setup("WARNING")
+    root = Path(tempfile.mkdtemp(prefix="wan-queue-bench-"))
+    t0 = time.perf_counter()
+    config = queue_state(root, n)
+    built = time.perf_counter() - t0
+    settings = load_settings(config)
+    state = settings.paths.state
+    health = state / "health" / "bench.json"
+
+    def fresh() -> None:  # as a running daemon does: a stale health file (> 30 s) would hold every estimate
+        health.write_text(json.dumps({**json.loads(health.read_text()), "updated_at": time.time()}))
+
+    def p50(call) -> float:
+        times = []
+        for _ in range(runs):
+            fresh()
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    scan = p50(lambda: bare_scan(state))
+    fresh()
+    rows = queue_rows(settings, now=time.time())
+    assert len(rows) == n and rows[0]["est_finish"] is not None
+    listing = p50(lambda: queue_rows(settings, now=time.time()))
+    env = {**os.environ, "NO_COLOR": "1"}
+    has_queue = subprocess.run([sys.executable, "-m", "daemon", "queue", "--help"], capture_output=True, env=env)
+    if has_queue.returncode == 0:
+        label, cmd = (
+            "wan-daemon queue --json",
+            [sys.executable, "-m", "daemon", "queue", "--json", "--config", str(config)],
+        )
+    else:  # the CLI has no `queue` yet: the same function through python -c
+        code = (
+            "import argparse; from daemon.config import load_settings; from daemon.ops.queue_view import queue_command;"
+            f"queue_command(argparse.Namespace(json=True), load_settings({str(config)!r}))"
+        )
+        label, cmd = "python -c queue_command(--json) (no `queue` subcommand yet)", [sys.executable, "-c", code]
+
+    outputs: list[bytes] = []
+    cli = p50(lambda: outputs.append(subprocess.run(cmd, capture_output=True, env=env, cwd=ROOT, check=True).stdout))
+    assert len(json.loads(outputs[-1])["jobs"]) == n
+    startup = p50(lambda: subprocess.run([sys.executable, "-m", "daemon", "queue", "--help"], capture_output=True))
+    load = os.getloadavg()[0]
+    print(f"  queue listing, {n:,} queued jobs (3 models, 11 priorities, 2 workers), p50 of {runs} (ms); built in "
+          f"{built:.1f} s; load average {load:.2f}:")  # fmt: skip
+    print(f"    bare scan (list + json-parse every record)   {scan * 1e3:8.0f}")
+    print(f"    queue_rows() in-process (order + estimates)  {listing * 1e3:8.0f}")
+    print(f"    {label:<45}{cli * 1e3:8.0f}   (interpreter + imports alone: {startup * 1e3:.0f})")
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--drops", type=int, default=10)
     ap.add_argument("--decisions-only", action="store_true", help="only the scheduler decision table")
+    ap.add_argument("--queue-only", action="store_true", help="only the queue listing figure")
     args = ap.parse_args()
     print(f"wan-daemon scheduling benchmark ({os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')})")
     if args.decisions_only:
         decision_table()
+        return 0
+    if args.queue_only:
+        queue_listing()
         return 0
     for mode in ("inotify", "polling"):
         lat = sorted(pickup_latency(mode, args.drops))
@@ -190,6 +306,7 @@ def main() -> int:
             f"{with_aff} with affinity, {without} in plain FIFO order"
         )
     decision_table()
+    queue_listing()
     return 0
 
 

@@ -2,8 +2,10 @@
 recommendations drawn from them (``wan-daemon analysis``); plus the tables of ``wan-daemon tasks``.
 
 Computing (:func:`analyse`, :func:`analyse_rows`) and rendering (:func:`render_tasks`,
-:func:`render_analysis`) are separate: the result is a plain JSON-able dict. Every statistic is defined
-for zero rows: counts are 0, rates and percentiles are ``None`` ("no data"), never a division by zero.
+:func:`render_analysis` for a terminal; :func:`print_tasks_plain`, :func:`print_analysis_plain` tab-separated,
+every id and path whole, when stdout is not one) are separate: the result is a plain JSON-able dict. Every
+statistic is defined for zero rows: counts are 0, rates and percentiles are ``None`` ("no data"), never a
+division by zero.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import PurePath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 from rich import box
 from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
+
+from daemon.ops.tables import print_table
 
 if TYPE_CHECKING:
     from daemon.ops.history import History
@@ -345,3 +349,64 @@ def render_analysis(result: dict[str, Any]) -> list[RenderableType]:
     else:
         out.append(Text("No recommendations: nothing in the history needs attention.", style="green"))
     return out
+
+
+# ---- plain text (stdout is not a terminal): tab-separated, nothing cut ------------------------------------
+
+TASK_COLUMNS = (
+    "id", "status", "model", "resolution", "frames", "attempts", "when", "generation_seconds",
+    "queue_wait_seconds", "peak_vram_mb", "result", "file",
+)  # fmt: skip
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds") if ts is not None else None
+
+
+def print_tasks_plain(rows: Sequence[dict[str, Any]], out: TextIO) -> None:
+    """The ``tasks`` rows as a tab-separated table: the whole id, and the whole output path (a done job), the
+    error category (a failed one) or ``retry: <category>`` (queued again after a failed attempt)."""
+    table = []
+    for r in rows:
+        state = r.get("status")
+        if state == "failed":
+            result = r.get("error_category") or "unknown"
+        elif state == "done":
+            result = r.get("output_video")
+        else:
+            result = f"retry: {r['error_category']}" if r.get("error_category") else None
+        table.append(
+            [
+                r.get("id"),
+                state,
+                r.get("model_used"),
+                r.get("resolution"),
+                r.get("frames"),
+                r.get("attempts"),
+                _iso(r.get("finished_at") or r.get("started_at") or r.get("queued_at")),
+                r.get("generation_time_seconds"),
+                r.get("queue_wait_seconds"),
+                r.get("peak_vram_usage_mb"),
+                result,
+                r.get("file"),
+            ]
+        )
+    print_table(TASK_COLUMNS, table, out=out, tty=False)
+
+
+def print_analysis_plain(result: dict[str, Any], out: TextIO) -> None:
+    """The ``analysis`` report as tab-separated tables, each under a ``# wan-daemon analysis: <part>`` line."""
+    window = f"last {result['window_hours']:g} h" if result.get("window_hours") is not None else "all jobs"
+    keys = ("total", "done", "failed", "running", "queued", "success_rate", "generation_p50_seconds",
+            "generation_p95_seconds", "queue_wait_p50_seconds", "queue_wait_p95_seconds", "degraded")  # fmt: skip
+    per_model = ("model_used", "resolution", "count", "done", "failed", "success_rate", "generation_p50_seconds",
+                 "generation_p95_seconds", "queue_wait_mean_seconds", "peak_vram_max_mb")  # fmt: skip
+    parts = [
+        (f"summary ({window})", ("metric", "value"), [[k, result.get(k)] for k in keys]),
+        ("per model and resolution", per_model, [[g.get(k) for k in per_model] for g in result["per_model"]]),
+        ("failures by category", ("category", "jobs"), [[c, n] for c, n in result["failure_categories"].items()]),
+        ("recommendations", ("recommendation",), [[rec] for rec in result["recommendations"]]),
+    ]
+    for n, (title, columns, rows) in enumerate(parts):
+        out.write(("\n" if n else "") + f"# wan-daemon analysis: {title}\n")
+        print_table(columns, rows, out=out, tty=False)

@@ -1,4 +1,6 @@
-"""The operator commands of ``wan-daemon``: tasks, analysis, doctor, report, monitor, config show.
+"""The operator commands of ``wan-daemon``: tasks, analysis, doctor, report, monitor, config show. Tables are
+rich on a terminal and tab-separated (daemon.ops.tables) when stdout is not one. ``queue`` and ``status JOB_ID``
+are in daemon.ops.queue_view and daemon.ops.job_story.
 
 Each takes the parsed arguments and the loaded settings and returns the exit code (daemon.cli).
 """
@@ -26,7 +28,7 @@ def _history(settings):
 def tasks(args: argparse.Namespace, settings) -> int:
     from rich.console import Console
 
-    from daemon.ops.analysis import render_tasks
+    from daemon.ops.analysis import print_tasks_plain, render_tasks
 
     if getattr(args, "outbox", None) is not None:  # every daemon's finished jobs, from the shared outbox
         from daemon.ops.outbox_rows import outbox_rows
@@ -41,6 +43,8 @@ def tasks(args: argparse.Namespace, settings) -> int:
             rows = history.tasks(last=args.last, status=args.status)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
+    elif not sys.stdout.isatty():  # for a program: tab-separated, ids and paths whole
+        print_tasks_plain(rows, sys.stdout)
     else:
         Console().print(render_tasks(rows))
     return EXIT_OK
@@ -49,7 +53,7 @@ def tasks(args: argparse.Namespace, settings) -> int:
 def analysis(args: argparse.Namespace, settings) -> int:
     from rich.console import Console
 
-    from daemon.ops.analysis import analyse, analyse_rows, render_analysis
+    from daemon.ops.analysis import analyse, analyse_rows, print_analysis_plain, render_analysis
 
     now = time.time()
     if getattr(args, "outbox", None) is not None:
@@ -65,6 +69,8 @@ def analysis(args: argparse.Namespace, settings) -> int:
             result = analyse(history, args.hours, now)
     if args.json:
         print(json.dumps(result, indent=2, default=str))
+    elif not sys.stdout.isatty():
+        print_analysis_plain(result, sys.stdout)
     else:
         console = Console()
         for part in render_analysis(result):
@@ -95,7 +101,7 @@ def report(args: argparse.Namespace, settings) -> int:
 def monitor(args: argparse.Namespace, settings) -> int:
     from daemon.ops import monitor as live
 
-    live.run(settings.health_path.parent, args.interval, iterations=args.iterations)
+    live.run(settings.health_path.parent, args.interval, iterations=args.iterations, state=settings.paths.state)
     return EXIT_OK
 
 
