@@ -1,11 +1,15 @@
 """``wan-daemon``: the command line. The only layer that reads the environment and installs signal handlers.
 
 Exit codes:
-  0  success
-  1  unhealthy / stale or missing health file / operation failed
-  2  usage error
-  3  invalid job file(s) (validate, submit) or, for ``run --until-idle``, some job failed
-  4  configuration error
+  0    success
+  1    unhealthy / stale or missing health file / operation failed (an id no daemon holds, a refused submit,
+       a file or folder that cannot be read or written) / ``submit --wait`` timed out
+  2    usage error
+  3    invalid job file(s) (validate, submit, retry) or some job failed (``run --until-idle``, ``submit --wait``)
+  4    configuration error
+  5    the daemon's lease is held: another live daemon uses the same instance id on this state folder
+  130  interrupted (Ctrl-C)
+  141  stdout closed by its reader (``wan-daemon queue | head -1``: 128 + SIGPIPE), quietly
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INVALID, EXIT_CONFIG = 0, 1, 2, 3, 4
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INVALID, EXIT_CONFIG, EXIT_LEASE = 0, 1, 2, 3, 4, 5
+EXIT_INTERRUPTED, EXIT_PIPE = 130, 128 + signal.SIGPIPE
 
 
 def _settings(args: argparse.Namespace):
@@ -60,13 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs.setup(settings.logging.level, settings.logging.format)
     # systemd's notify socket is for the main process only: the worker must not inherit it.
     notifier = SystemdNotifier(os.environ.pop("NOTIFY_SOCKET", None), os.environ.get("WATCHDOG_USEC"))
-    from daemon.ops.inventory import NvmlInventory
-
-    inventory = NvmlInventory(
-        visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
-        allowed=settings.hardware.gpus,
-        vram_limit_gb=settings.hardware.vram_limit_gb,
-    )
+    inventory = _inventory(settings)
     daemon = Daemon(
         settings,
         cuda_available=bool(inventory.gpus()),
@@ -93,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for r in daemon.results:
             if r["status"] == "done":
                 print(f"done    {r['id']}: {r['video']}  (sidecar {r['sidecar']})")
-            else:
+            else:  # the record's path; the folder only when the daemon could not say which file
                 print(f"failed  {r['id']}: {r.get('failure') or settings.paths.outbox / 'failed'}")
         if daemon.worker_unavailable:
             print(f"stopped: the worker cannot start: {daemon.worker_unavailable}", file=sys.stderr)
@@ -135,79 +134,41 @@ def _default_model(settings) -> Callable[[], str]:
     return name
 
 
-def _validate_file(path: Path, settings, default_model: Callable[[], str]) -> list[str]:
-    """Problems with one job file, exactly as the daemon's intake would reject it (empty: valid). Checks
-    that depend on what the daemon holds (an id already queued, a video already published) are not made."""
-    from daemon.errors import JobError
-    from daemon.jobspec.resolve import resolve_job, unusable_path
-    from daemon.jobspec.spec import parse_job_file
+def _checked(name: str) -> Callable[[argparse.Namespace], int]:
+    """A command of daemon.ops.submitting or .queue_control that checks job files as the daemon would (given
+    the settings and the default model)."""
 
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return [f"cannot read: {exc.strerror}"]
-    entries, file_error = parse_job_file(data, path.name, max_bytes=settings.limits.max_job_file_bytes)
-    if file_error:
-        return [file_error.message]
-    problems = []
-    for e in entries:
-        try:
-            resolve_job(e, settings, default_model)
-        except JobError as err:
-            problems.append(f"job {e.id}: {err.message}")
-        except OSError as exc:  # the disk's fault (EIO): the daemon would try again later
-            problems.append(f"job {e.id}: {unusable_path(exc).message}")
-    return problems
+    def run(args: argparse.Namespace) -> int:
+        from daemon.ops import queue_control, submitting
+
+        settings = _settings(args)
+        module = queue_control if name == "retry" else submitting
+        return getattr(module, name)(args, settings, _default_model(settings))
+
+    return run
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    default_model = _default_model(settings)
-    bad = 0
-    for f in args.files:
-        problems = _validate_file(Path(f), settings, default_model)
-        if problems:
-            bad += 1
-            print(f"INVALID {f}")
-            for p in problems:
-                print(f"  - {p}")
-        else:
-            print(f"ok      {f}")
-    return EXIT_INVALID if bad else EXIT_OK
+def _ops(name: str) -> Callable[[argparse.Namespace], int]:
+    """An operator command of daemon.ops.commands (tasks, analysis, doctor, report, monitor) or of
+    daemon.ops.queue_control (pause, resume, priority, cancel: a request file written in the state folder)."""
 
+    def run(args: argparse.Namespace) -> int:
+        from daemon.ops import commands, queue_control
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    from daemon.fsutil import atomic_copy
+        module = queue_control if hasattr(queue_control, name) else commands
+        return getattr(module, name)(args, _settings(args))
 
-    settings = _settings(args)
-    inbox = settings.paths.inbox
-    inbox.mkdir(parents=True, exist_ok=True)
-    default_model = _default_model(settings)
-    status = EXIT_OK
-    for f in args.files:
-        src = Path(f)
-        problems = [] if args.no_validate else _validate_file(src, settings, default_model)
-        if problems:
-            print(f"not submitted (invalid): {f}", file=sys.stderr)
-            for p in problems:
-                print(f"  - {p}", file=sys.stderr)
-            status = EXIT_INVALID
-            continue
-        dest = inbox / src.name
-        try:
-            atomic_copy(src, dest, max_bytes=settings.limits.max_job_file_bytes)
-        except FileExistsError:
-            print(f"not submitted: {dest} already exists in the inbox", file=sys.stderr)
-            status = EXIT_FAIL
-            continue
-        print(f"submitted {dest}")
-    return status
+    return run
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     from daemon.runtime.health import format_status, missing_folder, read_health
 
     settings = _settings(args)
+    if args.job_id:  # one job's story (daemon.ops.job_story)
+        from daemon.ops.job_story import job_status_command
+
+        return job_status_command(args, settings)
     h = read_health(settings.health_path)
     if h is None:
         gone = missing_folder([settings.paths.inbox, settings.paths.state, settings.paths.outbox])
@@ -216,6 +177,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print(json.dumps(h, indent=2) if args.json else format_status(h))
     return EXIT_OK
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from daemon.ops.queue_view import queue_command
+
+    return queue_command(args, _settings(args))
 
 
 def cmd_check_health(args: argparse.Namespace) -> int:
@@ -230,8 +197,9 @@ def cmd_check_health(args: argparse.Namespace) -> int:
         health_path=settings.health_path,
         folders=[paths.inbox, paths.state, paths.outbox],
     )
-    print(answer)
-    return EXIT_OK if answer.startswith("healthy") else EXIT_FAIL
+    healthy = answer.startswith("healthy")
+    print(json.dumps({"healthy": healthy, "message": answer}) if args.json else answer)
+    return EXIT_OK if healthy else EXIT_FAIL
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -241,64 +209,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return models(args, _settings(args), build_tiny=tiny.build_all, tiny_is_built=tiny.is_built)
 
 
-def cmd_cancel(args: argparse.Namespace) -> int:
-    """Ask the daemon holding each job to cancel it: a queued job at once, a running one at its next step."""
-    from daemon.fsutil import atomic_write_json
-
-    settings = _settings(args)
-    cancel_dir = settings.paths.state / "cancel"
-    cancel_dir.mkdir(parents=True, exist_ok=True)
-    status = EXIT_OK
-    for job_id in args.ids:
-        held = list((settings.paths.state / "owners").glob(f"*/jobs/{job_id}/job.json"))
-        if not held:
-            print(f"no queued or running job {job_id!r} in {settings.paths.state}", file=sys.stderr)
-            status = EXIT_FAIL
-            continue
-        atomic_write_json(cancel_dir / job_id, {"id": job_id, "requested_at": time.time()})
-        print(f"cancel requested: {job_id} (its failure record will say cancelled)")
-    return status
-
-
-def cmd_tasks(args: argparse.Namespace) -> int:
-    from daemon.ops.commands import tasks
-
-    return tasks(args, _settings(args))
-
-
-def cmd_analysis(args: argparse.Namespace) -> int:
-    from daemon.ops.commands import analysis
-
-    return analysis(args, _settings(args))
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from daemon.ops.commands import doctor
-
-    return doctor(args, _settings(args))
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    from daemon.ops.commands import report
-
-    return report(args, _settings(args))
-
-
-def cmd_monitor(args: argparse.Namespace) -> int:
-    from daemon.ops.commands import monitor
-
-    return monitor(args, _settings(args))
-
-
 def cmd_resubmit(args: argparse.Namespace) -> int:
     """Render a published video again from its sidecar alone: a job file with every resolved parameter, submitted
     (validated first) like ``submit``."""
     from daemon.jobspec.params import job_from_sidecar
 
     settings = _settings(args)
-    sidecar = json.loads(Path(args.sidecar).read_text())
-    new_id = args.id or f"{sidecar['id']}-re{int(time.time())}"[-128:].lstrip(".")
-    job = job_from_sidecar(sidecar, new_id)
+    try:
+        sidecar = json.loads(Path(args.sidecar).read_bytes())
+        new_id = args.id or f"{sidecar['id']}-re{int(time.time())}"[-128:].lstrip(".")
+        job = job_from_sidecar(sidecar, new_id)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        print(f"wan-daemon: {args.sidecar} is not a sidecar ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return EXIT_FAIL
     folder = settings.paths.state / "resubmit"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{new_id}.yaml"
@@ -306,7 +229,7 @@ def cmd_resubmit(args: argparse.Namespace) -> int:
     header = f"# re-render of {sidecar['id']} from {Path(args.sidecar).name}"
     path.write_text(header + "\n" + json.dumps(job, indent=2) + "\n")
     args.files, args.no_validate = [str(path)], False
-    return cmd_submit(args)
+    return _checked("submit")(args)
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -320,60 +243,122 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="wan-daemon",
-        description=__doc__.split("\n")[0].strip("`"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    sys.stdout.write(shtab.complete(build_parser(), shell=args.shell))
+    return EXIT_OK
+
+
+def _duration(text: str) -> float:
+    from daemon.ops.queue_control import parse_duration
+
+    return parse_duration(text)
+
+
+def _options() -> argparse.ArgumentParser:
+    """The options every subcommand takes, before or after its name. Their defaults are SUPPRESS: a subcommand
+    that is not given one leaves the value given before it (``wan-daemon --config x status``) in place."""
+    o = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    o.add_argument(
         "--config",
         help="YAML config file (default: $WAN_DAEMON_CONFIG, else /etc/wan-daemon/config.yaml, else "
         "$XDG_CONFIG_HOME/wan-daemon/config.yaml; WAN_DAEMON_<SECTION>__<KEY> variables override it)",
     )
-    common.add_argument("--inbox", help="inbox folder (overrides the config)")
-    common.add_argument("--state", help="state folder (default <inbox>/.wan-daemon)")
+    o.add_argument("--inbox", help="inbox folder (overrides the config)")
+    o.add_argument("--state", help="state folder (default <inbox>/.wan-daemon)")
+    o.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="overrides logging.level")
+    return o
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from daemon import __version__
+
     # tasks and analysis read their own --outbox: "from the outbox instead of the history" (ops.outbox_rows).
-    readers = argparse.ArgumentParser(add_help=False, parents=[common])
+    readers = argparse.ArgumentParser(add_help=False, parents=[_options()])
     readers.add_argument(
         "--outbox",
         nargs="?",
         const="",
+        default=argparse.SUPPRESS,
         help="list the jobs finished in the outbox (every daemon's, from sidecars and failure records) instead "
         "of this host's history; a DIR names the outbox",
     )
-    common.add_argument("--outbox", help="outbox folder (overrides the config)")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    common = _options()
+    common.add_argument("--outbox", default=argparse.SUPPRESS, help="outbox folder (overrides the config)")
+    p = argparse.ArgumentParser(
+        prog="wan-daemon",
+        description=__doc__.split("\n")[0].replace("`", ""),
+        epilog="exit codes:\n" + __doc__.split("Exit codes:\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+    )
+    p.add_argument("--version", action="version", version=f"wan-daemon {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    r = sub.add_parser("run", parents=[common], help="run the daemon")
+    def command(name: str, func: Callable[[argparse.Namespace], int], text: str, parents=(common,), with_json=False):
+        c = sub.add_parser(name, parents=list(parents), help=text, description=text)
+        if with_json:
+            c.add_argument("--json", action="store_true", help="one JSON document on stdout")
+        c.set_defaults(func=func)
+        return c
+
+    r = command("run", cmd_run, "run the daemon")
     r.add_argument("--until-idle", action="store_true", help="exit once the inbox and the queue are empty")
-    r.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    r.set_defaults(func=cmd_run)
 
-    v = sub.add_parser("validate", parents=[common], help="check job files; exit 0 when all are valid")
+    v = command("validate", _checked("validate"), "check job files; exit 0 when all are valid", with_json=True)
     v.add_argument("files", nargs="+")
-    v.set_defaults(func=cmd_validate)
 
-    s = sub.add_parser("submit", parents=[common], help="validate and copy job files atomically into the inbox")
+    s = command(
+        "submit", _checked("submit"), "check job files, drop them into the inbox, print their job ids", with_json=True
+    )
     s.add_argument("files", nargs="+")
-    s.add_argument("--no-validate", action="store_true")
-    s.set_defaults(func=cmd_submit)
+    s.add_argument("--no-validate", action="store_true", help="skip the checks (ids held or published still refused)")
 
-    st = sub.add_parser("status", parents=[common], help="show what the daemon is doing (from its health file)")
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_status)
+    st = command("status", cmd_status, "what the daemon is doing (its health file), or one job's story", with_json=True)
+    st.add_argument("job_id", nargs="?", metavar="JOB_ID", help="a job id: where it is and what happened to it")
+    command("queue", cmd_queue, "every job the daemons on this inbox hold, in the order they will run", with_json=True)
 
-    ch = sub.add_parser("check-health", parents=[common], help="exit 0 when the health file is fresh, else 1")
+    ch = command("check-health", cmd_check_health, "exit 0 when the health file is fresh, else 1", with_json=True)
     ch.add_argument("--max-age", type=float, default=30.0, help="seconds (default 30)")
-    ch.set_defaults(func=cmd_check_health)
 
-    m = sub.add_parser("models", help="model management")
-    msub = m.add_subparsers(dest="models_cmd", required=True)
+    pa = command("pause", _ops("pause"), "every daemon on this inbox starts nothing new until resume", with_json=True)
+    mode = pa.add_mutually_exclusive_group()
+    mode.add_argument("--drain", action="store_true", help="running jobs finish (the default)")
+    mode.add_argument("--now", action="store_true", help="running jobs go back to the queue, attempt given back")
+    pa.add_argument("--free-vram", action="store_true", help="stop the workers once idle: the GPUs are freed")
+    pa.add_argument("--reason", help="shown by status, queue and the logs")
+    command("resume", _ops("resume"), "lift the pause", with_json=True)
+
+    pr = command("priority", _ops("priority"), "set a queued job's priority (higher runs first)", with_json=True)
+    pr.add_argument("job_id", metavar="JOB_ID")
+    pr.add_argument("priority", type=int, metavar="N", help="-1000 ... 1000")
+
+    ca = command(
+        "cancel",
+        _ops("cancel"),
+        "cancel queued or running jobs: by id, by file, model, or all queued",
+        with_json=True,
+    )
+    ca.add_argument("ids", nargs="*", metavar="JOB_ID")
+    ca.add_argument("--file", metavar="NAME", help="the jobs of this job file (its name as dropped)")
+    ca.add_argument("--model", metavar="M", help="the jobs of this model")
+    ca.add_argument("--all-queued", action="store_true", help="every queued or waiting job (not the running ones)")
+    ca.add_argument("--dry-run", action="store_true", help="list what would be cancelled, write nothing")
+
+    rt = command("retry", _checked("retry"), "put failed or cancelled jobs back in the queue", with_json=True)
+    rt.add_argument("ids", nargs="*", metavar="JOB_ID")
+    rt.add_argument("--failed-since", type=_duration, metavar="DURATION", help="e.g. 30m, 1h, 2d")
+    rt.add_argument("--category", metavar="C", help="only failures of this error_category")
+    rt.add_argument("--dry-run", action="store_true", help="list what would be retried, write nothing")
+
+    m = command("models", cmd_models, "model management")
+    msub = m.add_subparsers(dest="models_cmd", required=True, metavar="VERB")
     msub.add_parser("build-tiny", parents=[common], help="build the tiny random-weight test models")
-    msub.add_parser(
+    ml = msub.add_parser(
         "list", parents=[common], help="every registry model and local folder: present or not, size, revision, path"
     )
+    ml.add_argument("--json", action="store_true", help="one JSON document on stdout")
     for verb, text in (
         ("download", "download a model's needed files into the Hugging Face cache (resumable)"),
         ("verify", "check every needed file's size and sha256 against the hub (or the manifest)"),
@@ -383,63 +368,78 @@ def build_parser() -> argparse.ArgumentParser:
         mp.add_argument("name", help="registry name (wan2.2-ti2v-5b, ...) or a hub repo id")
         if verb != "remove":
             mp.add_argument("--revision")
-    m.set_defaults(func=cmd_models)
 
-    tk = sub.add_parser("tasks", parents=[readers], help="recent jobs from the history database (or the outbox)")
+    tk = command("tasks", _ops("tasks"), "recent jobs from the history database (or the outbox)", (readers,), True)
     tk.add_argument("--last", type=int, default=20)
     tk.add_argument("--status", choices=["waiting_for_model", "queued", "running", "done", "failed"])
-    tk.add_argument("--json", action="store_true")
-    tk.set_defaults(func=cmd_tasks)
-
-    an = sub.add_parser("analysis", parents=[readers], help="success rate, timings, failures and recommendations")
+    an = command("analysis", _ops("analysis"), "success rate, timings, failures, recommendations", (readers,), True)
     an.add_argument("--hours", type=float, default=24.0)
-    an.add_argument("--json", action="store_true")
-    an.set_defaults(func=cmd_analysis)
-
-    ca = sub.add_parser("cancel", parents=[common], help="cancel queued or running jobs by id")
-    ca.add_argument("ids", nargs="+")
-    ca.set_defaults(func=cmd_cancel)
-
-    d = sub.add_parser("doctor", parents=[common], help="check and explain the environment (exit 1 on a failure)")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_doctor)
-
-    rp = sub.add_parser("report", parents=[common], help="write a static HTML page of the outbox")
+    command("doctor", _ops("doctor"), "check and explain the environment (exit 1 on a failure)", with_json=True)
+    rp = command("report", _ops("report"), "write a static HTML page of the outbox")
     rp.add_argument("--output", "-o", help="default: <outbox>/report.html")
-    rp.set_defaults(func=cmd_report)
-
-    mo = sub.add_parser("monitor", parents=[common], help="live terminal view of the daemons on this inbox")
+    mo = command("monitor", _ops("monitor"), "live terminal view of the daemons on this inbox")
     mo.add_argument("--interval", type=float, default=1.0)
     mo.add_argument("--iterations", type=int, default=None, help=argparse.SUPPRESS)
-    mo.set_defaults(func=cmd_monitor)
 
-    rs = sub.add_parser("resubmit", parents=[common], help="render a published video again from its sidecar")
+    rs = command(
+        "resubmit", cmd_resubmit, "render a published video again from its sidecar (as submit)", with_json=True
+    )
     rs.add_argument("sidecar", help="outbox/<name>.json")
     rs.add_argument("--id", help="the new job's id and output name (default: <id>-re<unix time>)")
-    rs.set_defaults(func=cmd_resubmit)
+    for c in (s, rs):
+        c.add_argument("--force", action="store_true", help="rename ids held or published (<id>-2, ...), not refuse")
+        c.add_argument("--wait", action="store_true", help="until every job ended: exit 0 all done, 3 any failed")
+        c.add_argument("--timeout", type=float, default=None, help="with --wait: give up after S seconds (exit 1)")
 
-    cf = sub.add_parser(
-        "config", parents=[common], help="show the effective configuration and where each value came from"
-    )
+    cf = command("config", cmd_config, "the effective configuration and where each value came from", with_json=True)
     cf.add_argument("action", choices=["show"])
-    cf.add_argument("--json", action="store_true", help="one JSON document")
-    cf.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    cf.set_defaults(func=cmd_config)
-    sc = sub.add_parser("schema", help="print the job-file JSON Schema (jobs/schema.json)")
+    sc = command("schema", cmd_schema, "print the job-file JSON Schema (jobs/schema.json)")
     sc.add_argument("--output", "-o")
-    sc.set_defaults(func=cmd_schema)
+    co = command("completion", cmd_completion, 'print a shell completion script: eval "$(wan-daemon completion bash)"')
+    co.add_argument("shell", choices=["bash", "zsh"])
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from daemon.config import ConfigError
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    return " ".join(str(exc).split()) or type(exc).__name__
 
-    args = build_parser().parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure ends with one ``wan-daemon: ...`` line on stderr and a documented exit
+    code (module docstring), never a traceback."""
+    from daemon.config import ConfigError
+    from daemon.errors import WanDaemonError
+    from daemon.runtime.leases import LeaseError
+
     try:
-        return args.func(args)
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version, a usage error (argparse printed it)
+            sys.stdout.flush()
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+        code = args.func(args)
+        sys.stdout.flush()  # here, so that a reader gone away is seen here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader left (`| head -1`): say nothing more. Python's advice: point stdout at devnull, so that
+        # the flush at exit does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_PIPE
+    except KeyboardInterrupt:
+        print("wan-daemon: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
+        print(f"wan-daemon: {_one_line(exc)}", file=sys.stderr)
         return EXIT_CONFIG
+    except LeaseError as exc:
+        print(f"wan-daemon: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_LEASE
+    except (OSError, WanDaemonError) as exc:
+        print(f"wan-daemon: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAIL
 
 
 if __name__ == "__main__":

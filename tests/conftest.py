@@ -179,6 +179,7 @@ SLOW_FILES = {
     "test_ray_cluster.py": "a three-node ray.cluster_utils.Cluster, a node removed mid-job",
     "test_simulated_gpu.py": "real daemons and worker processes on simulated GPU cards",
     "test_lora_parity.py": "tiny Wan transformers loading LoRAs through diffusers",
+    "test_queue_e2e.py": "wan-daemon run processes on the tiny models, driven through the command line",
 }
 SLOW_TESTS = {
     "test_cli.py::test_console_script_help": "runs the wan-daemon console script as a subprocess",

@@ -471,6 +471,9 @@ def test_models_commands_download_verify_list_remove(hub, tmp_path, capsys):
     assert hashed and int(hashed[1]) > 0 and int(hashed[1]) + int(hashed[2]) == n, out
     assert main(["models", "list", *args]) == 0
     assert REPO in capsys.readouterr().out
+    assert main(["models", "list", "--json", *args]) == 0
+    listed = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert listed[REPO]["kind"] == "hub_cache" and listed[REPO]["size_bytes"] > 0 and listed[REPO]["present"]
     assert main(["models", "remove", REPO, *args]) == 0
     assert "removed" in capsys.readouterr().out
     assert main(["models", "verify", "tiny-ti2v-5b", *args]) == 2  # tiny models are built, not downloaded

@@ -8,11 +8,13 @@ worker side's code (daemon.worker.tiny), which daemon.cli hands in.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2  # daemon.cli's exit codes
 
@@ -31,7 +33,7 @@ def models(
             print(f"built {path}  (random weights: test model, the videos are noise)")
         return EXIT_OK
     if args.models_cmd == "list":
-        return _models_list(settings, tiny_is_built)
+        return _models_list(settings, tiny_is_built, as_json=getattr(args, "json", False))
     from daemon.hub.cache import remove
     from daemon.hub.download import DownloadError, download
     from daemon.hub.verify import verify
@@ -93,33 +95,78 @@ def _print_progress(p: dict) -> None:
     )
 
 
-def _models_list(settings, is_built: Callable[[Path], bool]) -> int:
+def _models_list(settings, is_built: Callable[[Path], bool], *, as_json: bool = False) -> int:
+    """Every registry model, every local diffusers folder under the model roots and every other Wan repo in the
+    hub cache: one line each, or with ``--json`` one list of objects (name, kind, present, size_bytes, revision,
+    path, and the registry's default size for registry models)."""
+    rows = _model_rows(settings, is_built)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    for row in rows:
+        if row["kind"] == "registry":
+            where = _where(row)
+            print(f"{row['name']:18} {row['width']}x{row['height']} {row['frames']}f@{row['fps']:<3} {where}")
+        else:
+            size = f"{row['size_bytes'] / 1e9:.1f} GB " if row["size_bytes"] else ""
+            label = "local folder     " if row["kind"] == "local" else "hub cache        "
+            print(f"{row['name']:18} {label} present  {size}{row['path']}")
+    return EXIT_OK
+
+
+def _where(row: dict[str, Any]) -> str:
+    if not row["present"]:
+        return (
+            "absent   (built on first use)" if row["tiny"] else f"absent   (wan-daemon models download {row['name']})"
+        )
+    if row["tiny"]:
+        return f"present  {row['path']}"
+    size = f"{row['size_bytes'] / 1e9:.1f} GB" if row["size_bytes"] else ""
+    return f"present  {size} rev {(row['revision'] or '')[:12]} {row['path']}"
+
+
+def _model_rows(settings, is_built: Callable[[Path], bool]) -> list[dict[str, Any]]:
     from daemon.hub.cache import list_cached
     from daemon.models import REGISTRY, hub_snapshot, tiny_model_dir
 
     cached = {c["repo_id"]: c for c in list_cached()}
+    rows: list[dict[str, Any]] = []
     for info in REGISTRY.values():
+        row: dict[str, Any] = {"name": info.name, "kind": "registry", "tiny": info.tiny, "repo_id": info.repo_id}
+        row.update(width=info.width, height=info.height, frames=info.frames, fps=info.fps)
         if info.tiny:
             folder = tiny_model_dir(settings.paths.models, info.name)
-            where = f"present  {folder}" if is_built(folder) else "absent   (built on first use)"
+            present = is_built(folder)
+            row.update(present=present, size_bytes=None, revision=None, path=str(folder) if present else None)
         else:
             assert info.repo_id is not None  # every registry model that is not tiny names its hub repo
             snap = hub_snapshot(info.repo_id)
             entry = cached.get(info.repo_id, {})
-            size = f"{entry.get('size_on_disk', 0) / 1e9:.1f} GB" if entry else ""
-            where = (
-                f"present  {size} rev {snap[1][:12]} {snap[0]}"
-                if snap
-                else f"absent   (wan-daemon models download {info.name})"
+            row.update(
+                present=snap is not None,
+                size_bytes=entry.get("size_on_disk") if snap else None,
+                revision=snap[1] if snap else None,
+                path=str(snap[0]) if snap else None,
             )
-        print(f"{info.name:18} {info.width}x{info.height} {info.frames}f@{info.fps:<3} {where}")
+        rows.append(row)
     for root in settings.paths.model_roots:
         for index in sorted(Path(root).glob("*/model_index.json")):
-            print(f"{index.parent.name:18} local folder      present  {index.parent}")
+            rows.append(_other(index.parent.name, "local", None, str(index.parent)))
     known = {i.repo_id for i in REGISTRY.values() if i.repo_id}
     for repo, entry in sorted(cached.items()):
         if repo not in known:
-            print(
-                f"{repo:18} hub cache         present  {entry.get('size_on_disk', 0) / 1e9:.1f} GB {entry.get('path')}"
-            )
-    return EXIT_OK
+            rows.append(_other(repo, "hub_cache", entry.get("size_on_disk", 0), str(entry.get("path"))))
+    return rows
+
+
+def _other(name: str, kind: str, size: int | None, path: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "kind": kind,
+        "tiny": False,
+        "repo_id": name if kind == "hub_cache" else None,
+        "present": True,
+        "size_bytes": size,
+        "revision": None,
+        "path": path,
+    }
