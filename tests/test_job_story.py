@@ -183,6 +183,40 @@ def test_a_retried_job_keeps_its_earlier_series_and_the_record_retry_kept_aside(
     assert [(o["op"], o["by"], o["detail"]) for o in story["operations"]] == [("retry", "me@h", {"from": "failed"})]
 
 
+def test_a_job_still_in_an_inbox_file_is_found_there_and_says_no_daemon_took_it_in(settings, capsys):
+    settings.paths.inbox.mkdir(parents=True, exist_ok=True)
+    (settings.paths.inbox / "later.yaml").write_text(
+        "jobs:\n  - {prompt: a}\n  - {id: fox, prompt: b, output: {basename: f}}\n"
+    )
+    assert status(settings, "fox") == 0
+    story = json.loads(capsys.readouterr().out)
+    assert (story["state"], story["source"], story["file"]) == (
+        "inbox",
+        "inbox",
+        str(settings.paths.inbox / "later.yaml"),
+    )
+    assert story["outputs"]["will_be"]["video"] == str(settings.paths.outbox / "f.mp4")
+    assert status(settings, "later-1", as_json=False) == 0  # a default id, made from the file's name as intake does
+    out = capsys.readouterr().out
+    assert out.startswith("job later-1: inbox") and "not taken in by a daemon yet" in out
+
+
+def test_the_inbox_is_read_for_ids_up_to_a_bound(tmp_path, monkeypatch):
+    from daemon.jobspec import spec
+    from daemon.ops import spool_view
+
+    for n in range(30):
+        (tmp_path / f"j{n:02}.yaml").write_text(f"prompt: job {n}\n")
+    (tmp_path / ".hidden.yaml").write_text("prompt: x\n")
+    (tmp_path / "writing.yaml.tmp").write_text("prompt: x\n")
+    parsed: list[str] = []
+    real = spec.parse_job_file
+    monkeypatch.setattr(spec, "parse_job_file", lambda data, name, **kw: parsed.append(name) or real(data, name, **kw))
+    found = spool_view.inbox_jobs(tmp_path, max_bytes=1 << 20, limit=10)
+    assert [j.id for j in found.jobs] == [f"j{n:02}" for n in range(10)] and len(parsed) == 10
+    assert (found.files, found.unread) == (30, 20)
+
+
 def test_a_job_nowhere_is_one_line_on_stderr_and_exit_1(settings, capsys):
     queued(settings, "exists")
     assert status(settings, "missing") == 1

@@ -308,6 +308,22 @@ def test_submit_refuses_ids_held_or_published_and_writes_nothing(farm, capsys, w
     assert not list(farm.inbox.glob("*.y*ml"))
 
 
+def test_submit_refuses_an_id_waiting_in_an_inbox_file_no_daemon_took_in_and_force_renames_past_it(farm, capsys):
+    """No daemon runs: the first file's jobs are still in the inbox. The second file's ``two`` (an id) and
+    ``batch-1`` (a default id from a file name, as intake makes it) would be rejected as duplicates."""
+    farm.inbox.mkdir(parents=True)
+    (farm.inbox / "batch.yaml").write_text(BATCH)
+    (farm.inbox / "broken.yaml").write_text("jobs: [unclosed")  # read, refused by intake later: no ids taken
+    src = farm.draft("again.yaml", BATCH.replace("{prompt: one}", "{id: batch-1, prompt: one}"))
+    capsys.readouterr()
+    assert farm.cli("submit", str(src)) == EXIT_FAIL
+    err = capsys.readouterr().err
+    assert "job two is already waiting in the inbox in batch.yaml" in err and "job batch-1 is already" in err
+    assert sorted(p.name for p in farm.inbox.iterdir()) == ["batch.yaml", "broken.yaml"]
+    assert farm.cli("submit", "--force", str(src)) == EXIT_OK
+    assert capsys.readouterr().out.split() == ["batch-1-2", "two-2"]
+
+
 def test_submit_force_renames_taken_ids_and_output_names_and_the_file_still_validates(farm, capsys):
     farm.hold("two", instance="b")
     farm.hold("two-2")

@@ -7,12 +7,14 @@ Where it is looked for, in order:
    running job, with its progress from its daemon's health file when it runs;
 2. the outbox: its sidecar (the name is the job's basename, which may differ from its id: the history's
    ``output_sidecar`` first, then ``<outbox>/<id>.json`` when its ``id`` matches, then the failure record
-   ``<outbox>/failed/<id>.json``, and last a scan of the sidecars for that id).
+   ``<outbox>/failed/<id>.json``, and last a scan of the sidecars for that id);
+3. the inbox's job files (daemon.ops.spool_view.inbox_jobs): a job submitted that no daemon has taken in yet
+   (none is running, or it is about to), ``state: inbox``.
 
 Added from wherever they are: this host's history (every row of the id: an earlier series under another
 intake token, e.g. a failed run before a retry; the operators' requests on it) and the failure records a
 ``retry`` kept aside (``<outbox>/failed/retried/<id>.*.json``). An id that is not a valid job id is never
-looked up as a path. ``--json``: ``id, state, source`` (spool | outbox), ``instance, token, priority, model,
+looked up as a path. ``--json``: ``id, state, source`` (spool | outbox | inbox), ``instance, token, priority, model,
 file, attempts, worker, not_before, errors`` ([{attempt, category, message, at}]), ``last_error, degradations,
 events`` ([{state, at, note}]), ``outputs`` (video, sidecar, poster | failure; ``will_be`` while active),
 ``timings, progress`` (running: worker, phase, step, total, fraction), ``earlier`` (history rows under other
@@ -23,29 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sqlite3
 import sys
 from pathlib import Path
 from typing import Any
 
-from daemon.fsutil import TEMP_PREFIX
 from daemon.ops import spool_view
+from daemon.ops.outbox_rows import find_sidecar, read_record, retried_archives, scan_sidecars
 from daemon.runtime.health import iso
 
 EXIT_OK, EXIT_FAIL = 0, 1
-MAX_RECORD_BYTES = 4 << 20  # a sidecar or failure record larger than this is not one of ours
-
-
-def _read(path: Path | str) -> dict[str, Any] | None:
-    try:
-        if os.stat(path).st_size > MAX_RECORD_BYTES:
-            return None
-        with open(path, "rb") as fh:
-            data = json.loads(fh.read())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _when(value: Any) -> str | None:
@@ -86,74 +75,6 @@ def _rows_sql(path: Path, job_id: str) -> list[dict[str, Any]]:
         return [dict(r) for r in cur.fetchall()]
     finally:
         conn.close()
-
-
-def find_sidecar(outbox: Path, job_id: str, rows: list[dict[str, Any]]) -> tuple[Path, dict[str, Any]] | None:
-    """The sidecar of the published job ``job_id`` (module doc: history, ``<id>.json``, then a scan)."""
-
-    def ours(doc: dict[str, Any] | None) -> bool:
-        return doc is not None and doc.get("id") == job_id and doc.get("status") == "done"
-
-    for row in reversed(rows):
-        if row.get("output_sidecar") and ours(doc := _read(row["output_sidecar"])):
-            return Path(row["output_sidecar"]), doc  # type: ignore[return-value]
-    direct = Path(outbox) / f"{job_id}.json"
-    if ours(doc := _read(direct)):
-        return direct, doc  # type: ignore[return-value]
-    return None
-
-
-def scan_sidecars(outbox: Path, job_id: str) -> tuple[Path, dict[str, Any]] | None:
-    """The newest sidecar in ``outbox`` whose ``id`` is ``job_id``: every sidecar is looked at (the last resort)."""
-    needle = json.dumps(job_id).encode()
-    found: list[tuple[str, Path, dict[str, Any]]] = []
-    try:
-        entries = list(os.scandir(outbox))
-    except OSError:
-        return None
-    for e in entries:
-        if not e.name.endswith(".json") or e.name.startswith((".", TEMP_PREFIX)):
-            continue
-        try:
-            if not e.is_file() or e.stat().st_size > MAX_RECORD_BYTES:
-                continue
-            with open(e.path, "rb") as fh:
-                raw = fh.read()
-            if needle not in raw:  # most sidecars are someone else's: not parsed
-                continue
-            doc = json.loads(raw)
-        except (OSError, ValueError):
-            continue
-        if isinstance(doc, dict) and doc.get("id") == job_id and doc.get("status") == "done":
-            found.append((str((doc.get("timestamps") or {}).get("finished_at") or ""), Path(e.path), doc))
-    if not found:
-        return None
-    _, path, doc = max(found, key=lambda f: f[0])
-    return path, doc
-
-
-def retried_archives(outbox: Path, job_id: str) -> list[dict[str, Any]]:
-    """The failure records ``retry`` kept aside for this job, oldest first."""
-    folder = Path(outbox) / "failed" / "retried"
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.startswith(f"{job_id}.") and n.endswith(".json"))
-    except OSError:
-        return []
-    out = []
-    for name in names:
-        doc = _read(folder / name)
-        if doc is not None and doc.get("id") == job_id:
-            out.append(
-                {
-                    "path": str(folder / name),
-                    "failed_at": doc.get("failed_at"),
-                    "category": doc.get("error_category"),
-                    "message": doc.get("message"),
-                    "attempts": doc.get("attempts"),
-                    "instance": doc.get("instance") or doc.get("host"),
-                }
-            )
-    return out
 
 
 def _progress(settings: Any, instance: str, job_id: str) -> dict[str, Any] | None:
@@ -315,6 +236,23 @@ def _from_failure(path: Path, doc: dict[str, Any], row: dict[str, Any] | None) -
     }
 
 
+def _from_inbox(settings: Any, job_id: str) -> dict[str, Any] | None:
+    """A job still in an inbox file (no daemon has taken it in: none runs, or it is about to)."""
+    limit = settings.limits.max_job_file_bytes
+    job = next((j for j in spool_view.inbox_jobs(settings.paths.inbox, max_bytes=limit).jobs if j.id == job_id), None)
+    if job is None:
+        return None
+    out = Path(settings.paths.outbox) / job.basename
+    return {
+        "state": "inbox",
+        "source": "inbox",
+        "instance": None,
+        "file": str(Path(settings.paths.inbox) / job.file),
+        "note": "not taken in by a daemon yet (is one running on this inbox? `wan-daemon status`)",
+        "outputs": {"will_be": {"video": f"{out}.mp4", "sidecar": f"{out}.json"}},
+    }
+
+
 def _earlier(rows: list[dict[str, Any]], token: str | None) -> list[dict[str, Any]]:
     keys = ("token", "status", "attempts", "model_used", "error_category", "error_message", "instance")
     return [
@@ -342,11 +280,13 @@ def job_story(settings: Any, job_id: str) -> dict[str, Any] | None:
         story = _from_record(job.raw, job, settings)
     elif (found := find_sidecar(outbox, job_id, rows)) is not None:
         story = _from_sidecar(*found, _row_of(rows, found[1].get("job_token")))
-    elif (failure := _read(outbox / "failed" / f"{job_id}.json")) is not None and failure.get("id") == job_id:
+    elif (failure := read_record(outbox / "failed" / f"{job_id}.json")) is not None and failure.get("id") == job_id:
         failed_rows = [r for r in rows if r.get("status") == "failed"]
         story = _from_failure(outbox / "failed" / f"{job_id}.json", failure, failed_rows[-1] if failed_rows else None)
     elif (found := scan_sidecars(outbox, job_id)) is not None:
         story = _from_sidecar(*found, _row_of(rows, found[1].get("job_token")))
+    else:
+        story = _from_inbox(settings, job_id)
     if story is None:
         return None
     return {
@@ -374,6 +314,7 @@ def format_story(story: dict[str, Any]) -> str:
             lines.append(f"  {name:<12} {value}")
 
     field("file", story.get("file"))
+    field("note", story.get("note"))
     field("model", story.get("model"))
     field("priority", story.get("priority"))
     field("attempts", story.get("attempts"))

@@ -5,6 +5,9 @@ every daemon's jobs can be listed from any host without sharing a database file.
 
 Rows have the shape of the history's (daemon.ops.history.row_from_record), so the same tables and the same
 analysis apply. Only finished jobs are in an outbox; queued and running ones are in the daemons' histories.
+
+And one job's records for ``wan-daemon status JOB_ID`` (daemon.ops.job_story): its sidecar, found without a
+scan when the history names it, and the failure records ``retry`` set aside.
 """
 
 from __future__ import annotations
@@ -36,13 +39,15 @@ def _epoch(value: Any) -> float | None:
     return None
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def read_record(path: Path | str) -> dict[str, Any] | None:
+    """A sidecar or failure record as a mapping, or None: removed meanwhile, being written, too large or not ours."""
     try:
-        if path.stat().st_size > MAX_RECORD_BYTES:
+        if os.stat(path).st_size > MAX_RECORD_BYTES:
             return None
-        data = json.loads(path.read_bytes())
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read())
     except (OSError, ValueError):
-        return None  # removed meanwhile, being written, or not ours
+        return None
     return data if isinstance(data, dict) else None
 
 
@@ -101,14 +106,85 @@ def outbox_rows(outbox: Path, *, since: float | None = None) -> list[dict[str, A
     """Every finished job in ``outbox``, newest first (as :meth:`History.rows`)."""
     rows = []
     for path in _records(outbox):
-        doc = _read(path)
+        doc = read_record(path)
         if doc is not None and doc.get("status") == "done" and "job_token" in doc:
             rows.append(row_from_sidecar(doc, path))
     for path in _records(outbox / "failed"):
-        doc = _read(path)
+        doc = read_record(path)
         if doc is not None and doc.get("status") == "failed":
             rows.append(row_from_failure(doc, path))
     if since is not None:
         rows = [r for r in rows if (r.get("finished_at") or 0) >= since]
     rows.sort(key=lambda r: r.get("finished_at") or 0, reverse=True)
     return rows
+
+
+# ---- one job's records (``wan-daemon status JOB_ID``, daemon.ops.job_story) ----------------------------------
+
+
+def find_sidecar(outbox: Path, job_id: str, rows: list[dict[str, Any]]) -> tuple[Path, dict[str, Any]] | None:
+    """The sidecar of the published job ``job_id``: the one the history names, then ``<id>.json``."""
+
+    def ours(doc: dict[str, Any] | None) -> bool:
+        return doc is not None and doc.get("id") == job_id and doc.get("status") == "done"
+
+    for row in reversed(rows):
+        if row.get("output_sidecar") and ours(doc := read_record(row["output_sidecar"])):
+            return Path(row["output_sidecar"]), doc  # type: ignore[return-value]
+    direct = Path(outbox) / f"{job_id}.json"
+    if ours(doc := read_record(direct)):
+        return direct, doc  # type: ignore[return-value]
+    return None
+
+
+def scan_sidecars(outbox: Path, job_id: str) -> tuple[Path, dict[str, Any]] | None:
+    """The newest sidecar in ``outbox`` whose ``id`` is ``job_id``: every sidecar is looked at (the last resort)."""
+    needle = json.dumps(job_id).encode()
+    found: list[tuple[str, Path, dict[str, Any]]] = []
+    try:
+        entries = list(os.scandir(outbox))
+    except OSError:
+        return None
+    for e in entries:
+        if not e.name.endswith(".json") or e.name.startswith((".", TEMP_PREFIX)):
+            continue
+        try:
+            if not e.is_file() or e.stat().st_size > MAX_RECORD_BYTES:
+                continue
+            with open(e.path, "rb") as fh:
+                raw = fh.read()
+            if needle not in raw:  # most sidecars are someone else's: not parsed
+                continue
+            doc = json.loads(raw)
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("id") == job_id and doc.get("status") == "done":
+            found.append((str((doc.get("timestamps") or {}).get("finished_at") or ""), Path(e.path), doc))
+    if not found:
+        return None
+    _, path, doc = max(found, key=lambda f: f[0])
+    return path, doc
+
+
+def retried_archives(outbox: Path, job_id: str) -> list[dict[str, Any]]:
+    """The failure records ``retry`` kept aside for this job, oldest first."""
+    folder = Path(outbox) / "failed" / "retried"
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith(f"{job_id}.") and n.endswith(".json"))
+    except OSError:
+        return []
+    out = []
+    for name in names:
+        doc = read_record(folder / name)
+        if doc is not None and doc.get("id") == job_id:
+            out.append(
+                {
+                    "path": str(folder / name),
+                    "failed_at": doc.get("failed_at"),
+                    "category": doc.get("error_category"),
+                    "message": doc.get("message"),
+                    "attempts": doc.get("attempts"),
+                    "instance": doc.get("instance") or doc.get("host"),
+                }
+            )
+    return out

@@ -129,3 +129,54 @@ def find_active(state: Path, job_id: str) -> ActiveJob | None:
         if job.state is not None and job.state.active:
             return job
     return None
+
+
+# ---- the inbox: jobs no daemon has taken in yet ----------------------------------------------------------------
+
+INBOX_READ_LIMIT = 1000  # job files read for their ids at most (a stopped farm's inbox may hold ten thousand)
+
+
+@dataclass(frozen=True)
+class InboxJob:
+    """A job of a file still in the inbox, as intake will read it: its id (a default id comes from the file's
+    name, as intake makes it) and its output name."""
+
+    id: str
+    file: str  # the job file's name in the inbox
+    basename: str
+
+
+@dataclass
+class InboxJobs:
+    jobs: list[InboxJob]
+    files: int  # ready job files in the inbox
+    unread: int  # of them, not read (past the limit, unreadable, or not a valid job file)
+
+
+def inbox_jobs(inbox: Path, *, max_bytes: int, limit: int = INBOX_READ_LIMIT) -> InboxJobs:
+    """The jobs waiting in the inbox's ready job files (the watcher's own rule for a job file's name), parsed by
+    the daemon's own parser. At most ``limit`` files are read, in name order; the rest are counted in ``unread``."""
+    from daemon.jobspec.spec import parse_job_file
+    from daemon.runtime.watch import is_job_file_name
+
+    try:
+        with os.scandir(inbox) as listing:
+            names = sorted(e.name for e in listing if is_job_file_name(e.name) and e.is_file())
+    except OSError:
+        return InboxJobs([], 0, 0)
+    jobs: list[InboxJob] = []
+    unread = max(0, len(names) - limit)
+    for name in names[:limit]:
+        try:
+            with open(os.path.join(inbox, name), "rb") as fh:
+                data = fh.read(max_bytes + 1)
+        except OSError:  # taken in (renamed away) as we looked: a daemon holds it now
+            continue
+        entries, error = parse_job_file(data, name, max_bytes=max_bytes)
+        if error is not None:
+            unread += 1
+            continue
+        for entry in entries:
+            if entry.error is None and entry.spec is not None:
+                jobs.append(InboxJob(entry.id, name, entry.spec.output.basename or entry.id))
+    return InboxJobs(jobs, len(names), unread)

@@ -3,7 +3,8 @@
 
 ``submit`` prints every job id it creates, one per line (``--json``: a list), so a script can follow its jobs. It
 refuses a file holding an id that a daemon on this inbox already holds (queued, waiting or running: the spools in
-the state folder) or whose video is already published (its sidecar is in the outbox): the daemon would reject that
+the state folder), that a job file still in the inbox holds (not taken in yet: no daemon runs, or one is about to),
+or whose video is already published (its sidecar is in the outbox): the daemon would reject that
 job as ``duplicate_job``. ``--force`` renames such ids instead (``<id>-2``, ``-3``, ... the first free one, and the
 output name with them) and drops the file rewritten as JSON, which is YAML 1.2.
 
@@ -136,19 +137,33 @@ def suffixed(name: str, n: int) -> str:
 
 @dataclass
 class Taken:
-    """Ids and output names in use: held by a daemon, published, or submitted earlier by this command."""
+    """Ids and output names in use: held by a daemon, waiting in an inbox file no daemon has taken in yet,
+    published, or submitted earlier by this command."""
 
     state: Path
     outbox: Path
+    inbox: Path | None = None
+    max_bytes: int = 0  # the job-file size limit, for reading the inbox's files
     ids: set[str] = field(default_factory=set)  # this command's
     basenames: set[str] = field(default_factory=set)
     _active_basenames: set[str] | None = None
+    _in_inbox: dict[str, spool_view.InboxJob] | None = None  # read once, on the first question
+
+    def in_inbox(self) -> dict[str, spool_view.InboxJob]:
+        """The jobs of the inbox's files, by id (read on the first question only)."""
+        if self._in_inbox is None:
+            found = spool_view.inbox_jobs(self.inbox, max_bytes=self.max_bytes) if self.inbox else None
+            self._in_inbox = {j.id: j for j in found.jobs} if found else {}
+        return self._in_inbox
 
     def id_holder(self, job_id: str) -> str | None:
         if job_id in self.ids:
             return "submitted just before, by this command"
         job = spool_view.find_active(self.state, job_id)
-        return f"{job.state.value if job.state else 'held'} (daemon {job.instance})" if job else None
+        if job is not None:
+            return f"{job.state.value if job.state else 'held'} (daemon {job.instance})"
+        waiting = self.in_inbox().get(job_id)
+        return f"waiting in the inbox in {waiting.file} (not taken in yet)" if waiting else None
 
     def published(self, basename: str) -> bool:
         return basename in self.basenames or (self.outbox / f"{basename}.json").exists()
@@ -156,7 +171,9 @@ class Taken:
     def basename_free(self, basename: str) -> bool:
         if self._active_basenames is None:
             self._active_basenames = {j.basename for j in spool_view.iter_active(self.state)}
-        return not self.published(basename) and basename not in self._active_basenames
+        if self.published(basename) or basename in self._active_basenames:
+            return False
+        return all(j.basename != basename for j in self.in_inbox().values())
 
     def why(self, entry: SpecEntry) -> str | None:
         holder = self.id_holder(entry.id)
@@ -229,7 +246,7 @@ class Submitted:
 def submit(args: argparse.Namespace, settings, default_model: Callable[[], str]) -> int:
     inbox, outbox = settings.paths.inbox, settings.paths.outbox
     inbox.mkdir(parents=True, exist_ok=True)
-    taken = Taken(settings.paths.state, outbox)
+    taken = Taken(settings.paths.state, outbox, inbox, settings.limits.max_job_file_bytes)
     watcher = OutcomeWatcher(outbox) if args.wait else None
     submitted: list[Submitted] = []
     status, who = EXIT_OK, requester()
