@@ -109,6 +109,27 @@ def test_a_queued_job_is_told_from_its_spool_record(settings, capsys):
     assert text.startswith("job q1: queued (daemon b)") and "batch.yaml" in text
 
 
+def test_a_queued_job_is_placed_where_the_queue_command_places_it(settings, capsys):
+    """Against ``queue``'s own listing (the independent view of the order): same position, same estimates."""
+    from daemon.ops.queue_view import queue_rows
+
+    for n, priority in enumerate([0, 5, 0, 9]):
+        queued(settings, f"j{n}", instance="b", priority=priority, seq=n + 1)
+    queued(settings, "elsewhere", instance="c", priority=9)
+    listing = {r["id"]: r for r in queue_rows(settings, now=NOW)}
+    for job_id in ("j0", "j1", "j2", "j3"):
+        q = job_story.job_story(settings, job_id, now=NOW)["queue"]
+        assert (q["position"], q["of"], q["est_start"]) == (
+            listing[job_id]["position"],
+            4,
+            listing[job_id]["est_start"],
+        )
+        assert q["effective_priority"] == listing[job_id]["effective_priority"]
+    assert [job_story.job_story(settings, i)["queue"]["position"] for i in ("j3", "j1", "j0", "j2")] == [1, 2, 3, 4]
+    assert status(settings, "j1", as_json=False) == 0
+    assert "position     2 of 4" in capsys.readouterr().out
+
+
 def test_a_running_job_shows_its_progress_from_its_daemons_health_file(settings):
     rec = queued(settings, "r1")
     spool(settings).transition(rec, JobState.RUNNING, durable=False, attempts=1, worker="gpu0", started_at=NOW - 4)

@@ -17,8 +17,9 @@ intake token, e.g. a failed run before a retry; the operators' requests on it) a
 looked up as a path. ``--json``: ``id, state, source`` (spool | outbox | inbox), ``instance, token, priority, model,
 file, attempts, worker, not_before, errors`` ([{attempt, category, message, at}]), ``last_error, degradations,
 events`` ([{state, at, note}]), ``outputs`` (video, sidecar, poster | failure; ``will_be`` while active),
-``timings, progress`` (running: worker, phase, step, total, fraction), ``earlier`` (history rows under other
-tokens), ``retried`` (kept failure records), ``operations``. Times are ISO 8601.
+``timings, progress`` (running: worker, phase, step, total, fraction), ``queue`` (while active: ``position`` of
+``of`` in its daemon's order, effective_priority, est_start, est_finish, as ``queue`` shows them), ``earlier``
+(history rows under other tokens), ``retried`` (kept failure records), ``operations``. Times are ISO 8601.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import argparse
 import json
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,19 @@ def _from_record(raw: dict[str, Any], job: spool_view.ActiveJob, settings: Any) 
     }
 
 
+def _place_in_queue(settings: Any, job: spool_view.ActiveJob, now: float) -> dict[str, Any] | None:
+    """Where ``queue`` places the job in its daemon's order (position, effective priority, estimated start and
+    finish): the same listing, so the two never disagree."""
+    from daemon.ops.queue_view import queue_rows
+
+    rows = [r for r in queue_rows(settings, now=now) if r["instance"] == job.instance]
+    row = next((r for r in rows if r["id"] == job.id), None)
+    if row is None:
+        return None
+    keys = ("position", "effective_priority", "est_start", "est_start_in", "est_finish", "est_finish_in")
+    return {"of": len(rows), **{k: row.get(k) for k in keys}}
+
+
 def _from_sidecar(path: Path, doc: dict[str, Any], row: dict[str, Any] | None) -> dict[str, Any]:
     times = doc.get("timestamps") or {}
     video = doc.get("video") or {}
@@ -268,8 +283,9 @@ def _earlier(rows: list[dict[str, Any]], token: str | None) -> list[dict[str, An
     ]
 
 
-def job_story(settings: Any, job_id: str) -> dict[str, Any] | None:
-    """The whole story of ``job_id`` (module doc), or None when it is nowhere (or not a valid job id)."""
+def job_story(settings: Any, job_id: str, *, now: float | None = None) -> dict[str, Any] | None:
+    """The whole story of ``job_id`` (module doc), or None when it is nowhere (or not a valid job id). ``now``: the
+    time its place in the queue is estimated at."""
     if not spool_view.is_job_id(job_id):
         return None
     outbox = Path(settings.paths.outbox)
@@ -277,7 +293,7 @@ def job_story(settings: Any, job_id: str) -> dict[str, Any] | None:
     rows, operations = _history(settings, job_id)
     story: dict[str, Any] | None = None
     if job is not None:
-        story = _from_record(job.raw, job, settings)
+        story = {**_from_record(job.raw, job, settings), "queue": _place_in_queue(settings, job, now or time.time())}
     elif (found := find_sidecar(outbox, job_id, rows)) is not None:
         story = _from_sidecar(*found, _row_of(rows, found[1].get("job_token")))
     elif (failure := read_record(outbox / "failed" / f"{job_id}.json")) is not None and failure.get("id") == job_id:
@@ -320,6 +336,10 @@ def format_story(story: dict[str, Any]) -> str:
     field("attempts", story.get("attempts"))
     field("worker", story.get("worker"))
     field("not before", story.get("not_before"))
+    if q := story.get("queue"):
+        field("position", f"{q['position']} of {q['of']} (effective priority {q['effective_priority']})")
+        field("est. start", q["est_start"])
+        field("est. finish", q["est_finish"])
     if p := story.get("progress"):
         pct = f" ({p['fraction']:.0%})" if p.get("fraction") is not None else ""
         field("progress", f"{p.get('phase') or ''} step {p.get('step')}/{p.get('total')}{pct} on {p.get('worker')}")
