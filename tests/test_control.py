@@ -8,6 +8,7 @@ seconds in interruptible steps); one test renders the tiny model, to see a parke
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import os
@@ -19,6 +20,7 @@ from conftest import wait_for
 
 from daemon.control import PauseRequest, clear_pause, priority_dir, write_cancel, write_pause, write_priority
 from daemon.jobs import JobState
+from daemon.ops import commands
 from daemon.runtime.daemon import Daemon
 from daemon.runtime.health import format_status, read_health, verdict
 
@@ -202,7 +204,7 @@ def test_a_priority_request_reorders_the_queue_and_a_bad_one_is_refused(harness_
     assert "elsewhere" not in ops
 
 
-def test_intake_records_every_job_in_the_history_and_a_cancel_names_who_asked(harness_factory):
+def test_intake_records_every_job_in_the_history_and_a_cancel_names_who_asked(harness_factory, capsys):
     h = harness_factory(backend=CUE).start()
     state = h.settings.paths.state
     pause(h)
@@ -214,6 +216,12 @@ def test_intake_records_every_job_in_the_history_and_a_cancel_names_who_asked(ha
         rows = h.daemon.history.rows_for_id(job)
         assert [r["status"] for r in rows] == ["queued"], job
         assert rows[0]["file"] and rows[0]["queued_at"]
+    # What a user saw before: the health file said "3 queued" while `tasks --status queued` printed nothing.
+    capsys.readouterr()
+    tasks_args = argparse.Namespace(outbox=None, last=20, status="queued", json=True)
+    assert commands.tasks(tasks_args, h.settings) == 0
+    assert sorted(r["id"] for r in json.loads(capsys.readouterr().out)) == ["b1", "b2", "single"]
+    wait_for(lambda: health(h).get("queue_depth") == 3, 10, what="the health file says 3 queued")
     write_cancel(state, "b2", by="carol@host")
     failure = h.failure("b2")
     assert failure["error_category"] == "cancelled"
