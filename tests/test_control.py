@@ -226,9 +226,10 @@ def test_intake_records_every_job_in_the_history_and_a_cancel_names_who_asked(ha
     failure = h.failure("b2")
     assert failure["error_category"] == "cancelled"
     assert failure["message"] == "cancelled by request of carol@host before it started"
-    cancels = [o for o in h.daemon.history.operations("b2") if o["op"] == "cancel"]
+    # The history follows the failure record (written first, the durable outcome): waited for, not raced.
+    wait_for(lambda: h.daemon.history.rows_for_id("b2")[-1]["status"] == "failed", 10, what="b2 failed in history")
+    cancels = wait_for(lambda: [o for o in h.daemon.history.operations("b2") if o["op"] == "cancel"], 10)
     assert [(o["by"], o["instance"]) for o in cancels] == [("carol@host", h.settings.owner)]
-    assert h.daemon.history.rows_for_id("b2")[-1]["status"] == "failed"
     clear_pause(state)
     h.sidecar("b1")
     h.sidecar("single")
