@@ -85,6 +85,16 @@ def _job(instance: str, path: str, data: dict[str, Any]) -> ActiveJob:
     )
 
 
+def _active(instance: str, path: str) -> ActiveJob | None:
+    """The record at ``path`` when it is an active job's; None when it is gone, being replaced, or has ended."""
+    try:
+        with open(path, "rb") as fh:
+            job = _job(instance, path, json.loads(fh.read()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return job if job.state is not None and job.state.active else None
+
+
 def owners(state: Path) -> list[str]:
     try:
         with os.scandir(Path(state) / "owners") as entries:
@@ -103,14 +113,8 @@ def iter_active(state: Path) -> Iterator[ActiveJob]:
         except (FileNotFoundError, NotADirectoryError):
             continue
         for name in names:
-            path = os.path.join(jobs, name, "job.json")
-            try:
-                with open(path, "rb") as fh:
-                    data = json.loads(fh.read())
-                job = _job(instance, path, data)
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if job.state is not None and job.state.active:
+            job = _active(instance, os.path.join(jobs, name, "job.json"))
+            if job is not None:
                 yield job
 
 
@@ -119,14 +123,8 @@ def find_active(state: Path, job_id: str) -> ActiveJob | None:
     if not is_job_id(job_id):
         return None
     for instance in owners(state):
-        path = os.path.join(state, "owners", instance, "jobs", job_id, "job.json")
-        try:
-            with open(path, "rb") as fh:
-                data = json.loads(fh.read())
-            job = _job(instance, path, data)
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if job.state is not None and job.state.active:
+        job = _active(instance, os.path.join(state, "owners", instance, "jobs", job_id, "job.json"))
+        if job is not None:
             return job
     return None
 

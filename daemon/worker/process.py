@@ -104,22 +104,6 @@ class LocalProcessExecutor(EventTracking):
         self.finishing = {}
         self.status.state = "stopped"
 
-    def park(self, timeout: float = 5.0) -> None:
-        """Stop the process and keep it stopped (``parked``) until :meth:`unpark`: poll() respawns only a
-        ``stopped`` or ``backoff`` worker. Its process exits, so its pipelines and CUDA context are freed."""
-        self.stop(timeout)
-        self.warm = []
-        self.status = WorkerStatus(
-            state="parked", info=self.status.info, restarts=self.status.restarts, last_fatal=self.status.last_fatal
-        )
-        logger.info("worker.parked name={}", self.name)
-
-    def unpark(self) -> None:
-        if self.status.state == "parked":
-            logger.info("worker.unparked name={}", self.name)
-            self._failures_in_a_row = 0
-            self.start()
-
     def interrupt(self) -> None:
         """Ask the worker to stop its job at the next denoising step (it answers ``interrupted``)."""
         if self._interrupt is not None:

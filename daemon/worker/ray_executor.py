@@ -158,20 +158,8 @@ class RayExecutor(EventTracking):
         self.status.state = "stopped"
 
     def park(self, timeout: float = 5.0) -> None:
-        """Stop the actor (its GPU and warm pipelines freed) and keep it stopped (``parked``) until :meth:`unpark`:
-        poll() respawns only a ``stopped`` or ``backoff`` worker."""
-        self.stop(timeout)
-        self.warm, self.placed = [], None
-        self.status = WorkerStatus(
-            state="parked", info=self.status.info, restarts=self.status.restarts, last_fatal=self.status.last_fatal
-        )
-        logger.info("worker.parked name={}", self.name)
-
-    def unpark(self) -> None:
-        if self.status.state == "parked":
-            logger.info("worker.unparked name={}", self.name)
-            self._failures_in_a_row = 0
-            self.start()
+        super().park(timeout)
+        self.placed = None  # a new actor is placed afresh when unparked
 
     def interrupt(self) -> None:
         """Ask the actor to stop the job on its device at the next denoising step (the actor stays warm)."""

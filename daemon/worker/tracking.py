@@ -1,10 +1,12 @@
 """What an executor knows of its worker from the events it relays (daemon side, shared by the local process and
 the Ray actor executors): its state, the job on its device, the jobs still being encoded, and the memory and warm
-pipelines it reported."""
+pipelines it reported; and parking it (an operator's ``pause --free-vram``)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+
+from loguru import logger
 
 from daemon.worker.protocol import (
     DeviceFree,
@@ -20,13 +22,38 @@ from daemon.worker.protocol import (
 
 
 class EventTracking:
-    """Mixed into an executor, which sets ``config``, ``status``, ``warm``, ``finishing`` and ``clock``."""
+    """Mixed into an executor, which sets ``config``, ``name``, ``status``, ``warm``, ``finishing`` and ``clock``
+    and has ``start`` and ``stop``."""
 
     config: WorkerConfig
+    name: str
+    _failures_in_a_row: int
     status: WorkerStatus
     warm: list[str]
     finishing: dict[str, float]  # job id -> when its device part ended (it is being encoded)
     clock: Callable[[], float]
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self, timeout: float = 5.0) -> None:
+        raise NotImplementedError
+
+    def park(self, timeout: float = 5.0) -> None:
+        """Stop the worker (its process or actor exits: its pipelines and CUDA context are freed) and keep it
+        stopped (``parked``) until :meth:`unpark`: poll() respawns only a ``stopped`` or ``backoff`` worker."""
+        self.stop(timeout)
+        self.warm = []
+        self.status = WorkerStatus(
+            state="parked", info=self.status.info, restarts=self.status.restarts, last_fatal=self.status.last_fatal
+        )
+        logger.info("worker.parked name={}", self.name)
+
+    def unpark(self) -> None:
+        if self.status.state == "parked":
+            logger.info("worker.unparked name={}", self.name)
+            self._failures_in_a_row = 0
+            self.start()
 
     def note_warm(self, model: str) -> None:
         """A job of ``model`` was handed over: it is the most recently used pipeline (until the worker says)."""
