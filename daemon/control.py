@@ -42,6 +42,39 @@ def requester() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+LATEST_TIME = 4_102_444_800.0  # 2100-01-01: a later "time" in a request file is damage, not a time
+
+
+def epoch(value: Any) -> float | None:
+    """A request file's time (epoch seconds) when it is one: a finite number from 1970 to 2100. Anything else (a
+    string, a bool, ``1e999``, an integer too large for a float) is None, never an exception."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if 0.0 <= seconds <= LATEST_TIME else None  # NaN fails both comparisons
+
+
+REQUEST_SKEW_SECONDS = 60.0  # how far the clocks of hosts sharing one state folder may differ
+
+
+def predates(request: dict[str, Any], received_at: float) -> bool:
+    """A cancel or priority request written before the job it names was taken in: a leftover for an earlier job
+    of that id (``retry`` reuses ids), allowing for hosts' clocks differing by REQUEST_SKEW_SECONDS. A request
+    without a readable time (an older CLI's empty cancel file) is taken as current."""
+    at = epoch(request.get("requested_at"))
+    return at is not None and at < received_at - REQUEST_SKEW_SECONDS
+
+
+def forget_requests(state: Path, job_id: str) -> None:
+    """Remove any cancel or priority request for ``job_id`` (before ``retry`` reuses the id)."""
+    for path in (cancel_dir(state) / job_id, priority_dir(state) / job_id):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def control_dir(state: Path) -> Path:
     return Path(state) / "control"
 
@@ -78,7 +111,7 @@ class PauseRequest:
         what = "running jobs go back to the queue" if self.mode == "now" else "running jobs finish"
         vram = "; the GPUs are freed" if self.free_vram else ""
         why = f" ({self.reason})" if self.reason else ""
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.at)) if self.at else "?"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.at)) if epoch(self.at) else "?"
         return f"paused by {self.by or 'an operator'} at {when}{why}: nothing new starts, {what}{vram}"
 
     def to_dict(self) -> dict[str, Any]:
@@ -91,12 +124,11 @@ class PauseRequest:
         if not isinstance(data, dict):
             return cls(reason="unreadable pause file")
         mode = data.get("mode") if data.get("mode") in PAUSE_MODES else "drain"
-        at = data.get("at")
         return cls(
             mode=str(mode),
             free_vram=data.get("free_vram") is True,
             by=str(data.get("by") or ""),
-            at=float(at) if isinstance(at, int | float) and not isinstance(at, bool) else 0.0,
+            at=epoch(data.get("at")) or 0.0,
             reason=str(data.get("reason") or ""),
         )
 

@@ -28,7 +28,16 @@ from typing import Any
 from loguru import logger
 
 from daemon.config import Settings
-from daemon.control import PauseRequest, pause_path, priority_dir, read_pause, read_request, read_resume
+from daemon.control import (
+    PauseRequest,
+    epoch,
+    pause_path,
+    predates,
+    priority_dir,
+    read_pause,
+    read_request,
+    read_resume,
+)
 from daemon.jobs import JobRecord
 from daemon.ranking import PRIORITY_MAX, PRIORITY_MIN
 from daemon.runtime.book import JobBook
@@ -84,8 +93,11 @@ class OperatorControl:
             seen = (st.st_ino, st.st_mtime_ns, st.st_size)
         if seen == self._seen:
             return
+        try:
+            request = read_pause(self.state_dir) if seen is not None else None
+        except OSError:  # EIO, ESTALE on a share: read again next round (the signature is not taken as seen)
+            return
         self._seen = seen
-        request = read_pause(self.state_dir) if seen is not None else None
         if request == self.pause:
             return  # touched, or rewritten the same
         if request is None:
@@ -117,7 +129,7 @@ class OperatorControl:
         self._interrupted.clear()
         assert was is not None
         note = read_resume(self.state_dir)
-        by = str(note.get("by") or "?") if float(note.get("at") or 0) >= was.at else "?"
+        by = str(note.get("by") or "?") if (epoch(note.get("at")) or 0.0) >= was.at else "?"
         logger.info("daemon.resumed by={} (paused by {})", by, was.by or "?")
         self.book.record_operation("resume", by, None, paused_by=was.by, paused_at=was.at)
         for worker in self.placement.workers.values():
@@ -138,6 +150,9 @@ class OperatorControl:
             for name in self.placement.idle_workers():
                 if self.placement.workers[name].status.state != "parked":
                     self.placement.workers[name].park()
+        else:  # changed to a pause that keeps the GPUs: workers parked by the one before start again
+            for worker in self.placement.workers.values():
+                worker.unpark()
         state = "pausing" if self.placement.running else "paused"
         if self.status.state != state:
             self.status.state = state
@@ -155,14 +170,22 @@ class OperatorControl:
             rec = self.book.records.get(job_id)
             if rec is None:
                 continue  # another daemon's job (or a temp file being written): not ours to touch
-            path = folder / job_id
+            # Taken out of the folder before it is read: a newer request renamed into place meanwhile stays for
+            # the next round instead of being deleted unread.
+            path, taken = folder / job_id, folder / f".taking-{job_id}"
             try:
-                self._set_priority(rec, read_request(path))
-            except OSError as exc:  # the record could not be written: the request stays, tried next round
-                self.book.on_write_error(exc)
+                os.rename(path, taken)
+            except OSError:
                 continue
+            try:
+                self._set_priority(rec, read_request(taken))
+            except OSError as exc:  # the record could not be written: the request goes back, tried next round
+                self.book.on_write_error(exc)
+                with contextlib.suppress(OSError):
+                    if not path.exists():
+                        os.rename(taken, path)
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                taken.unlink()
 
     def _set_priority(self, rec: JobRecord, request: dict[str, Any]) -> None:
         value, by = request.get("priority"), str(request.get("by") or "?")
@@ -173,6 +196,8 @@ class OperatorControl:
             error = f"the priority {value} is outside {PRIORITY_MIN}..{PRIORITY_MAX}"
         elif rec.state is None or rec.state.terminal:
             error = f"the job has ended ({rec.state.value if rec.state else 'new'})"
+        elif predates(request, rec.received_at):
+            error = "the request predates this job (left for an earlier job of this id)"
         asked = {"requested_at": request.get("requested_at"), "state": rec.state.value if rec.state else None}
         if error is not None:
             logger.bind(job=rec.id).warning("job.priority_refused id={} by={} error={}", rec.id, by, error)
