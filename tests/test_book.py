@@ -201,3 +201,52 @@ def test_a_cancel_names_who_asked_and_an_old_empty_request_still_cancels(tmp_pat
     ops = {(o["job_id"], o["by"]) for o in book.history.operations() if o["op"] == "cancel"}
     assert ops == {("a", "carol@host"), ("b", "?"), ("c", "dave@host")}
     book.history.close()
+
+
+def test_a_cancel_left_for_a_job_that_ended_or_for_an_earlier_job_of_its_id_cancels_nothing_later(tmp_path):
+    """``retry`` reuses ids: a request written as a job ended, or before this job of the id was taken in, must not
+    cancel the new one."""
+    from daemon.control import REQUEST_SKEW_SECONDS, cancel_dir, write_cancel
+
+    book = make_book(tmp_path, 0)
+    state = book.settings.paths.state
+    done = book.set(make_record("ended", seq=1, source="one.yaml", state=None), JobState.QUEUED)
+    book.set(book.set(done, JobState.RUNNING, attempts=1), JobState.DONE)
+    write_cancel(state, "ended", by="late@host")  # it ended as the request was written
+    assert book.take_cancels() == [] and not (cancel_dir(state) / "ended").exists()
+    # Running when asked, it finished anyway (being encoded): released with its file, the request goes with it.
+    late = book.set(make_record("late", seq=2, source="two.yaml", state=None), JobState.QUEUED)
+    late = book.set(late, JobState.RUNNING, attempts=1)
+    write_cancel(state, "late", by="late@host")
+    assert book.take_cancels() == ["late"]
+    book.set(late, JobState.DONE)
+    book.release_if_finished("two.yaml")
+    assert "late" not in book.records and not (cancel_dir(state) / "late").exists()
+    received = 10_000.0
+    new = book.set(make_record("again", seq=3, state=None, received_at=received), JobState.QUEUED)
+    write_cancel(state, "again", by="old@host", at=received - REQUEST_SKEW_SECONDS - 1)  # left for an earlier run
+    assert book.take_cancels() == [] and book.records["again"].state is JobState.QUEUED
+    assert not (cancel_dir(state) / "again").exists()
+    write_cancel(state, "again", by="skewed@host", at=received - 5)  # a clock a little behind: still current
+    book.take_cancels()
+    assert json.loads((book.outbox.failed / "again.json").read_text())["error_category"] == "cancelled"
+    assert new.state is JobState.QUEUED
+
+
+def test_a_bulk_cancel_is_spread_over_rounds_of_bounded_work(tmp_path):
+    from daemon.control import write_cancel
+    from daemon.runtime.book import CANCELS_PER_ROUND
+
+    book = make_book(tmp_path, 0)
+    state = book.settings.paths.state
+    n = CANCELS_PER_ROUND * 2 + 7
+    for i in range(n):
+        book.set(make_record(f"j{i}", seq=i + 1, state=None), JobState.QUEUED)
+        write_cancel(state, f"j{i}", by="ops@host")
+    rounds = []
+    while book.count(JobState.QUEUED):
+        before = book.count(JobState.QUEUED)
+        book.take_cancels()
+        rounds.append(before - book.count(JobState.QUEUED))
+        assert len(rounds) <= 3
+    assert rounds == [CANCELS_PER_ROUND, CANCELS_PER_ROUND, 7]

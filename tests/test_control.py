@@ -357,6 +357,111 @@ def test_the_pause_file_is_read_again_only_when_it_changed_and_a_damaged_one_sti
     assert not control.paused and ops[-1][0] == "resume" and status.state == "idle"
 
 
+def strict_json(text: str):
+    """JSON as the standard has it: Python's json accepts NaN and Infinity, which other parsers refuse."""
+    return json.loads(text, parse_constant=lambda constant: pytest.fail(f"{constant} in JSON output"))
+
+
+def _stub_control(tmp_path, *, records=None, workers=None):
+    from daemon.config import load_settings
+    from daemon.runtime import control as control_module
+
+    settings = load_settings(None, {"paths": {"inbox": str(tmp_path / "in"), "outbox": str(tmp_path / "out")}})
+    ops: list[tuple] = []
+    book = _Stub(
+        records=records or {},
+        record_operation=lambda op, by, job_id=None, **detail: ops.append((op, by, job_id, detail)),
+        amend=lambda rec, note, **changes: ops.append(("amend", note, rec.id, changes)),
+        on_write_error=lambda exc: None,
+    )
+    placement = _Stub(workers=workers or {}, running={}, idle_workers=lambda: list(workers or {}))
+    status = _Stub(state="idle", changed=lambda: None)
+    control = control_module.OperatorControl(settings, book, placement, status=status, clock=time.time)  # type: ignore[arg-type]
+    return control, settings.paths.state, ops
+
+
+@pytest.mark.parametrize(
+    "at", ["10" + "0" * 400, "1e999", "-1e999", "NaN", "1e20", '"yesterday"', "true"], ids=lambda a: a[:8]
+)
+def test_a_pause_file_with_a_damaged_time_still_pauses_and_breaks_nothing(tmp_path, capsys, at):
+    """A hand-edited pause file: the daemon stays paused and running, what it says about the pause is valid JSON,
+    and the CLI reads it without a traceback (resume lifts it)."""
+    from daemon.cli import main
+    from daemon.control import pause_path
+
+    control, state, _ = _stub_control(tmp_path)
+    pause_path(state).parent.mkdir(parents=True)
+    pause_path(state).write_text('{"mode": "now", "by": "vi@host", "at": ' + at + "}")
+    control.check_pause()
+    assert control.paused and control.pause.mode == "now" and control.pause.at == 0.0
+    assert "paused by vi@host at ?" in control.reason
+    json.dumps(control.view(), allow_nan=False)
+    args = ["--inbox", str(tmp_path / "in"), "--outbox", str(tmp_path / "out")]
+    capsys.readouterr()
+    assert main(["queue", "--json", *args]) == 0
+    strict_json(capsys.readouterr().out)
+    assert main(["pause", "--json", *args]) == 0  # replaces it, saying what it replaced
+    assert strict_json(capsys.readouterr().out)["replaces"]["by"] == "vi@host"
+    pause_path(state).write_text('{"mode": "now", "by": "vi@host", "at": ' + at + "}")
+    assert main(["resume", "--json", *args]) == 0 and not pause_path(state).exists()
+    strict_json(capsys.readouterr().out)
+
+
+def test_a_pause_file_that_could_not_be_read_is_read_again_next_round(tmp_path, monkeypatch):
+    from daemon.runtime import control as control_module
+
+    control, state, _ = _stub_control(tmp_path)
+    write_pause(state, PauseRequest(mode="drain", by="alice@host", at=1.0))
+    real = control_module.read_pause
+
+    def flaky(folder):
+        monkeypatch.setattr(control_module, "read_pause", real)
+        raise OSError(5, "Input/output error")  # EIO on a share, once
+
+    monkeypatch.setattr(control_module, "read_pause", flaky)
+    control.check_pause()
+    assert not control.paused
+    control.check_pause()
+    assert control.paused and control.pause.by == "alice@host"
+
+
+def test_a_priority_request_written_while_one_is_applied_is_kept_for_the_next_round(tmp_path, monkeypatch):
+    from daemon.runtime import control as control_module
+
+    rec = _Stub(id="j", state=JobState.QUEUED, priority=0, received_at=0.0)
+    control, state, ops = _stub_control(tmp_path, records={"j": rec})
+    write_priority(state, "j", 5, by="a@host")
+    real = control_module.read_request
+
+    def read_then_another_arrives(path):
+        request = real(path)
+        write_priority(state, "j", 7, by="b@host")  # renamed into place while the first is being applied
+        return request
+
+    monkeypatch.setattr(control_module, "read_request", read_then_another_arrives)
+    control.apply_priorities()
+    monkeypatch.setattr(control_module, "read_request", real)
+    assert [o[3] for o in ops if o[0] == "amend"] == [{"priority": 5}]
+    assert (priority_dir(state) / "j").exists()
+    control.apply_priorities()
+    assert [o[3] for o in ops if o[0] == "amend"] == [{"priority": 5}, {"priority": 7}]
+    assert os.listdir(priority_dir(state)) == []
+
+
+def test_a_pause_changed_to_keep_the_gpus_starts_parked_workers_again(tmp_path):
+    parked: list[str] = []
+    worker = _Stub(status=_Stub(state="ready"))
+    worker.park = lambda: (parked.append("park"), setattr(worker.status, "state", "parked"))
+    worker.unpark = lambda: worker.status.state == "parked" and setattr(worker.status, "state", "stopped")
+    control, state, _ = _stub_control(tmp_path, workers={"gpu0": worker})
+    write_pause(state, PauseRequest(mode="drain", free_vram=True, by="a@host", at=1.0))
+    control.tick()
+    assert worker.status.state == "parked" and parked == ["park"]
+    write_pause(state, PauseRequest(mode="drain", free_vram=False, by="a@host", at=2.0))
+    control.tick()
+    assert worker.status.state == "stopped" and control.paused  # started by its next poll; nothing dispatched
+
+
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_a_parked_worker_is_never_respawned_until_unparked(tmp_path, executor):
     """Both executors: poll() respawns a worker in backoff, never a parked one (no process or actor is started
@@ -381,7 +486,8 @@ def test_a_parked_worker_is_never_respawned_until_unparked(tmp_path, executor):
         assert worker.poll() == []
     assert started == [] and worker.event_handle is None
     worker.unpark()
-    assert started == ["start"]
+    assert worker.status.state == "stopped" and started == []  # started by the next poll, as any respawn
+    assert worker.poll() == [] and started == ["start"]
     worker.status.state = "ready"
     worker.unpark()  # not parked: nothing to do
-    assert started == ["start"]
+    assert worker.status.state == "ready" and started == ["start"]

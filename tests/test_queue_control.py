@@ -181,8 +181,13 @@ def test_cancel_by_id_refuses_one_no_daemon_holds_and_needs_something_to_cancel(
 def test_retry_drops_the_stored_job_into_the_inbox_and_keeps_the_old_record_aside(farm, capsys):
     spec = {"prompt": "a cancelled fox", "model": "tiny-ti2v-5b", "frames": 5, "size": "96x64", "seed": 7}
     record = farm.fail("fox", spec)
+    # Requests left for the failed run (written as it ended) are not for the new one: retry takes them back.
+    control.write_cancel(farm.state, "fox", by="late@host")
+    control.write_priority(farm.state, "fox", 9, by="late@host")
     assert farm.cli("retry", "fox") == EXIT_OK
     assert capsys.readouterr().out.split() == ["fox"]
+    assert not (control.cancel_dir(farm.state) / "fox").exists()
+    assert not (control.priority_dir(farm.state) / "fox").exists()
     [job_file] = farm.inbox.glob("fox.retry-*.yaml")
     text = job_file.read_text()
     assert text.startswith("# retry of fox by " + control.requester())
@@ -191,7 +196,7 @@ def test_retry_drops_the_stored_job_into_the_inbox_and_keeps_the_old_record_asid
     assert not record.exists()
     [kept] = (farm.failed / "retried").glob("fox.*.json")
     assert json.loads(kept.read_text())["spec"] == spec
-    assert not list(farm.inbox.glob(".*"))  # no temp left behind
+    assert [p for p in farm.inbox.glob(".*") if p != farm.state] == []  # no temp left behind (the state folder is)
 
 
 def test_retry_refuses_active_ids_missing_records_and_whole_file_rejections(farm, capsys):

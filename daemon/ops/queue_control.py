@@ -310,6 +310,7 @@ def retry(args: argparse.Namespace, settings, default_model: Callable[[], str]) 
         }
         if not args.dry_run:
             inbox.mkdir(parents=True, exist_ok=True)
+            control.forget_requests(settings.paths.state, r.id)  # an old cancel or priority is not for the new run
             try:
                 drop_into_inbox(inbox / name, data)
             except FileExistsError:

@@ -23,7 +23,7 @@ from typing import Any
 from loguru import logger
 
 from daemon.config import Settings
-from daemon.control import cancel_dir, read_request
+from daemon.control import cancel_dir, predates, read_request
 from daemon.errors import Category, JobError, classify_exception
 from daemon.jobs import JobRecord, JobState
 from daemon.jobspec.resolve import resolve_retry
@@ -35,6 +35,11 @@ from daemon.runtime.outbox import Outbox
 from daemon.runtime.spool import Spool
 from daemon.runtime.status import Status
 from daemon.scheduler import ReadyQueue
+
+# Queued jobs cancelled in one round at most (each is a failure record, a spool write and a history row, several
+# fsyncs): ``cancel --all-queued`` on ten thousand jobs is spread over rounds, each short enough for the loop to
+# report progress to the heartbeat (daemon.runtime.heartbeat) long before its lease could be taken over.
+CANCELS_PER_ROUND = 200
 
 
 class JobBook:
@@ -77,6 +82,7 @@ class JobBook:
         self.newly_queued: list[JobRecord] = []
         self.cancel_dir = cancel_dir(settings.paths.state)
         self.cancel_requested: dict[str, str] = {}  # running job id -> who asked (it is cancelled as it stops)
+        self.cancel_names: set[str] = set()  # the cancel folder's names at the last look (take_cancels)
         # Running job id -> why it is being interrupted, for the note of its requeue (default: a shutdown).
         self.interrupt_notes: dict[str, str] = {}
         # Decisions whose record could not be written (a read-only or vanished folder): reconcile makes them again
@@ -307,6 +313,8 @@ class JobBook:
         for r in recs:
             self.spool.remove_job_dir(r.id)
             self._unindex(r)
+            if r.id in self.cancel_names:  # a request that came as the job ended: not left for a later job of its id
+                self.forget_cancel(r.id)
 
     def reconcile(self, running: AbstractSet[str]) -> None:
         """A record left RUNNING with no job in a worker (a write failed mid-way, e.g. on a full disk) goes
@@ -339,18 +347,34 @@ class JobBook:
             names = os.listdir(self.cancel_dir)
         except FileNotFoundError:
             return []
-        interrupt = []
+        self.cancel_names = set(names)
+        interrupt, cancelled = [], 0
         for job_id in names:
+            if cancelled >= CANCELS_PER_ROUND:
+                break  # the rest at the next rounds: a round stays short, so the lease keeps being beaten
             rec = self.records.get(job_id)
             if rec is None or (job_id in self.cancel_requested and rec.state is JobState.RUNNING):
                 continue
+            if rec.state is None or rec.state.terminal:  # it ended before the request came: nothing to cancel
+                self.forget_cancel(job_id)
+                continue
             if rec.state in (JobState.QUEUED, JobState.WAITING_FOR_MODEL, JobState.RUNNING):
-                by, state = str(read_request(self.cancel_dir / job_id).get("by") or ""), rec.state.value
+                request = read_request(self.cancel_dir / job_id)
+                if predates(request, rec.received_at):
+                    logger.bind(job=job_id).warning(
+                        "job.cancel_ignored id={} by={}: the request predates this job (left for an earlier one)",
+                        job_id,
+                        request.get("by"),
+                    )
+                    self.forget_cancel(job_id)
+                    continue
+                by, state = str(request.get("by") or ""), rec.state.value
                 if rec.state is JobState.RUNNING:
                     self.cancel_requested[job_id] = by
                     interrupt.append(job_id)
                 else:
                     self.cancel(rec, "before it started", by=by)
+                    cancelled += 1
                 self.record_operation("cancel", by or "?", job_id, state=state)
         return interrupt
 
@@ -364,6 +388,7 @@ class JobBook:
 
     def forget_cancel(self, job_id: str) -> None:
         self.cancel_requested.pop(job_id, None)
+        self.cancel_names.discard(job_id)
         with contextlib.suppress(FileNotFoundError):
             (self.cancel_dir / job_id).unlink()
 

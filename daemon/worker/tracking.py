@@ -28,6 +28,7 @@ class EventTracking:
     config: WorkerConfig
     name: str
     _failures_in_a_row: int
+    _respawn_at: float  # poll() starts a stopped worker once the clock reaches it
     status: WorkerStatus
     warm: list[str]
     finishing: dict[str, float]  # job id -> when its device part ended (it is being encoded)
@@ -50,10 +51,13 @@ class EventTracking:
         logger.info("worker.parked name={}", self.name)
 
     def unpark(self) -> None:
+        """Let the worker start again: it is ``stopped`` with no delay, and the next poll() starts it through the
+        same path as any respawn (a start that fails there backs off and is tried again, never left parked)."""
         if self.status.state == "parked":
             logger.info("worker.unparked name={}", self.name)
             self._failures_in_a_row = 0
-            self.start()
+            self._respawn_at = 0.0
+            self.status.state = "stopped"
 
     def note_warm(self, model: str) -> None:
         """A job of ``model`` was handed over: it is the most recently used pipeline (until the worker says)."""
