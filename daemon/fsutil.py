@@ -248,7 +248,7 @@ def link_new(tmp: Path, final: Path) -> bool:
 
 
 def atomic_copy(src: Path, dst: Path, *, max_bytes: int | None = None) -> None:
-    """Copy ``src`` to ``dst`` atomically (temp + fsync + rename); refuses to replace an existing file."""
+    """Copy ``src`` to ``dst`` atomically (temp + fsync + link); refuses to replace an existing file."""
     dst = Path(dst)
     _check(dst)
     tmp = temp_path_for(dst)
@@ -262,16 +262,34 @@ def atomic_copy(src: Path, dst: Path, *, max_bytes: int | None = None) -> None:
                 fout.write(chunk)
             fout.flush()
             os.fsync(fout.fileno())
-        if not publish(tmp, dst):
-            raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
-        # link() names the finished file with no close event under the new name; an inotify watcher that waits
-        # for a file's writer to close it (daemon.runtime.watch) would wait for its fallback. Opening it for
-        # writing and closing it, writing nothing, is that close (IN_CLOSE_WRITE).
-        with contextlib.suppress(OSError):
-            os.close(os.open(dst, os.O_WRONLY | os.O_APPEND))
+        _publish_new(tmp, dst)
     finally:
         with contextlib.suppress(OSError):  # never replaces the error that brought us here
             os.unlink(tmp)
+
+
+def atomic_create(dst: Path, data: bytes) -> None:
+    """Write ``data`` as the new file ``dst`` atomically (temp + fsync + link), as ``submit`` drops a job file into
+    an inbox; refuses to replace an existing file (FileExistsError)."""
+    dst = Path(dst)
+    _check(dst)
+    tmp = temp_path_for(dst)
+    try:
+        write_new_file(tmp, data)
+        _publish_new(tmp, dst)
+    finally:
+        with contextlib.suppress(OSError):  # the temp of a refused or failed publish is not left behind
+            os.unlink(tmp)
+
+
+def _publish_new(tmp: Path, dst: Path) -> None:
+    if not publish(tmp, dst):
+        raise FileExistsError(errno.EEXIST, "destination exists", str(dst))
+    # link() names the finished file with no close event under the new name; an inotify watcher that waits
+    # for a file's writer to close it (daemon.runtime.watch) would wait for its fallback. Opening it for
+    # writing and closing it, writing nothing, is that close (IN_CLOSE_WRITE).
+    with contextlib.suppress(OSError):
+        os.close(os.open(dst, os.O_WRONLY | os.O_APPEND))
 
 
 def remove_stale_temps(folder: Path, owner: str | None = None, max_age_seconds: float = 86400.0) -> list[Path]:

@@ -87,6 +87,24 @@ def test_atomic_copy_refuses_to_overwrite(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inbox.yaml", "src.yaml"]
 
 
+def test_atomic_create_refuses_to_overwrite_and_leaves_no_temp_when_the_link_fails(tmp_path, monkeypatch):
+    from daemon import fsutil
+
+    dst = tmp_path / "job.yaml"
+    fsutil.atomic_create(dst, b"prompt: a\n")
+    with pytest.raises(FileExistsError):
+        fsutil.atomic_create(dst, b"prompt: b\n")
+    assert dst.read_bytes() == b"prompt: a\n"
+
+    def no_space(tmp, final):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fsutil, "publish", no_space)
+    with pytest.raises(OSError):
+        fsutil.atomic_create(tmp_path / "other.yaml", b"prompt: c\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.yaml"]
+
+
 @pytest.fixture
 def roots(tmp_path):
     root = tmp_path / "root"

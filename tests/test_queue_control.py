@@ -252,13 +252,13 @@ def test_retry_leaves_a_record_that_changed_since_it_was_read(farm, monkeypatch,
     from daemon.ops import queue_control
 
     path = farm.fail("fox", {"prompt": "x", "model": "tiny-ti2v-5b"})
-    drop = queue_control.drop_into_inbox
+    drop = queue_control.atomic_create
 
     def and_the_daemon_fails_it_again(dest, data):
         drop(dest, data)
         farm.fail("fox", {"prompt": "x", "model": "tiny-ti2v-5b"}, category=Category.TIMEOUT)
 
-    monkeypatch.setattr(queue_control, "drop_into_inbox", and_the_daemon_fails_it_again)
+    monkeypatch.setattr(queue_control, "atomic_create", and_the_daemon_fails_it_again)
     assert farm.cli("retry", "fox", "--json") == EXIT_OK
     assert out_json(capsys)["retried"][0]["archived"] is None
     assert json.loads(path.read_text())["error_category"] == "timeout"  # the new record stays where it is

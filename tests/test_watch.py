@@ -9,7 +9,7 @@ import pytest
 from conftest import wait_for
 
 from daemon.config import WatchConfig
-from daemon.fsutil import atomic_copy
+from daemon.fsutil import atomic_create
 from daemon.runtime.watch import InboxWatcher, is_job_file_name
 
 
@@ -132,7 +132,7 @@ def test_a_file_moved_in_from_another_folder_is_ready_at_once(tmp_path):
 
 
 def test_a_submitted_file_is_ready_once_settled_not_after_the_unclosed_fallback(tmp_path):
-    """``wan-daemon submit`` places files with atomic_copy (temp, then link): a create with no close under the
+    """``wan-daemon submit`` places files with atomic_create (temp, then link): a create with no close under the
     new name, which the watcher would otherwise hold for UNCLOSED_SETTLE_SECONDS."""
     inbox, src = tmp_path / "inbox", tmp_path / "job.yaml"
     inbox.mkdir()
@@ -143,7 +143,7 @@ def test_a_submitted_file_is_ready_once_settled_not_after_the_unclosed_fallback(
     w.start()
     w.scan()
     try:
-        atomic_copy(src, inbox / "job.yaml")
+        atomic_create(inbox / "job.yaml", src.read_bytes())
         ready = wait_for(lambda: w.wait_for_hint(0.05) or w.ready_files(), 10, what="the submitted file")
         assert ready == [inbox / "job.yaml"]
     finally:

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from daemon import control
+from daemon.fsutil import atomic_create
 from daemon.jobs import JobState
 from daemon.ops import spool_view
-from daemon.ops.submitting import basename_of, check_bytes, drop_into_inbox, note_operation
+from daemon.ops.submitting import basename_of, check_bytes, note_operation
 from daemon.ops.tables import print_table
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INVALID = 0, 1, 2, 3  # daemon.cli's exit codes
@@ -312,7 +313,7 @@ def retry(args: argparse.Namespace, settings, default_model: Callable[[], str]) 
             inbox.mkdir(parents=True, exist_ok=True)
             control.forget_requests(settings.paths.state, r.id)  # an old cancel or priority is not for the new run
             try:
-                drop_into_inbox(inbox / name, data)
+                atomic_create(inbox / name, data)
             except FileExistsError:
                 refused.append({"id": r.id, "why": f"{name} is already in the inbox"})
                 status = max(status, EXIT_FAIL)

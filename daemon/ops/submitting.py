@@ -17,7 +17,6 @@ failed, 1 on timeout.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import os
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.control import requester
-from daemon.fsutil import publish, temp_path_for, write_new_file
+from daemon.fsutil import atomic_create
 from daemon.jobspec.spec import SpecEntry, parse_job_file, safe_stem
 from daemon.ops import spool_view
 
@@ -89,19 +88,6 @@ def validate(args: argparse.Namespace, settings, default_model: Callable[[], str
 
 
 # ---- shared with retry ---------------------------------------------------------------------------------------
-
-
-def drop_into_inbox(dest: Path, data: bytes) -> None:
-    """Write ``data`` as ``dest`` in the inbox atomically (a hidden temp, fsynced, then linked: never replacing a
-    file, FileExistsError when one is there)."""
-    tmp = temp_path_for(dest)
-    write_new_file(tmp, data)
-    if not publish(tmp, dest):
-        raise FileExistsError(17, "already in the inbox", str(dest))
-    # link() names the file with no close event under its new name; an inotify watcher waits for one
-    # (daemon.runtime.watch): opening it for writing and closing it, writing nothing, is that close.
-    with contextlib.suppress(OSError):
-        os.close(os.open(dest, os.O_WRONLY | os.O_APPEND))
 
 
 def note_operation(settings, op: str, *, by: str, job_id: str | None = None, detail: dict | None = None) -> None:
@@ -291,7 +277,7 @@ def submit(args: argparse.Namespace, settings, default_model: Callable[[], str])
         if watcher is not None:
             watcher.expect(entries, dest.name)
         try:
-            drop_into_inbox(dest, data)
+            atomic_create(dest, data)
         except FileExistsError:
             print(f"not submitted: {dest} already exists in the inbox", file=sys.stderr)
             status = max(status, EXIT_FAIL)
