@@ -58,25 +58,11 @@ def _history(settings: Any, job_id: str) -> tuple[list[dict[str, Any]], list[dic
 
     try:
         with History(path) as history:
-            by_id = getattr(history, "rows_for_id", None)
-            rows = by_id(job_id) if by_id is not None else _rows_sql(path, job_id)
-            ops = getattr(history, "operations", None)
-            operations = ops(job_id=job_id) if ops is not None else []
+            rows, operations = history.rows_for_id(job_id), history.operations(job_id=job_id)
     except (HistoryError, sqlite3.Error, OSError) as exc:
         print(f"wan-daemon: the history {path} cannot be read: {exc}", file=sys.stderr)
         return [], []
     return rows, operations
-
-
-def _rows_sql(path: Path, job_id: str) -> list[dict[str, Any]]:
-    """Every row of ``job_id``, read-only, for a history without ``rows_for_id``."""
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        conn.row_factory = sqlite3.Row
-        cur = conn.execute("SELECT * FROM generation_tasks WHERE id = ? ORDER BY rowid", [job_id])
-        return [dict(r) for r in cur.fetchall()]
-    finally:
-        conn.close()
 
 
 def _progress(settings: Any, instance: str, job_id: str) -> dict[str, Any] | None:

@@ -10,7 +10,6 @@ title line, daemon.ops.tables) and exits. Log lines are kept out of the view: wh
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -24,21 +23,13 @@ from rich.table import Table
 
 from daemon.control import OPERATOR_PAUSE, PauseRequest, read_pause
 from daemon.ops import tables
+from daemon.ops.queue_view import STALE_SECONDS, read_healths
 from daemon.runtime.health import health_age
-
-STALE_SECONDS = 30.0
 
 
 def read_all(health_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    for p in sorted(Path(health_dir).glob("*.json")):
-        try:
-            doc = json.loads(p.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(doc, dict):
-            out.append(doc)
-    return out
+    """Every daemon's health document (queue_view.read_healths: one per instance, temp files skipped)."""
+    return list(read_healths(health_dir).values())
 
 
 def gpu_rows() -> list[dict[str, Any]]:

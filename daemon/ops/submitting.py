@@ -92,7 +92,7 @@ def validate(args: argparse.Namespace, settings, default_model: Callable[[], str
 
 def note_operation(settings, op: str, *, by: str, job_id: str | None = None, detail: dict | None = None) -> None:
     """Record an operator request in this host's job history (``operations``), when there is one to write to: a
-    history that is disabled, not created yet, or older than ``record_operation`` is left alone."""
+    history that is disabled or not created yet is left alone."""
     if not settings.history.enabled or not settings.history.path.exists():
         return
     from daemon.errors import WanDaemonError
@@ -100,9 +100,7 @@ def note_operation(settings, op: str, *, by: str, job_id: str | None = None, det
 
     try:
         with History(settings.history.path) as history:
-            record = getattr(history, "record_operation", None)
-            if record is not None:
-                record(op, by=by, job_id=job_id, detail=detail or {})
+            history.record_operation(op, by=by, job_id=job_id, detail=detail or {})
     except (WanDaemonError, OSError):
         return
 
