@@ -14,7 +14,6 @@ from loguru import logger
 
 from daemon.config import Settings
 from daemon.jobs import JobRecord
-from daemon.jobspec.spec import safe_stem
 from daemon.ops.history import History
 from daemon.runtime.book import JobBook
 from daemon.runtime.intake import Intake, LeaseLost
@@ -127,12 +126,8 @@ class Claims:
         self.retry.discard(claimed)
         for rec in result.queued:
             self.book.add(rec)
-        for job_id, category in zip(result.rejected, result.rejected_categories, strict=True):
-            # Intake names a duplicate's record after the file that brought it (daemon.runtime.intake), so that it
-            # never replaces the record of the job that holds the id.
-            failure = self.outbox.failure_path(f"{job_id}.duplicate-{safe_stem(claimed.name)}")
-            if not failure.exists():
-                failure = self.outbox.failure_path(job_id)
+        for rejection in result.rejections:
+            job_id, category, failure = rejection.id, rejection.category, rejection.record
             self.status.job_failed(job_id, category, str(failure))
             if self.history is not None:
                 record = {}

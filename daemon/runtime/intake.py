@@ -39,8 +39,18 @@ def _epoch(when) -> float:
 @dataclass
 class IntakeResult:
     queued: list[JobRecord] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)
-    rejected_categories: list[str] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> list[str]:
+        return [r.id for r in self.rejections]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    id: str  # the job's id; the file's stem when the whole file was refused
+    category: str
+    record: Path  # the failure record written for it (a duplicate's is named after the file that brought it)
 
 
 class LeaseLost(WanDaemonError):
@@ -209,7 +219,7 @@ class Intake:
         if err.category is Category.DUPLICATE_JOB or self.is_active_id(entry.id):
             # Never overwrite (or let a later success delete) the record of the job that owns this id.
             name = f"{entry.id}.duplicate-{safe_stem(source)}"
-        self.outbox.write_failure(
+        record = self.outbox.write_failure(
             name,
             err,
             job_id=entry.id,
@@ -220,14 +230,12 @@ class Intake:
         logger.bind(job=entry.id).warning(
             "job.rejected id={} file={} category={} error={}", entry.id, original_name, err.category.value, err.message
         )
-        result.rejected.append(entry.id)
-        result.rejected_categories.append(err.category.value)
+        result.rejections.append(Rejection(entry.id, err.category.value, record))
 
     def _reject_file(self, claimed: Path, original_name: str, err: JobError, result: IntakeResult) -> None:
         self._check_lease(original_name)
         stem = safe_stem(original_name)
-        self.outbox.write_failure(stem, err, job_id=None, source_name=original_name, spec=None, attempts=0)
+        record = self.outbox.write_failure(stem, err, job_id=None, source_name=original_name, spec=None, attempts=0)
         logger.warning("job.rejected file={} category={} error={}", original_name, err.category.value, err.message)
         self.spool.remove_source(claimed.name)
-        result.rejected.append(stem)
-        result.rejected_categories.append(err.category.value)
+        result.rejections.append(Rejection(stem, err.category.value, record))
