@@ -358,24 +358,24 @@ class JobBook:
             if rec.state is None or rec.state.terminal:  # it ended before the request came: nothing to cancel
                 self.forget_cancel(job_id)
                 continue
-            if rec.state in (JobState.QUEUED, JobState.WAITING_FOR_MODEL, JobState.RUNNING):
-                request = read_request(self.cancel_dir / job_id)
-                if predates(request, rec.received_at):
-                    logger.bind(job=job_id).warning(
-                        "job.cancel_ignored id={} by={}: the request predates this job (left for an earlier one)",
-                        job_id,
-                        request.get("by"),
-                    )
-                    self.forget_cancel(job_id)
-                    continue
-                by, state = str(request.get("by") or ""), rec.state.value
-                if rec.state is JobState.RUNNING:
-                    self.cancel_requested[job_id] = by
-                    interrupt.append(job_id)
-                else:
-                    self.cancel(rec, "before it started", by=by)
-                    cancelled += 1
-                self.record_operation("cancel", by or "?", job_id, state=state)
+            # Active (waiting, queued or running) from here on.
+            request = read_request(self.cancel_dir / job_id)
+            if predates(request, rec.received_at):
+                logger.bind(job=job_id).warning(
+                    "job.cancel_ignored id={} by={}: the request predates this job (left for an earlier one)",
+                    job_id,
+                    request.get("by"),
+                )
+                self.forget_cancel(job_id)
+                continue
+            by, state = str(request.get("by") or ""), rec.state.value
+            if rec.state is JobState.RUNNING:
+                self.cancel_requested[job_id] = by
+                interrupt.append(job_id)
+            else:
+                self.cancel(rec, "before it started", by=by)
+                cancelled += 1
+            self.record_operation("cancel", by or "?", job_id, state=state)
         return interrupt
 
     def cancel(self, rec: JobRecord, when: str, *, by: str | None = None) -> None:

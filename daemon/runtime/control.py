@@ -55,14 +55,17 @@ class OperatorControl:
         self.status = status
         self.clock = clock
         self.pause: PauseRequest | None = None
-        self.reason: str | None = None  # the pause described for people (PauseRequest.describe)
         self.since: float | None = None  # when this daemon first saw the pause in force
         self._seen: tuple[int, int, int] | None = None  # the pause file's (inode, mtime, size) when last read
-        self._interrupted: set[str] = set()  # jobs a pause "now" interrupted (once each)
 
     @property
     def paused(self) -> bool:
         return self.pause is not None
+
+    @property
+    def reason(self) -> str | None:
+        """The pause described for people (PauseRequest.describe), None when not paused."""
+        return self.pause.describe() if self.pause is not None else None
 
     def view(self) -> dict[str, Any] | None:
         """The pause in force for the health file (``operator_pause``): the request plus ``since``."""
@@ -107,7 +110,7 @@ class OperatorControl:
 
     def _paused(self, request: PauseRequest) -> None:
         first = self.pause is None
-        self.pause, self.reason = request, request.describe()
+        self.pause = request
         if first:
             self.since = self.clock()
         by = request.by or "?"
@@ -124,9 +127,7 @@ class OperatorControl:
         self.status.changed()
 
     def _resume(self) -> None:
-        was, self.pause, self.reason = self.pause, None, None
-        self.since = None
-        self._interrupted.clear()
+        was, self.pause, self.since = self.pause, None, None
         assert was is not None
         note = read_resume(self.state_dir)
         by = str(note.get("by") or "?") if (epoch(note.get("at")) or 0.0) >= was.at else "?"
@@ -143,9 +144,9 @@ class OperatorControl:
         if pause.mode == "now":
             note = f"paused by {pause.by or 'an operator'}"
             for job_id, job in list(self.placement.running.items()):
-                if job.on_device and job_id not in self._interrupted and self.placement.interrupt(job_id, note):
-                    self._interrupted.add(job_id)
-            self._interrupted &= self.placement.running.keys()
+                # Once each: a job interrupted with a note keeps it until it stops (Placement.interrupt, on_event).
+                if job.on_device and job_id not in self.book.interrupt_notes:
+                    self.placement.interrupt(job_id, note)
         if pause.free_vram:
             for name in self.placement.idle_workers():
                 if self.placement.workers[name].status.state != "parked":

@@ -380,7 +380,8 @@ class ExecutorProtocol(Protocol):
         ...
 
     def unpark(self) -> None:
-        """Start a parked worker again (cold: its next job loads its model); a no-op for any other."""
+        """Let a parked worker start again: the next poll() starts it as any respawn (cold: its next job loads its
+        model); a no-op for any other."""
         ...
 
     @property
