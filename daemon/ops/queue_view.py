@@ -39,7 +39,6 @@ import gc
 import heapq
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -102,14 +101,8 @@ def model_timings(history_path: Path, sample: int = TIMING_SAMPLE) -> dict[str, 
 
 
 def inbox_pending(inbox: Path) -> int:
-    """Job files in the inbox no daemon has taken in yet (the watcher's own rule for a job file's name)."""
-    from daemon.runtime.watch import is_job_file_name
-
-    try:
-        with os.scandir(inbox) as entries:
-            return sum(1 for e in entries if is_job_file_name(e.name))
-    except OSError:
-        return 0
+    """Job files in the inbox no daemon has taken in yet."""
+    return len(spool_view.inbox_job_files(inbox))
 
 
 # ---- order --------------------------------------------------------------------------------------------------

@@ -151,17 +151,24 @@ class InboxJobs:
     unread: int  # of them, not read (past the limit, unreadable, or not a valid job file)
 
 
-def inbox_jobs(inbox: Path, *, max_bytes: int, limit: int = INBOX_READ_LIMIT) -> InboxJobs:
-    """The jobs waiting in the inbox's ready job files (the watcher's own rule for a job file's name), parsed by
-    the daemon's own parser. At most ``limit`` files are read, in name order; the rest are counted in ``unread``."""
-    from daemon.jobspec.spec import parse_job_file
+def inbox_job_files(inbox: Path) -> list[str]:
+    """The names of the inbox's job files no daemon has taken in yet (the watcher's own rule for a job file's name),
+    sorted; none when the inbox cannot be listed."""
     from daemon.runtime.watch import is_job_file_name
 
     try:
         with os.scandir(inbox) as listing:
-            names = sorted(e.name for e in listing if is_job_file_name(e.name) and e.is_file())
+            return sorted(e.name for e in listing if is_job_file_name(e.name) and e.is_file())
     except OSError:
-        return InboxJobs([], 0, 0)
+        return []
+
+
+def inbox_jobs(inbox: Path, *, max_bytes: int, limit: int = INBOX_READ_LIMIT) -> InboxJobs:
+    """The jobs waiting in the inbox's ready job files (the watcher's own rule for a job file's name), parsed by
+    the daemon's own parser. At most ``limit`` files are read, in name order; the rest are counted in ``unread``."""
+    from daemon.jobspec.spec import parse_job_file
+
+    names = inbox_job_files(inbox)
     jobs: list[InboxJob] = []
     unread = max(0, len(names) - limit)
     for name in names[:limit]:
